@@ -1,0 +1,64 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// The folder tree is the architecture: each target has one job and imports only
+// the targets listed before it (see docs/ARCHITECTURE.md).
+let strict: [SwiftSetting] = [.unsafeFlags(["-warnings-as-errors"])]
+
+let package = Package(
+    name: "livemig",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "livemig", targets: ["livemig"])
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+    ],
+    targets: [
+        // Linux and liburing pieces Swift cannot import directly: atomics on raw
+        // memory, futex, seccomp, uapi constants newer than Debian 12's headers.
+        .target(
+            name: "CShims",
+            path: "CShims",
+            linkerSettings: [.linkedLibrary("uring")]
+        ),
+        // The guest's RAM file, page geometry and the dirty bitmap. No network.
+        .target(
+            name: "GuestMemory",
+            dependencies: ["CShims", .product(name: "SystemPackage", package: "swift-system")],
+            swiftSettings: strict
+        ),
+        // Wire formats: encode, decode, validate. Pure: no sockets, no files.
+        .target(name: "MigrationWire", swiftSettings: strict),
+        // Sockets, addresses and the io_uring ring with its plain-syscall fallback.
+        .target(
+            name: "URing",
+            dependencies: ["CShims", .product(name: "SystemPackage", package: "swift-system")],
+            swiftSettings: strict
+        ),
+        // Source and destination engines: channels, hand-off, rounds, statistics.
+        .target(
+            name: "Migration",
+            dependencies: [
+                "CShims", "GuestMemory", "MigrationWire", "URing",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+        // The command line: parsing, output formatting, exit codes.
+        .executableTarget(
+            name: "livemig",
+            dependencies: [
+                "GuestMemory", "MigrationWire", "URing", "Migration",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
+        .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
+        .testTarget(name: "MigrationTests", dependencies: ["Migration", "GuestMemory", "MigrationWire", "URing"]),
+        .testTarget(name: "LivemigIntegrationTests", dependencies: ["GuestMemory"]),
+    ]
+)

@@ -1,0 +1,164 @@
+import CShims
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A guest RAM file mapped `MAP_SHARED`: the memory a guest writes and we move.
+///
+/// Ownership: the mapping lives as long as this object; `deinit` unmaps it and
+/// closes the file. The pointer and geometry never change after `init`.
+/// The bytes behind `base` are shared with other processes by design (the
+/// guest writes them while the source reads them), so this type is
+/// `@unchecked Sendable`: it hands out a pointer, and the rules for touching
+/// the bytes are the dirty-tracking contract (docs/GUEST-CONTROL.md), not Swift's.
+public final class RAMFile: @unchecked Sendable {
+    /// How the file is opened and mapped.
+    public enum Access: Sendable {
+        /// `O_RDONLY` + `PROT_READ`: the source, which must never write guest RAM.
+        case readOnly
+        /// `O_RDWR` + `PROT_READ|PROT_WRITE`: the guest and the destination.
+        case readWrite
+    }
+
+    /// The file's path, for messages.
+    public let path: FilePath
+    /// Name, size and page size of the block this file holds.
+    public let block: RAMBlock
+    /// Start of the mapping; `block.size` bytes long.
+    public let base: UnsafeMutableRawPointer
+    public let access: Access
+    private let fd: FileDescriptor
+
+    /// Opens and maps an existing RAM file; its size gives the block size.
+    public init(
+        path: FilePath, access: Access, pageSize: UInt64 = RAMBlock.hostPageSize,
+        blockName: String = RAMBlock.defaultName
+    ) throws(GuestMemoryError) {
+        let mode: FileDescriptor.AccessMode = access == .readOnly ? .readOnly : .readWrite
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(path, mode, options: [.closeOnExec])
+        } catch {
+            throw GuestMemoryError(Self.openFailure(path, error), errno: error)
+        }
+        do {
+            let size = try Self.fileSize(fd, path)
+            try Self.checkGeometry(path: path, size: size, pageSize: pageSize)
+            let block = RAMBlock(name: blockName, size: size, pageSize: pageSize)
+            self.base = try Self.map(fd, block: block, access: access, path: path)
+            self.block = block
+        } catch {
+            try? fd.close()
+            throw error
+        }
+        self.path = path
+        self.access = access
+        self.fd = fd
+    }
+
+    /// Creates (or reuses) a read-write RAM file of exactly `size` bytes.
+    ///
+    /// An existing file of another size is an error, never truncated: it may
+    /// be someone's guest.
+    public static func create(
+        path: FilePath, size: UInt64, pageSize: UInt64 = RAMBlock.hostPageSize,
+        blockName: String = RAMBlock.defaultName
+    ) throws(GuestMemoryError) -> RAMFile {
+        try checkGeometry(path: path, size: size, pageSize: pageSize)
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(
+                path, .readWrite, options: [.create, .closeOnExec], permissions: [.ownerReadWrite, .groupRead])
+        } catch {
+            throw GuestMemoryError(openFailure(path, error), errno: error)
+        }
+        defer { try? fd.close() }
+        let existing = try fileSize(fd, path)
+        if existing == 0 {
+            if ftruncate(fd.rawValue, off_t(size)) != 0 {
+                let e = Errno(rawValue: Glibc.errno)
+                throw GuestMemoryError("cannot size RAM file \(path) to \(size) bytes: \(e)", errno: e)
+            }
+        } else if existing != size {
+            throw GuestMemoryError(
+                "RAM file \(path) is \(existing) bytes but \(size) are needed; remove it or give a file of that size")
+        }
+        return try RAMFile(path: path, access: .readWrite, pageSize: pageSize, blockName: blockName)
+    }
+
+    deinit {
+        munmap(base, Int(block.size))
+        try? fd.close()
+    }
+
+    /// Pre-faults the whole mapping (`MADV_POPULATE_READ` / `_WRITE`) so later
+    /// accesses take no page faults. Write population allocates file pages.
+    public func populate(forWriting: Bool) throws(GuestMemoryError) {
+        try populate(offset: 0, length: block.size, forWriting: forWriting)
+    }
+
+    /// Pre-faults `length` bytes at `offset` (both page-aligned).
+    public func populate(offset: UInt64, length: UInt64, forWriting: Bool) throws(GuestMemoryError) {
+        let advice = forWriting ? LM_MADV_POPULATE_WRITE : LM_MADV_POPULATE_READ
+        if madvise(base + Int(offset), Int(length), advice) != 0 {
+            let e = Errno(rawValue: Glibc.errno)
+            throw GuestMemoryError("cannot pre-fault RAM file \(path): madvise: \(e)", errno: e)
+        }
+    }
+
+    /// Pointer to byte `offset` of the block.
+    @inlinable public func pointer(at offset: UInt64) -> UnsafeMutableRawPointer {
+        base + Int(offset)
+    }
+
+    // MARK: - helpers
+
+    private static func openFailure(_ path: FilePath, _ error: Errno) -> String {
+        switch error {
+        case .noSuchFileOrDirectory: return "RAM file \(path) does not exist; create it or check the path"
+        case .permissionDenied: return "RAM file \(path) is not accessible: permission denied"
+        case .isDirectory: return "RAM file \(path) is a directory"
+        default: return "cannot open RAM file \(path): \(error)"
+        }
+    }
+
+    private static func fileSize(_ fd: FileDescriptor, _ path: FilePath) throws(GuestMemoryError) -> UInt64 {
+        var st = stat()
+        if fstat(fd.rawValue, &st) != 0 {
+            let e = Errno(rawValue: Glibc.errno)
+            throw GuestMemoryError("cannot stat RAM file \(path): \(e)", errno: e)
+        }
+        if (st.st_mode & S_IFMT) != S_IFREG {
+            throw GuestMemoryError("RAM file \(path) is not a regular file")
+        }
+        return UInt64(st.st_size)
+    }
+
+    static func checkGeometry(path: FilePath, size: UInt64, pageSize: UInt64) throws(GuestMemoryError) {
+        guard pageSize >= 4096, pageSize & (pageSize - 1) == 0 else {
+            throw GuestMemoryError("page size \(pageSize) is not a power of two of at least 4096")
+        }
+        guard size > 0 else {
+            throw GuestMemoryError("RAM file \(path) is empty; a RAM file holds at least one page")
+        }
+        guard size % pageSize == 0 else {
+            throw GuestMemoryError(
+                "RAM file \(path) is \(size) bytes, not a multiple of the page size \(pageSize)")
+        }
+    }
+
+    private static func map(
+        _ fd: FileDescriptor, block: RAMBlock, access: Access, path: FilePath
+    ) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        let prot = access == .readOnly ? PROT_READ : (PROT_READ | PROT_WRITE)
+        guard let p = mmap(nil, Int(block.size), prot, MAP_SHARED, fd.rawValue, 0), p != MAP_FAILED else {
+            let e = Errno(rawValue: Glibc.errno)
+            throw GuestMemoryError("cannot map RAM file \(path) (\(block.size) bytes): \(e)", errno: e)
+        }
+        return p
+    }
+}

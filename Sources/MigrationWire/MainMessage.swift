@@ -1,0 +1,190 @@
+/// One RAM block as the RAM layout message describes it.
+public struct RAMBlockLayout: Equatable, Sendable {
+    public var name: String
+    public var size: UInt64
+    public var pageSize: UInt64
+
+    public init(name: String, size: UInt64, pageSize: UInt64) {
+        self.name = name
+        self.size = size
+        self.pageSize = pageSize
+    }
+}
+
+/// What the source says it sent, for the destination to check at completion.
+public struct CompletionSummary: Equatable, Sendable {
+    /// Rounds sent (each ended by SYNC packets and an end-of-round marker).
+    public var rounds: UInt64
+    /// Pages sent with their data, over all rounds and channels.
+    public var normalPages: UInt64
+    /// Pages sent as zero-page offsets.
+    public var zeroPages: UInt64
+    /// Page packets (not SYNC packets) over all channels.
+    public var packets: UInt64
+
+    public init(rounds: UInt64, normalPages: UInt64, zeroPages: UInt64, packets: UInt64) {
+        self.rounds = rounds
+        self.normalPages = normalPages
+        self.zeroPages = zeroPages
+        self.packets = packets
+    }
+}
+
+/// A message on the main channel (the control stream).
+///
+/// Framing: type u16, reserved u16 (0), length u32, then `length` payload bytes.
+public enum MainMessage: Equatable, Sendable {
+    /// Destination → source: the main channel's hello was accepted.
+    case helloAccepted
+    /// Source → destination: the RAM blocks to migrate.
+    case ramLayout([RAMBlockLayout])
+    /// Destination → source: RAM mapped and matching; open the multifd channels.
+    case layoutAccepted
+    /// Source → destination: every channel has sent its SYNC for round `round`.
+    case endOfRound(round: UInt64)
+    /// Source → destination: the paused guest's state, sent at switchover.
+    case guestState([UInt8])
+    /// Source → destination: the last round is done; here is what was sent.
+    case complete(CompletionSummary)
+    /// Destination → source: every page arrived and was checked.
+    case completed
+    /// Either way: the sender gives up for this reason; the stream ends.
+    case error(String)
+
+    public static let frameHeaderSize = 8
+    /// Bound on any payload; a larger length means a corrupt stream.
+    public static let maxPayload = 64 << 20
+    /// Longest error text carried (longer texts are cut).
+    public static let maxErrorText = 4096
+
+    enum Tag: UInt16 {
+        case helloAccepted = 1, ramLayout, layoutAccepted, endOfRound, guestState, complete, completed, error
+    }
+
+    var tag: Tag {
+        switch self {
+        case .helloAccepted: .helloAccepted
+        case .ramLayout: .ramLayout
+        case .layoutAccepted: .layoutAccepted
+        case .endOfRound: .endOfRound
+        case .guestState: .guestState
+        case .complete: .complete
+        case .completed: .completed
+        case .error: .error
+        }
+    }
+
+    /// A short name for messages ("end-of-round").
+    public var name: String {
+        switch self {
+        case .helloAccepted: "hello-accepted"
+        case .ramLayout: "ram-layout"
+        case .layoutAccepted: "layout-accepted"
+        case .endOfRound: "end-of-round"
+        case .guestState: "guest-state"
+        case .complete: "complete"
+        case .completed: "completed"
+        case .error: "error"
+        }
+    }
+
+    /// The whole frame: header and payload.
+    public func encoded() -> [UInt8] {
+        var p = ByteWriter()
+        switch self {
+        case .helloAccepted, .layoutAccepted, .completed: break
+        case .ramLayout(let blocks):
+            p.u32(UInt32(blocks.count))
+            for b in blocks {
+                let name = Array(b.name.utf8.prefix(255))
+                p.u8(UInt8(name.count))
+                p.raw(name)
+                p.u64(b.size)
+                p.u64(b.pageSize)
+            }
+        case .endOfRound(let round): p.u64(round)
+        case .guestState(let bytes): p.raw(bytes)
+        case .complete(let s):
+            p.u64(s.rounds)
+            p.u64(s.normalPages)
+            p.u64(s.zeroPages)
+            p.u64(s.packets)
+        case .error(let text): p.raw(text.utf8.prefix(Self.maxErrorText))
+        }
+        var f = ByteWriter(capacity: Self.frameHeaderSize + p.bytes.count)
+        f.u16(tag.rawValue)
+        f.u16(0)
+        f.u32(UInt32(p.bytes.count))
+        f.raw(p.bytes)
+        return f.bytes
+    }
+
+    /// Reads a frame header: returns the tag and payload length, both checked.
+    public static func decodeFrameHeader(_ bytes: UnsafeRawBufferPointer) throws(WireError) -> (type: UInt16, length: Int) {
+        var r = ByteReader(bytes, message: "main message")
+        let type = try r.u16("type")
+        guard Tag(rawValue: type) != nil else {
+            throw WireError(message: "main message", field: "type", value: "\(type)", reason: "no such message type (1...8)")
+        }
+        _ = try r.u16("reserved")
+        let length = try r.u32("length")
+        guard Int(length) <= maxPayload else {
+            throw WireError(
+                message: "main message", field: "length", value: "\(length)",
+                reason: "larger than the \(maxPayload)-byte bound; the stream is corrupt")
+        }
+        return (type, Int(length))
+    }
+
+    /// Decodes a payload whose header `decodeFrameHeader` accepted.
+    public static func decode(type: UInt16, payload: UnsafeRawBufferPointer) throws(WireError) -> MainMessage {
+        guard let tag = Tag(rawValue: type) else {
+            throw WireError(message: "main message", field: "type", value: "\(type)", reason: "no such message type")
+        }
+        let what = "main message '\(tag)'"
+        var r = ByteReader(payload, message: what)
+        let message: MainMessage
+        switch tag {
+        case .helloAccepted: message = .helloAccepted
+        case .layoutAccepted: message = .layoutAccepted
+        case .completed: message = .completed
+        case .ramLayout:
+            let count = try r.u32("block-count")
+            guard count >= 1, count <= 1024 else {
+                throw WireError(message: what, field: "block-count", value: "\(count)", reason: "must be 1...1024")
+            }
+            var blocks: [RAMBlockLayout] = []
+            for i in 0..<Int(count) {
+                let n = Int(try r.u8("name-length[\(i)]"))
+                let nameBytes = try r.raw(n, "name[\(i)]")
+                guard n > 0, let name = String(validating: nameBytes, as: UTF8.self) else {
+                    throw WireError(message: what, field: "name[\(i)]", value: "\(nameBytes)", reason: "a block name is 1-255 bytes of UTF-8")
+                }
+                let size = try r.u64("size[\(i)]")
+                let pageSize = try r.u64("page-size[\(i)]")
+                guard pageSize >= 4096, pageSize <= 1 << 30, pageSize & (pageSize - 1) == 0 else {
+                    throw WireError(message: what, field: "page-size[\(i)]", value: "\(pageSize)", reason: "must be a power of two from 4096 to 1 GiB")
+                }
+                guard size > 0, size % pageSize == 0 else {
+                    throw WireError(message: what, field: "size[\(i)]", value: "\(size)", reason: "must be a non-zero multiple of the page size \(pageSize)")
+                }
+                blocks.append(RAMBlockLayout(name: name, size: size, pageSize: pageSize))
+            }
+            message = .ramLayout(blocks)
+        case .endOfRound: message = .endOfRound(round: try r.u64("round"))
+        case .guestState: message = .guestState(try r.raw(r.remaining, "state"))
+        case .complete:
+            message = .complete(
+                CompletionSummary(
+                    rounds: try r.u64("rounds"), normalPages: try r.u64("normal-pages"),
+                    zeroPages: try r.u64("zero-pages"), packets: try r.u64("packets")))
+        case .error:
+            let bytes = try r.raw(r.remaining, "text")
+            message = .error(String(decoding: bytes, as: UTF8.self))
+        }
+        guard r.remaining == 0 else {
+            throw WireError(message: what, field: "length", value: "\(payload.count)", reason: "\(r.remaining) bytes left over after the message")
+        }
+        return message
+    }
+}

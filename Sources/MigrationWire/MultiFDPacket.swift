@@ -1,0 +1,175 @@
+/// The fixed header in front of every multifd packet.
+///
+/// Wire layout (40 bytes, big-endian), then `normal-count + zero-count` page
+/// offsets (u64 each; normal pages first, then zero pages), then the payload
+/// (`normal-count` whole pages, in offset order):
+///
+/// | bytes | field          |
+/// |-------|----------------|
+/// | 0..4  | magic "LMPF"   |
+/// | 4..8  | version        |
+/// | 8..12 | flags          |
+/// | 12..16| normal-count   |
+/// | 16..20| zero-count     |
+/// | 20..24| payload-size   |
+/// | 24..32| packet-number  |
+/// | 32..36| block-id       |
+/// | 36..40| reserved (0)   |
+public struct MultiFDPacketHeader: Equatable, Sendable {
+    public static let magic: UInt32 = 0x4C4D_5046  // "LMPF"
+    public static let version: UInt32 = 1
+    public static let size = 40
+    /// Pages one packet may carry (QEMU's multifd default, 128 × 4 KiB = 512 KiB).
+    public static let maxPages = 128
+    /// Bytes of header plus the largest offset array.
+    public static let maxPrefixSize = size + maxPages * 8
+
+    /// Packet flags. Bits not named here are rejected by the receiver.
+    public struct Flags: OptionSet, Sendable, Equatable {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        /// End of this channel's share of a round; carries no pages.
+        public static let sync = Flags(rawValue: 1 << 0)
+        /// Every flag this version understands.
+        public static let known: Flags = [.sync]
+    }
+
+    public var flags: Flags
+    public var normalCount: UInt32
+    public var zeroCount: UInt32
+    public var payloadSize: UInt32
+    /// Per channel: 0, 1, 2, ... with no gap.
+    public var packetNumber: UInt64
+    /// Index into the RAM layout sent on the main channel.
+    public var blockID: UInt32
+
+    public init(
+        flags: Flags, normalCount: UInt32, zeroCount: UInt32, payloadSize: UInt32,
+        packetNumber: UInt64, blockID: UInt32
+    ) {
+        self.flags = flags
+        self.normalCount = normalCount
+        self.zeroCount = zeroCount
+        self.payloadSize = payloadSize
+        self.packetNumber = packetNumber
+        self.blockID = blockID
+    }
+
+    /// The bytes of offsets that follow the header.
+    @inlinable public var offsetsSize: Int { Int(normalCount + zeroCount) * 8 }
+
+    /// Writes the 40 header bytes at `p` (no allocation; the sender's hot path).
+    @inlinable public func encode(to p: UnsafeMutableRawPointer) {
+        p.storeBytes(of: Self.magic.bigEndian, toByteOffset: 0, as: UInt32.self)
+        p.storeBytes(of: Self.version.bigEndian, toByteOffset: 4, as: UInt32.self)
+        p.storeBytes(of: flags.rawValue.bigEndian, toByteOffset: 8, as: UInt32.self)
+        p.storeBytes(of: normalCount.bigEndian, toByteOffset: 12, as: UInt32.self)
+        p.storeBytes(of: zeroCount.bigEndian, toByteOffset: 16, as: UInt32.self)
+        p.storeBytes(of: payloadSize.bigEndian, toByteOffset: 20, as: UInt32.self)
+        p.storeBytes(of: packetNumber.bigEndian, toByteOffset: 24, as: UInt64.self)
+        p.storeBytes(of: blockID.bigEndian, toByteOffset: 32, as: UInt32.self)
+        p.storeBytes(of: UInt32(0), toByteOffset: 36, as: UInt32.self)
+    }
+
+    /// Writes offset `index` (host order in, big-endian out) after the header at `p`.
+    @inlinable public static func encodeOffset(_ offset: UInt64, index: Int, to p: UnsafeMutableRawPointer) {
+        p.storeBytes(of: offset.bigEndian, toByteOffset: size + index * 8, as: UInt64.self)
+    }
+
+    /// Decodes and validates the 40 bytes at `p` against `limits`. Nothing
+    /// here trusts the peer: every count is bounded before it sizes a read.
+    public static func decode(
+        _ p: UnsafeRawPointer, limits: PacketLimits, expectedPacketNumber: UInt64
+    ) throws(WireError) -> MultiFDPacketHeader {
+        func be32(_ o: Int) -> UInt32 { UInt32(bigEndian: p.loadUnaligned(fromByteOffset: o, as: UInt32.self)) }
+        let what = "multifd packet \(expectedPacketNumber) on channel \(limits.channelID)"
+        func bad(_ field: String, _ value: String, _ reason: String) -> WireError {
+            WireError(message: what, field: field, value: value, reason: reason)
+        }
+        let magic = be32(0)
+        guard magic == Self.magic else {
+            throw bad("magic", hex(magic), "expected \(hex(Self.magic)) (\"LMPF\"); the stream is corrupt or not livemig")
+        }
+        let version = be32(4)
+        guard version == Self.version else {
+            throw bad("version", "\(version)", "this livemig speaks version \(Self.version)")
+        }
+        let flags = Flags(rawValue: be32(8))
+        guard Flags.known.isSuperset(of: flags) else {
+            throw bad("flags", hex(flags.rawValue), "unknown bits \(hex(flags.rawValue & ~Flags.known.rawValue))")
+        }
+        let normal = be32(12), zero = be32(16), payload = be32(20)
+        let number = UInt64(bigEndian: p.loadUnaligned(fromByteOffset: 24, as: UInt64.self))
+        let block = be32(32)
+        let cap = UInt32(Self.maxPages)
+        guard normal <= cap else { throw bad("normal-count", "\(normal)", "a packet holds at most \(cap) pages") }
+        guard zero <= cap else { throw bad("zero-count", "\(zero)", "a packet holds at most \(cap) pages") }
+        guard normal + zero <= cap else {
+            throw bad("normal-count + zero-count", "\(normal + zero)", "a packet holds at most \(cap) pages")
+        }
+        guard UInt64(payload) == UInt64(normal) * limits.pageSize else {
+            throw bad(
+                "payload-size", "\(payload)",
+                "\(normal) normal pages of \(limits.pageSize) bytes make \(UInt64(normal) * limits.pageSize)")
+        }
+        guard number == expectedPacketNumber else {
+            throw bad("packet-number", "\(number)", "expected \(expectedPacketNumber): packets on a channel are numbered 0, 1, 2, ...")
+        }
+        if flags.contains(.sync) {
+            guard normal == 0, zero == 0 else {
+                throw bad("normal-count + zero-count", "\(normal + zero)", "a SYNC packet carries no pages")
+            }
+        } else {
+            guard normal + zero > 0 else { throw bad("normal-count + zero-count", "0", "a page packet carries at least one page") }
+            guard Int(block) < limits.blockSizes.count else {
+                throw bad("block-id", "\(block)", "the RAM layout has \(limits.blockSizes.count) block(s)")
+            }
+        }
+        return MultiFDPacketHeader(
+            flags: flags, normalCount: normal, zeroCount: zero, payloadSize: payload,
+            packetNumber: number, blockID: block)
+    }
+
+    /// Decodes `count` big-endian offsets at `raw` into `out` (host order),
+    /// checking each is page-aligned and inside the block.
+    @inlinable public func decodeOffsets(
+        _ raw: UnsafeRawPointer, into out: UnsafeMutablePointer<UInt64>, limits: PacketLimits
+    ) throws(WireError) {
+        let blockSize = limits.blockSizes[Int(blockID)]
+        let mask = limits.pageSize - 1
+        let count = Int(normalCount + zeroCount)
+        for i in 0..<count {
+            let off = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))
+            if off & mask != 0 || off >= blockSize {
+                throw offsetError(off, index: i, blockSize: blockSize, limits: limits)
+            }
+            out[i] = off
+        }
+    }
+
+    @usableFromInline func offsetError(_ off: UInt64, index: Int, blockSize: UInt64, limits: PacketLimits) -> WireError {
+        let name = limits.blockNames.indices.contains(Int(blockID)) ? limits.blockNames[Int(blockID)] : "#\(blockID)"
+        let reason =
+            off & (limits.pageSize - 1) != 0
+            ? "not a multiple of the page size \(limits.pageSize)"
+            : "beyond block '\(name)' (size \(hex(blockSize)))"
+        return WireError(
+            message: "multifd packet \(packetNumber) on channel \(limits.channelID)",
+            field: "offset[\(index)]", value: hex(off), reason: reason)
+    }
+}
+
+/// What the receiver checks packets against: learnt from the RAM layout.
+public struct PacketLimits: Sendable {
+    public var channelID: Int
+    public var pageSize: UInt64
+    public var blockSizes: [UInt64]
+    public var blockNames: [String]
+
+    public init(channelID: Int, pageSize: UInt64, blocks: [RAMBlockLayout]) {
+        self.channelID = channelID
+        self.pageSize = pageSize
+        self.blockSizes = blocks.map(\.size)
+        self.blockNames = blocks.map(\.name)
+    }
+}

@@ -1,0 +1,236 @@
+import CShims
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A connected stream socket (TCP or Unix). Closed in `deinit`.
+///
+/// One thread reads or writes it; any thread may call `shutdown()` to make
+/// blocked I/O on it return at once (the error path's "wake everything").
+/// The descriptor is immutable, so sharing the object is safe.
+public final class Socket: Sendable {
+    public let fd: Int32
+    /// The address, for messages.
+    public let peer: String
+
+    init(fd: Int32, peer: String) {
+        self.fd = fd
+        self.peer = peer
+    }
+
+    deinit { close(fd) }
+
+    /// Connects to `address`, retrying refused connections until `timeout`
+    /// seconds pass (the destination may still be mapping its RAM).
+    public static func connect(to address: SocketAddress, timeout: Double = 0) throws(SocketError) -> Socket {
+        let deadline = Monotonic.now + timeout
+        while true {
+            do {
+                return try address.withSockaddr { sa, len, family throws(SocketError) in
+                    let fd = Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                    guard fd >= 0 else { throw .system("socket", Errno(rawValue: errno)) }
+                    if Glibc.connect(fd, sa, len) != 0 {
+                        let e = Errno(rawValue: errno)
+                        close(fd)
+                        if e == .noSuchFileOrDirectory {
+                            throw SocketError(.connectionRefused, "cannot connect to \(address): no socket at that path; is `livemig receive` listening there?", errno: e)
+                        }
+                        throw .system("cannot connect to \(address)", e)
+                    }
+                    let s = Socket(fd: fd, peer: address.description)
+                    s.tune(family: family)
+                    return s
+                }
+            } catch where error.code == .connectionRefused && Monotonic.now < deadline {
+                usleep(20_000)
+            }
+        }
+    }
+
+    func tune(family: Int32) {
+        var one: Int32 = 1
+        if family == AF_INET || family == AF_INET6 {
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        }
+    }
+
+    /// Makes blocked reads and writes on this socket return (EOF / EPIPE).
+    public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
+    /// Sets (or with nil clears) a deadline for each blocking read.
+    public func setReceiveTimeout(_ seconds: Double?) {
+        var tv = timeval()
+        if let s = seconds {
+            tv.tv_sec = Int(s)
+            tv.tv_usec = Int((s - Double(Int(s))) * 1e6)
+        }
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Writes all of `bytes` (plain send; for small control messages).
+    public func sendAll(_ bytes: [UInt8]) throws(SocketError) {
+        try bytes.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws(SocketError) in
+            var done = 0
+            while done < b.count {
+                let n = send(fd, b.baseAddress! + done, b.count - done, Int32(MSG_NOSIGNAL))
+                if n < 0 {
+                    let e = Errno(rawValue: errno)
+                    if e == .interrupted { continue }
+                    throw .system("sending to \(peer)", e)
+                }
+                done += n
+            }
+        }
+    }
+
+    /// Reads exactly `count` bytes into `buffer`; EOF before that is an error.
+    public func receiveExact(_ buffer: UnsafeMutableRawPointer, count: Int, what: @autoclosure () -> String) throws(SocketError) {
+        var done = 0
+        while done < count {
+            let n = recv(fd, buffer + done, count - done, Int32(MSG_WAITALL))
+            if n == 0 {
+                throw SocketError(.peerClosed, "\(what()) from \(peer): the peer closed the connection after \(done) of \(count) bytes")
+            }
+            if n < 0 {
+                let e = Errno(rawValue: errno)
+                if e == .interrupted { continue }
+                if e == .resourceTemporarilyUnavailable || e == .wouldBlock {
+                    throw SocketError(.timedOut, "\(what()) from \(peer): nothing arrived in time", errno: e)
+                }
+                throw .system("\(what()) from \(peer)", e)
+            }
+            done += n
+        }
+    }
+
+    /// Reads exactly the bytes the iovecs describe, straight into their
+    /// buffers (the destination mapping): no intermediate copy.
+    /// The iovec array is consumed (advanced) by partial reads.
+    public func receiveExact(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int, what: @autoclosure () -> String) throws(SocketError) {
+        var cursor = IOVecCursor(iov, count: count)
+        var done = 0
+        while done < total {
+            var msg = msghdr()
+            msg.msg_iov = cursor.current
+            msg.msg_iovlen = cursor.remainingCount
+            let n = recvmsg(fd, &msg, Int32(MSG_WAITALL))
+            if n == 0 {
+                throw SocketError(.peerClosed, "\(what()) from \(peer): the peer closed the connection after \(done) of \(total) bytes")
+            }
+            if n < 0 {
+                let e = Errno(rawValue: errno)
+                if e == .interrupted { continue }
+                throw .system("\(what()) from \(peer)", e)
+            }
+            done += n
+            cursor.advance(by: n)
+        }
+    }
+}
+
+/// Walks an iovec array as bytes are transferred: a partial transfer leaves
+/// `current` at the first byte not yet moved.
+public struct IOVecCursor {
+    public private(set) var current: UnsafeMutablePointer<iovec>
+    public private(set) var remainingCount: Int
+
+    public init(_ iov: UnsafeMutablePointer<iovec>, count: Int) {
+        current = iov
+        remainingCount = count
+    }
+
+    public mutating func advance(by bytes: Int) {
+        var n = bytes
+        while n > 0, remainingCount > 0 {
+            let len = current.pointee.iov_len
+            if n >= len {
+                n -= len
+                current += 1
+                remainingCount -= 1
+            } else {
+                current.pointee.iov_base = current.pointee.iov_base! + n
+                current.pointee.iov_len = len - n
+                n = 0
+            }
+        }
+        while remainingCount > 0, current.pointee.iov_len == 0 {
+            current += 1
+            remainingCount -= 1
+        }
+    }
+}
+
+/// A listening socket. A Unix socket's file is removed when it closes.
+public final class Listener: Sendable {
+    public let fd: Int32
+    public let address: SocketAddress
+
+    /// Binds and listens. A stale Unix socket file (nobody accepting) is
+    /// replaced; a live one is "address in use".
+    public init(_ address: SocketAddress, backlog: Int32 = 64) throws(SocketError) {
+        self.address = address
+        if case .unix(let path) = address, access(path, F_OK) == 0 {
+            if (try? Socket.connect(to: address)) != nil {
+                throw SocketError(.addressInUse, "cannot listen on \(address): another program is accepting there; choose another path")
+            }
+            unlink(path)
+        }
+        fd = try address.withSockaddr { sa, len, family throws(SocketError) in
+            let fd = Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { throw .system("socket", Errno(rawValue: errno)) }
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            if bind(fd, sa, len) != 0 || listen(fd, backlog) != 0 {
+                let e = Errno(rawValue: errno)
+                close(fd)
+                throw .system("cannot listen on \(address)", e)
+            }
+            return fd
+        }
+    }
+
+    deinit {
+        close(fd)
+        if case .unix(let path) = address { unlink(path) }
+    }
+
+    /// Accepts one connection, waiting at most `timeout` seconds (nil: forever).
+    public func accept(timeout: Double?) throws(SocketError) -> Socket {
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let deadline = timeout.map { Monotonic.now + $0 }
+        while true {
+            let wait = deadline.map { max(0, Int32(($0 - Monotonic.now) * 1000)) } ?? -1
+            let r = poll(&pfd, 1, wait)
+            if r < 0 {
+                let e = Errno(rawValue: errno)
+                if e == .interrupted { continue }
+                throw .system("waiting for a connection on \(address)", e)
+            }
+            if r == 0 { throw SocketError(.timedOut, "no connection arrived on \(address) in time") }
+            var storage = sockaddr_storage()
+            var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let c = withUnsafeMutablePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { accept4(fd, $0, &len, Int32(SOCK_CLOEXEC.rawValue)) }
+            }
+            if c < 0 {
+                let e = Errno(rawValue: errno)
+                if e == .interrupted || e == .resourceTemporarilyUnavailable || e == .connectionAborted { continue }
+                throw .system("accepting on \(address)", e)
+            }
+            let s = Socket(fd: c, peer: "\(address) (accepted)")
+            s.tune(family: Int32(storage.ss_family))
+            return s
+        }
+    }
+}
+
+/// Seconds on the monotonic clock.
+public enum Monotonic {
+    public static var now: Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+}

@@ -1,0 +1,122 @@
+import CShims
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Sends a whole gather list (header + pointers into guest RAM) on one
+/// socket: the kernel copies straight from the buffers, we copy nothing.
+/// Short writes are resumed where they stopped.
+///
+/// Owned by one sender thread; not thread-safe.
+public protocol StreamWriter: AnyObject {
+    /// How bytes leave: "io_uring" or "plain sendmsg".
+    var mechanism: String { get }
+    /// Writes `total` bytes described by `count` iovecs at `iov`. The array
+    /// may be modified (advanced past what was sent) by partial writes.
+    func writeAll(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int) throws(SocketError)
+}
+
+/// Builds the writer for `socket`: io_uring when the kernel lets this process
+/// have a ring, else plain `sendmsg`. `warning` says why the fallback was taken.
+public func makeStreamWriter(for socket: Socket, useRing: Bool = true) -> (writer: any StreamWriter, warning: String?) {
+    guard useRing else { return (PlainSendWriter(socket: socket), nil) }
+    do {
+        return (try URingSendWriter(socket: socket), nil)
+    } catch {
+        return (PlainSendWriter(socket: socket), "\(error.description); sending with plain sendmsg instead")
+    }
+}
+
+/// `IORING_OP_SENDMSG` on a ring of this writer's own: one submission and
+/// one completion per gather list, a single `io_uring_enter` each.
+public final class URingSendWriter: StreamWriter {
+    public let mechanism = "io_uring"
+    private let socket: Socket
+    private let ring: UnsafeMutablePointer<io_uring>
+
+    public init(socket: Socket, entries: UInt32 = 8) throws(SocketError) {
+        self.socket = socket
+        ring = .allocate(capacity: 1)
+        let rc = io_uring_queue_init(entries, ring, 0)
+        if rc < 0 {
+            ring.deallocate()
+            let e = Errno(rawValue: -rc)
+            let why: String
+            switch e {
+            case .noFunction: why = "io_uring is not available (io_uring_setup: ENOSYS, a seccomp filter or an old kernel)"
+            case .notPermitted: why = "io_uring is disabled (kernel.io_uring_disabled or a policy: EPERM)"
+            default: why = "cannot create an io_uring ring: \(e)"
+            }
+            throw SocketError(.ringUnavailable, why, errno: e)
+        }
+    }
+
+    deinit {
+        io_uring_queue_exit(ring)
+        ring.deallocate()
+    }
+
+    public func writeAll(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int) throws(SocketError) {
+        var cursor = IOVecCursor(iov, count: count)
+        var done = 0
+        var msg = msghdr()
+        while done < total {
+            msg.msg_iov = cursor.current
+            msg.msg_iovlen = cursor.remainingCount
+            guard let sqe = io_uring_get_sqe(ring) else {
+                throw SocketError(.system, "io_uring submission queue full on \(socket.peer)")
+            }
+            // MSG_WAITALL: the kernel retries partial sends itself; a short
+            // result still happens (signal, shutdown) and is resumed below.
+            io_uring_prep_sendmsg(sqe, socket.fd, &msg, UInt32(MSG_NOSIGNAL | MSG_WAITALL))
+            let submitted = io_uring_submit_and_wait(ring, 1)
+            if submitted < 0 {
+                let e = Errno(rawValue: -submitted)
+                if e == .interrupted { continue }
+                throw .system("io_uring_submit_and_wait to \(socket.peer)", e)
+            }
+            var cqe: UnsafeMutablePointer<io_uring_cqe>?
+            var rc: Int32
+            repeat { rc = io_uring_wait_cqe(ring, &cqe) } while rc == -EINTR
+            if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", Errno(rawValue: -rc)) }
+            let res = cqe!.pointee.res
+            io_uring_cqe_seen(ring, cqe)
+            if res < 0 {
+                let e = Errno(rawValue: -res)
+                if e == .interrupted || e == .resourceTemporarilyUnavailable { continue }
+                throw .system("sending to \(socket.peer)", e)
+            }
+            if res == 0 { throw SocketError(.peerClosed, "sending to \(socket.peer): the connection is closed") }
+            done += Int(res)
+            cursor.advance(by: Int(res))
+        }
+    }
+}
+
+/// Plain blocking `sendmsg(2)`: the fallback where io_uring is not allowed.
+public final class PlainSendWriter: StreamWriter {
+    public let mechanism = "plain sendmsg"
+    private let socket: Socket
+
+    public init(socket: Socket) { self.socket = socket }
+
+    public func writeAll(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int) throws(SocketError) {
+        var cursor = IOVecCursor(iov, count: count)
+        var done = 0
+        var msg = msghdr()
+        while done < total {
+            msg.msg_iov = cursor.current
+            msg.msg_iovlen = cursor.remainingCount
+            let n = sendmsg(socket.fd, &msg, Int32(MSG_NOSIGNAL))
+            if n < 0 {
+                let e = Errno(rawValue: errno)
+                if e == .interrupted { continue }
+                throw .system("sending to \(socket.peer)", e)
+            }
+            done += n
+            cursor.advance(by: n)
+        }
+    }
+}
