@@ -1,5 +1,10 @@
 #include "CShims.h"
 
+#include <liburing.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
 #include <errno.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
@@ -8,6 +13,7 @@
 #include <stddef.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <string.h>
 #include <unistd.h>
 
 #if defined(__x86_64__)
@@ -71,3 +77,70 @@ int lm_deny_io_uring(void) {
     if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0) return -errno;
     return 0;
 }
+
+// ---- io_uring ------------------------------------------------------------
+
+struct lm_ring {
+    struct io_uring ring;
+    unsigned entries;
+    struct msghdr msgs[]; // one per slot, alive until its completion
+};
+
+lm_ring *lm_ring_create(unsigned entries, int *err) {
+    lm_ring *r = calloc(1, sizeof(lm_ring) + entries * sizeof(struct msghdr));
+    if (!r) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    int rc = io_uring_queue_init(entries, &r->ring, 0);
+    if (rc < 0) {
+        free(r);
+        *err = rc;
+        return NULL;
+    }
+    r->entries = entries;
+    *err = 0;
+    return r;
+}
+
+void lm_ring_destroy(lm_ring *r) {
+    if (!r) return;
+    io_uring_queue_exit(&r->ring);
+    free(r);
+}
+
+unsigned lm_ring_entries(const lm_ring *r) { return r->entries; }
+
+int lm_ring_prep_sendv(lm_ring *r, unsigned slot, int fd, const void *iov, unsigned iovcnt,
+                       unsigned msg_flags, uint64_t user_data) {
+    if (slot >= r->entries) return -EINVAL;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe) return -EBUSY;
+    struct msghdr *m = &r->msgs[slot];
+    memset(m, 0, sizeof(*m));
+    m->msg_iov = (struct iovec *)iov;
+    m->msg_iovlen = iovcnt;
+    io_uring_prep_sendmsg(sqe, fd, m, msg_flags);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
+int lm_ring_submit_and_wait(lm_ring *r, unsigned wait_nr) {
+    return io_uring_submit_and_wait(&r->ring, wait_nr);
+}
+
+int lm_ring_wait(lm_ring *r, uint64_t *user_data, int32_t *res, uint32_t *flags) {
+    struct io_uring_cqe *cqe = NULL;
+    int rc;
+    do {
+        rc = io_uring_wait_cqe(&r->ring, &cqe);
+    } while (rc == -EINTR);
+    if (rc < 0) return rc;
+    *user_data = io_uring_cqe_get_data64(cqe);
+    *res = cqe->res;
+    *flags = cqe->flags;
+    io_uring_cqe_seen(&r->ring, cqe);
+    return 0;
+}
+
+void lm_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }

@@ -1,59 +1,64 @@
-// CShims: the few Linux pieces Swift cannot import by itself.
+// CShims: the few Linux pieces Swift cannot use directly.
 //
-// Plain liburing functions (io_uring_queue_init, io_uring_prep_sendmsg, ...)
-// are called straight from Swift; this header adds only
+// This header includes nothing but <stdint.h>, <stdbool.h> and <stddef.h>.
+// swift-system's CSystem module already imports the kernel's io_uring and
+// libc headers, and liburing ships its own copy of the io_uring uapi header:
+// exposing liburing here makes the two copies of `struct io_uring_sqe` clash
+// in Swift's importer. So the ring is an opaque handle and liburing is used
+// only inside shims.c.
+//
+// What is here:
+//   - the ring operations our senders need (opaque `lm_ring`),
 //   - uapi constants newer than Debian 12's headers (the kernel is newer),
-//   - atomics on raw memory (the dirty bitmap lives in a file shared with
-//     another process, so Swift's Atomic<T> cannot own it),
+//   - atomics on raw memory (bitmap words shared with another process, which
+//     Swift's Atomic<T> cannot own),
 //   - futex calls (syscall(2) is variadic),
-//   - a seccomp filter used by tests to take io_uring away from a process.
+//   - zero-page detection written for the vectoriser,
+//   - a seccomp filter tests use to take io_uring away from a process.
 #ifndef LIVEMIG_CSHIMS_H
 #define LIVEMIG_CSHIMS_H
 
-#include <liburing.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/mman.h>
-#include <sys/socket.h>
-#include <sys/uio.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <sys/un.h>
-#include <time.h>
 
-// ---- uapi constants missing from older headers -------------------------
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#endif
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-#ifndef IORING_SEND_ZC_REPORT_USAGE
-#define IORING_SEND_ZC_REPORT_USAGE (1U << 3)
-#endif
-#ifndef IORING_NOTIF_USAGE_ZC_COPIED
-#define IORING_NOTIF_USAGE_ZC_COPIED (1U << 31)
-#endif
+// ---- uapi constants (values from the kernel's uapi headers) ------------
+#define LM_MADV_POPULATE_READ 22
+#define LM_MADV_POPULATE_WRITE 23
 
-static const int LM_MADV_POPULATE_READ = MADV_POPULATE_READ;
-static const int LM_MADV_POPULATE_WRITE = MADV_POPULATE_WRITE;
-static const unsigned LM_IORING_CQE_F_MORE = IORING_CQE_F_MORE;
-static const unsigned LM_IORING_CQE_F_NOTIF = IORING_CQE_F_NOTIF;
-static const unsigned LM_IORING_SEND_ZC_REPORT_USAGE = IORING_SEND_ZC_REPORT_USAGE;
-static const unsigned LM_IORING_NOTIF_USAGE_ZC_COPIED = IORING_NOTIF_USAGE_ZC_COPIED;
+// ---- io_uring ------------------------------------------------------------
+
+/// One io_uring ring owned by one thread.
+typedef struct lm_ring lm_ring;
+
+/// io_uring_queue_init(entries). Returns NULL and sets *err to -errno on
+/// failure (-ENOSYS under a seccomp filter, -EPERM when io_uring_disabled).
+lm_ring *lm_ring_create(unsigned entries, int *err);
+/// io_uring_queue_exit and free.
+void lm_ring_destroy(lm_ring *ring);
+/// Number of submission slots (the `entries` the ring was made with).
+unsigned lm_ring_entries(const lm_ring *ring);
+/// Queues IORING_OP_SENDMSG of `iovcnt` `struct iovec`s at `iov` on `fd`.
+/// `slot` (< entries) names the msghdr kept alive until completion; the
+/// iovec array must stay valid until then too. Returns 0, or -EBUSY when the
+/// submission queue is full.
+int lm_ring_prep_sendv(lm_ring *ring, unsigned slot, int fd, const void *iov, unsigned iovcnt,
+                       unsigned msg_flags, uint64_t user_data);
+/// io_uring_submit_and_wait. Returns submitted count or -errno.
+int lm_ring_submit_and_wait(lm_ring *ring, unsigned wait_nr);
+/// Waits for one completion and consumes it. Returns 0 or -errno.
+int lm_ring_wait(lm_ring *ring, uint64_t *user_data, int32_t *res, uint32_t *flags);
 
 // ---- atomics on raw (possibly shared) memory ---------------------------
-// Used for the dirty bitmap words and the guest-control header. Every word
-// that one of these touches is touched only through these (never plainly).
+// Every word these touch is touched only through them (never plainly).
 
-/// Sets bits with release order: the page data written before it is visible
-/// to whoever later takes the bits with an acquire exchange.
+/// Sets bits with release order: data written before it is visible to
+/// whoever later takes the bits with an acquire exchange.
 static inline uint64_t lm_atomic_fetch_or_release_u64(uint64_t *word, uint64_t bits) {
     return __atomic_fetch_or(word, bits, __ATOMIC_RELEASE);
 }
-/// Takes a word and leaves zero, with acquire order (pairs with the release
-/// fetch_or of the writer).
+/// Takes a word, leaving `value`, with acquire order (pairs with the
+/// writer's release fetch_or).
 static inline uint64_t lm_atomic_exchange_acquire_u64(uint64_t *word, uint64_t value) {
     return __atomic_exchange_n(word, value, __ATOMIC_ACQUIRE);
 }
@@ -79,13 +84,13 @@ static inline uint32_t lm_atomic_fetch_add_u32(uint32_t *word, uint32_t value) {
     return __atomic_fetch_add(word, value, __ATOMIC_SEQ_CST);
 }
 static inline bool lm_atomic_cas_u32(uint32_t *word, uint32_t expected, uint32_t desired) {
-    return __atomic_compare_exchange_n(word, &expected, desired, false,
-                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return __atomic_compare_exchange_n(word, &expected, desired, false, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_SEQ_CST);
 }
 
 // ---- futex (shared: the words live in files mapped by two processes) ----
 
-/// futex(FUTEX_WAIT) on a shared mapping. Returns 0 or -errno
+/// futex(FUTEX_WAIT). timeout_ns < 0 waits forever. Returns 0 or -errno
 /// (-EAGAIN: the word was not `expected`; -ETIMEDOUT; -EINTR).
 int lm_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns);
 /// futex(FUTEX_WAKE); returns the number woken or -errno.
@@ -94,13 +99,19 @@ int lm_futex_wake(uint32_t *word, int count);
 // ---- page content ------------------------------------------------------
 
 /// True when `length` bytes at `p` are all zero. `p` is 8-byte aligned and
-/// `length` a multiple of 64 (a page). Reads the page and nothing more.
+/// `length` a multiple of 64 (a page). Reads until the first non-zero block.
 bool lm_buffer_is_zero(const void *p, size_t length);
+
+// ---- threads -----------------------------------------------------------
+
+/// Names the calling thread (first 15 bytes), as `ps -L` and `top -H` show.
+void lm_set_thread_name(const char *name);
 
 // ---- test support ------------------------------------------------------
 
 /// Installs a seccomp filter that makes io_uring_setup(2) fail with ENOSYS in
-/// this process, as a container runtime's filter would. Returns 0 or -errno.
+/// this process and its children, as a container runtime's filter would.
+/// Returns 0 or -errno.
 int lm_deny_io_uring(void);
 
 #endif

@@ -43,7 +43,8 @@ public final class RAMFile: @unchecked Sendable {
         do {
             fd = try FileDescriptor.open(path, mode, options: [.closeOnExec])
         } catch {
-            throw GuestMemoryError(Self.openFailure(path, error), errno: error)
+            let e = (error as? Errno) ?? .ioError
+            throw GuestMemoryError(Self.openFailure(path, e), errno: e)
         }
         do {
             let size = try Self.fileSize(fd, path)
@@ -74,7 +75,8 @@ public final class RAMFile: @unchecked Sendable {
             fd = try FileDescriptor.open(
                 path, .readWrite, options: [.create, .closeOnExec], permissions: [.ownerReadWrite, .groupRead])
         } catch {
-            throw GuestMemoryError(openFailure(path, error), errno: error)
+            let e = (error as? Errno) ?? .ioError
+            throw GuestMemoryError(openFailure(path, e), errno: e)
         }
         defer { try? fd.close() }
         let existing = try fileSize(fd, path)

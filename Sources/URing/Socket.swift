@@ -27,7 +27,7 @@ public final class Socket: Sendable {
     public static func connect(to address: SocketAddress, timeout: Double = 0) throws(SocketError) -> Socket {
         let deadline = Monotonic.now + timeout
         while true {
-            do {
+            do throws(SocketError) {
                 return try address.withSockaddr { sa, len, family throws(SocketError) in
                     let fd = Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
                     guard fd >= 0 else { throw .system("socket", Errno(rawValue: errno)) }
@@ -71,18 +71,39 @@ public final class Socket: Sendable {
 
     /// Writes all of `bytes` (plain send; for small control messages).
     public func sendAll(_ bytes: [UInt8]) throws(SocketError) {
-        try bytes.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws(SocketError) in
+        // The closure returns its error: Array.withUnsafeBytes is not
+        // typed-throws, so a thrown SocketError would lose its type.
+        let failure: SocketError? = bytes.withUnsafeBytes { b -> SocketError? in
             var done = 0
             while done < b.count {
                 let n = send(fd, b.baseAddress! + done, b.count - done, Int32(MSG_NOSIGNAL))
                 if n < 0 {
                     let e = Errno(rawValue: errno)
                     if e == .interrupted { continue }
-                    throw .system("sending to \(peer)", e)
+                    return .system("sending to \(peer)", e)
                 }
                 done += n
             }
+            return nil
         }
+        if let failure { throw failure }
+    }
+
+    /// Reads exactly `count` bytes into a new array.
+    public func receiveBytes(_ count: Int, what: @autoclosure () -> String) throws(SocketError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        guard count > 0 else { return bytes }
+        let label = what()
+        let failure: SocketError? = bytes.withUnsafeMutableBytes { b -> SocketError? in
+            do throws(SocketError) {
+                try receiveExact(b.baseAddress!, count: count, what: label)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        if let failure { throw failure }
+        return bytes
     }
 
     /// Reads exactly `count` bytes into `buffer`; EOF before that is an error.
@@ -196,6 +217,9 @@ public final class Listener: Sendable {
         if case .unix(let path) = address { unlink(path) }
     }
 
+    /// Makes a blocked `accept` return at once (cancellation).
+    public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
     /// Accepts one connection, waiting at most `timeout` seconds (nil: forever).
     public func accept(timeout: Double?) throws(SocketError) -> Socket {
         var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
@@ -209,18 +233,15 @@ public final class Listener: Sendable {
                 throw .system("waiting for a connection on \(address)", e)
             }
             if r == 0 { throw SocketError(.timedOut, "no connection arrived on \(address) in time") }
-            var storage = sockaddr_storage()
-            var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            let c = withUnsafeMutablePointer(to: &storage) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { accept4(fd, $0, &len, Int32(SOCK_CLOEXEC.rawValue)) }
-            }
+            let c = Glibc.accept(fd, nil, nil)
             if c < 0 {
                 let e = Errno(rawValue: errno)
-                if e == .interrupted || e == .resourceTemporarilyUnavailable || e == .connectionAborted { continue }
+                if e == .interrupted || e == .resourceTemporarilyUnavailable || e == .connectionAbort { continue }
                 throw .system("accepting on \(address)", e)
             }
+            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
             let s = Socket(fd: c, peer: "\(address) (accepted)")
-            s.tune(family: Int32(storage.ss_family))
+            if case .tcp = address { s.tune(family: AF_INET) }
             return s
         }
     }

@@ -34,15 +34,13 @@ public func makeStreamWriter(for socket: Socket, useRing: Bool = true) -> (write
 public final class URingSendWriter: StreamWriter {
     public let mechanism = "io_uring"
     private let socket: Socket
-    private let ring: UnsafeMutablePointer<io_uring>
+    private let ring: OpaquePointer
 
     public init(socket: Socket, entries: UInt32 = 8) throws(SocketError) {
         self.socket = socket
-        ring = .allocate(capacity: 1)
-        let rc = io_uring_queue_init(entries, ring, 0)
-        if rc < 0 {
-            ring.deallocate()
-            let e = Errno(rawValue: -rc)
+        var err: Int32 = 0
+        guard let r = lm_ring_create(entries, &err) else {
+            let e = Errno(rawValue: -err)
             let why: String
             switch e {
             case .noFunction: why = "io_uring is not available (io_uring_setup: ENOSYS, a seccomp filter or an old kernel)"
@@ -51,38 +49,30 @@ public final class URingSendWriter: StreamWriter {
             }
             throw SocketError(.ringUnavailable, why, errno: e)
         }
+        ring = r
     }
 
-    deinit {
-        io_uring_queue_exit(ring)
-        ring.deallocate()
-    }
+    deinit { lm_ring_destroy(ring) }
 
     public func writeAll(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int) throws(SocketError) {
         var cursor = IOVecCursor(iov, count: count)
         var done = 0
-        var msg = msghdr()
         while done < total {
-            msg.msg_iov = cursor.current
-            msg.msg_iovlen = cursor.remainingCount
-            guard let sqe = io_uring_get_sqe(ring) else {
-                throw SocketError(.system, "io_uring submission queue full on \(socket.peer)")
-            }
             // MSG_WAITALL: the kernel retries partial sends itself; a short
             // result still happens (signal, shutdown) and is resumed below.
-            io_uring_prep_sendmsg(sqe, socket.fd, &msg, UInt32(MSG_NOSIGNAL | MSG_WAITALL))
-            let submitted = io_uring_submit_and_wait(ring, 1)
+            let prep = lm_ring_prep_sendv(
+                ring, 0, socket.fd, cursor.current, UInt32(cursor.remainingCount),
+                UInt32(MSG_NOSIGNAL | MSG_WAITALL), 0)
+            if prep < 0 { throw .system("io_uring submission on \(socket.peer)", Errno(rawValue: -prep)) }
+            let submitted = lm_ring_submit_and_wait(ring, 1)
             if submitted < 0 {
                 let e = Errno(rawValue: -submitted)
                 if e == .interrupted { continue }
                 throw .system("io_uring_submit_and_wait to \(socket.peer)", e)
             }
-            var cqe: UnsafeMutablePointer<io_uring_cqe>?
-            var rc: Int32
-            repeat { rc = io_uring_wait_cqe(ring, &cqe) } while rc == -EINTR
+            var data: UInt64 = 0, res: Int32 = 0, flags: UInt32 = 0
+            let rc = lm_ring_wait(ring, &data, &res, &flags)
             if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", Errno(rawValue: -rc)) }
-            let res = cqe!.pointee.res
-            io_uring_cqe_seen(ring, cqe)
             if res < 0 {
                 let e = Errno(rawValue: -res)
                 if e == .interrupted || e == .resourceTemporarilyUnavailable { continue }

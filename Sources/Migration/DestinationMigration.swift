@@ -1,0 +1,297 @@
+import GuestMemory
+import MigrationWire
+import Synchronization
+import SystemPackage
+import URing
+
+/// How the destination listens and where it puts the RAM.
+public struct DestinationConfig: Sendable {
+    public var address: SocketAddress
+    public var channels: Int
+    public var ramPath: FilePath
+    /// Create the RAM file with this size before listening when it is absent.
+    public var size: UInt64?
+    /// How long each multifd channel may take to connect and say hello.
+    public var channelTimeout = 10.0
+    /// How long the hello on any new connection may take.
+    public var helloTimeout = 10.0
+
+    public init(address: SocketAddress, channels: Int, ramPath: FilePath) {
+        self.address = address
+        self.channels = channels
+        self.ramPath = ramPath
+    }
+}
+
+/// The destination side: accepts a source, checks everything it is sent,
+/// places pages into its own RAM file, and reports success only when every
+/// page arrived and the source's totals match what it counted.
+///
+/// Threads: the caller of `run()` is the main thread (control stream and
+/// end-of-round barrier); one receiver thread per channel.
+public final class DestinationMigration: Sendable {
+    public let config: DestinationConfig
+    public let counters = TransferCounters()
+    public let latch = FailureLatch()
+    private let listener: Listener
+    private let ramFile = Mutex<RAMFile?>(nil)
+
+    /// Maps (and pre-faults) the RAM file if it exists or `size` is given,
+    /// then listens. The source may connect once this returns.
+    public init(config: DestinationConfig) throws(MigrationError) {
+        self.config = config
+        if let size = config.size {
+            let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile.create(path: config.ramPath, size: size) }
+            ramFile.withLock { $0 = ram }
+        } else if (try? FileDescriptor.open(config.ramPath, .readOnly).close()) != nil {
+            let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile(path: config.ramPath, access: .readWrite) }
+            ramFile.withLock { $0 = ram }
+        }
+        do {
+            listener = try Listener(config.address)
+        } catch {
+            throw MigrationError(error)
+        }
+    }
+
+    /// The mapped RAM, once known.
+    public var ram: RAMFile? { ramFile.withLock { $0 } }
+
+    /// Stops from any thread.
+    public func cancel(_ reason: String) { latch.fail(MigrationError(.cancelled, reason)) }
+
+    public func run() throws(MigrationError) -> MigrationStats {
+        var control: ControlChannel?
+        var receivers: [PacketReceiver] = []
+        var threads: [WorkerThread] = []
+        let barrier = RoundBarrier(channels: config.channels)
+        var start = 0.0
+        defer {
+            for r in receivers { r.socket.shutdown() }
+            control?.socket.shutdown()
+            for t in threads { t.join() }
+        }
+        let listener = self.listener
+        latch.onFailure { listener.shutdown() }
+        do {
+            let (ctl, session) = try acceptMain()
+            control = ctl
+            start = Monotonic.now
+            latch.onFailure { [ctl] in _ = shutdownRead(ctl.socket) }
+            let ram = try acceptLayout(ctl)
+            let limits = { (id: Int) in
+                PacketLimits(
+                    channelID: id, pageSize: ram.block.pageSize,
+                    blocks: [RAMBlockLayout(name: ram.block.name, size: ram.block.size, pageSize: ram.block.pageSize)])
+            }
+            let arrived = DirtyBitmap(pageCount: ram.block.pageCount)
+            let sockets = try acceptChannels(session: session)
+            receivers = sockets.enumerated().map { id, s in
+                PacketReceiver(id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived)
+            }
+            latch.onFailure { [receivers, barrier] in
+                for r in receivers { r.socket.shutdown() }
+                for _ in receivers { barrier.synced.signal() }
+                for s in barrier.resume { s.signal() }
+            }
+            let setupTime = Monotonic.now - start
+            for r in receivers {
+                let latch = self.latch
+                threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })
+            }
+            let rounds = try serveControl(ctl, barrier: barrier, arrived: arrived, ram: ram)
+            var s = MigrationStats(status: .completed)
+            let elapsed = Monotonic.now - start
+            s.totalTime = UInt64(elapsed * 1000)
+            s.setupTime = UInt64(setupTime * 1000)
+            s.channels = config.channels
+            s.ram.total = ram.block.size
+            s.ram.pageSize = ram.block.pageSize
+            s.ram.normal = counters.read(counters.normalPages)
+            s.ram.duplicate = counters.read(counters.zeroPages)
+            s.ram.normalBytes = s.ram.normal * ram.block.pageSize
+            s.ram.multifdBytes = counters.read(counters.multifdBytes)
+            s.ram.transferred = s.ram.multifdBytes + counters.read(counters.mainBytes)
+            s.ram.dirtySyncCount = rounds
+            s.ram.computeRates(seconds: elapsed)
+            return s
+        } catch {
+            latch.fail(error)
+            if let ctl = control, let e = latch.error, e.kind != .peer { try? ctl.send(.error(e.description)) }
+            throw latch.error ?? error
+        }
+    }
+
+    // MARK: - setup
+
+    /// Waits for the main channel. A connection that closes before saying
+    /// anything (a port probe) is ignored; anything else that is not a valid
+    /// main hello fails the migration.
+    private func acceptMain() throws(MigrationError) -> (ControlChannel, SessionID) {
+        while true {
+            let s: Socket
+            do {
+                s = try listener.accept(timeout: nil)
+            } catch {
+                throw MigrationError(error)
+            }
+            s.setReceiveTimeout(config.helloTimeout)
+            let hello: ChannelHello
+            do {
+                hello = try readHello(s)
+            } catch let e where e.kind == .peer && e.description.contains("after 0 of") {
+                continue
+            }
+            let ctl = ControlChannel(socket: s, counters: counters)
+            guard hello.kind == .main else {
+                throw MigrationError(.protocolViolation, "the first connection is multifd channel \(hello.channelID), expected the main channel")
+            }
+            guard Int(hello.channelCount) == config.channels else {
+                throw MigrationError(
+                    .mismatch,
+                    "the source uses \(hello.channelCount) multifd channel(s) but this destination expects \(config.channels); pass the same --channels to send and receive")
+            }
+            try ctl.send(.helloAccepted)
+            return (ctl, hello.session)
+        }
+    }
+
+    private func readHello(_ s: Socket) throws(MigrationError) -> ChannelHello {
+        do {
+            let bytes = try s.receiveBytes(ChannelHello.size, what: "reading a channel hello")
+            return try bytes.withUnsafeBytes { try ChannelHello.decode($0) }
+        } catch let e as SocketError {
+            throw MigrationError(e)
+        } catch let e as WireError {
+            throw MigrationError(e)
+        } catch {
+            throw MigrationError(.local, "\(error)")
+        }
+    }
+
+    /// Reads the RAM layout, maps (or checks) the RAM file to match, replies.
+    private func acceptLayout(_ ctl: ControlChannel) throws(MigrationError) -> RAMFile {
+        let m = try ctl.receive("waiting for the RAM layout")
+        guard case .ramLayout(let blocks) = m else {
+            if case .error(let t) = m { throw MigrationError(.peer, "source failed: \(t)") }
+            throw MigrationError(.protocolViolation, "expected the RAM layout, got '\(m.name)'")
+        }
+        guard blocks.count == 1, let block = blocks.first else {
+            throw MigrationError(.mismatch, "the source sends \(blocks.count) RAM blocks; this destination maps exactly one RAM file")
+        }
+        let hostPage = RAMBlock.hostPageSize
+        guard block.pageSize == hostPage else {
+            throw MigrationError(.mismatch, "the source's page size is \(block.pageSize) bytes, this host's is \(hostPage)")
+        }
+        let ram: RAMFile
+        if let existing = self.ram {
+            guard existing.block.size == block.size else {
+                throw MigrationError(
+                    .mismatch,
+                    "RAM size mismatch: the source's block '\(block.name)' is \(block.size) bytes but the destination file \(config.ramPath) is \(existing.block.size) bytes; give a file of the same size or a new path")
+            }
+            ram = existing
+        } else {
+            ram = try Self.mapped { () throws(GuestMemoryError) in
+                try RAMFile.create(path: config.ramPath, size: block.size, blockName: block.name)
+            }
+            ramFile.withLock { $0 = ram }
+        }
+        try ctl.send(.layoutAccepted)
+        return ram
+    }
+
+    /// Accepts the N multifd channels: same session, right count, no
+    /// duplicate ids. Returns them ordered by channel id.
+    private func acceptChannels(session: SessionID) throws(MigrationError) -> [Socket] {
+        var byID = [Socket?](repeating: nil, count: config.channels)
+        for _ in 0..<config.channels {
+            let s: Socket
+            do {
+                s = try listener.accept(timeout: config.channelTimeout)
+            } catch {
+                throw MigrationError(.timeout, "\(error.description): the source opened fewer than \(config.channels) channels")
+            }
+            s.setReceiveTimeout(config.helloTimeout)
+            let h = try readHello(s)
+            guard h.kind == .multifd else {
+                throw MigrationError(.protocolViolation, "a second main channel arrived while waiting for multifd channels")
+            }
+            guard h.session == session else {
+                throw MigrationError(.protocolViolation, "multifd channel \(h.channelID) belongs to session \(h.session), not \(session)")
+            }
+            guard Int(h.channelCount) == config.channels else {
+                throw MigrationError(.mismatch, "multifd channel \(h.channelID) says \(h.channelCount) channels, expected \(config.channels)")
+            }
+            guard byID[Int(h.channelID)] == nil else {
+                throw MigrationError(.protocolViolation, "multifd channel \(h.channelID) connected twice")
+            }
+            s.setReceiveTimeout(nil)
+            byID[Int(h.channelID)] = s
+        }
+        return byID.map { $0! }
+    }
+
+    // MARK: - transfer
+
+    /// The main thread's loop: end-of-round barriers, then completion.
+    /// Returns the number of rounds.
+    private func serveControl(_ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, ram: RAMFile) throws(MigrationError) -> UInt64 {
+        var rounds: UInt64 = 0
+        while true {
+            let m = try ctl.receive("waiting for the source")
+            switch m {
+            case .endOfRound(let r):
+                guard r == rounds + 1 else {
+                    throw MigrationError(.protocolViolation, "end-of-round \(r) after round \(rounds); rounds are numbered 1, 2, ...")
+                }
+                for _ in 0..<config.channels {
+                    barrier.synced.wait()
+                    try latch.check()
+                }
+                rounds = r
+                for s in barrier.resume { s.signal() }
+            case .complete(let summary):
+                try checkCompletion(summary, rounds: rounds, arrived: arrived, ram: ram)
+                // Release: receivers that see `quit` leave without an error
+                // when the source closes the channels.
+                barrier.quit.store(true, ordering: .releasing)
+                try ctl.send(.completed)
+                return rounds
+            case .error(let text):
+                throw MigrationError(.peer, "source failed: \(text)")
+            default:
+                throw MigrationError(.protocolViolation, "unexpected '\(m.name)' on the main channel during the transfer")
+            }
+        }
+    }
+
+    private func checkCompletion(_ s: CompletionSummary, rounds: UInt64, arrived: DirtyBitmap, ram: RAMFile) throws(MigrationError) {
+        let normal = counters.read(counters.normalPages), zero = counters.read(counters.zeroPages)
+        let packets = counters.read(counters.packets)
+        guard s.rounds == rounds, rounds > 0 else {
+            throw MigrationError(.mismatch, "the source completed after \(s.rounds) round(s) but \(rounds) arrived")
+        }
+        guard s.normalPages == normal, s.zeroPages == zero, s.packets == packets else {
+            throw MigrationError(
+                .mismatch,
+                "the source sent \(s.normalPages) normal + \(s.zeroPages) zero pages in \(s.packets) packets, but \(normal) + \(zero) in \(packets) arrived")
+        }
+        let got = arrived.dirtyCount()
+        guard got == ram.block.pageCount else {
+            throw MigrationError(.mismatch, "only \(got) of \(ram.block.pageCount) pages arrived; refusing to report success")
+        }
+    }
+
+    private static func mapped(_ body: () throws(GuestMemoryError) -> RAMFile) throws(MigrationError) -> RAMFile {
+        do {
+            let ram = try body()
+            // Pre-fault now, before the source connects: first-touch faults
+            // during the transfer cost more than the copy itself.
+            try ram.populate(forWriting: true)
+            return ram
+        } catch {
+            throw MigrationError(error)
+        }
+    }
+}

@@ -1,0 +1,76 @@
+/// Statistics in QEMU `query-migrate` terms (DESIGN.md §6). Times are in
+/// milliseconds, sizes in bytes, `mbps` in megabits per second, as QEMU.
+public struct MigrationStats: Encodable, Sendable {
+    public enum Status: String, Encodable, Sendable {
+        case setup, active, completed, failed, cancelled
+    }
+
+    public var status: Status
+    public var totalTime: UInt64 = 0
+    public var setupTime: UInt64 = 0
+    public var downtime: UInt64?
+    public var expectedDowntime: UInt64?
+    public var cpuThrottlePercentage: Int?
+    public var ram = RAMStats()
+    /// Multifd channels used.
+    public var channels = 0
+    /// How the sender channels wrote ("io_uring", "plain sendmsg").
+    public var sendMechanism: String?
+    public var errorDesc: String?
+
+    public init(status: Status) { self.status = status }
+
+    enum CodingKeys: String, CodingKey {
+        case status, ram, channels, downtime
+        case totalTime = "total-time"
+        case setupTime = "setup-time"
+        case expectedDowntime = "expected-downtime"
+        case cpuThrottlePercentage = "cpu-throttle-percentage"
+        case sendMechanism = "send-mechanism"
+        case errorDesc = "error-desc"
+    }
+}
+
+/// The `ram` part of `query-migrate`.
+public struct RAMStats: Encodable, Sendable {
+    /// Bytes moved over all channels (main + multifd).
+    public var transferred: UInt64 = 0
+    /// Dirty bytes not yet sent.
+    public var remaining: UInt64 = 0
+    /// Guest RAM size.
+    public var total: UInt64 = 0
+    /// Zero pages (sent as offsets only).
+    public var duplicate: UInt64 = 0
+    /// Pages sent with data.
+    public var normal: UInt64 = 0
+    public var normalBytes: UInt64 = 0
+    public var dirtyPagesRate: UInt64 = 0
+    public var mbps: Double = 0
+    public var dirtySyncCount: UInt64 = 0
+    public var pagesPerSecond: UInt64 = 0
+    public var precopyBytes: UInt64 = 0
+    public var downtimeBytes: UInt64 = 0
+    public var multifdBytes: UInt64 = 0
+    public var pageSize: UInt64 = 0
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case transferred, remaining, total, duplicate, normal, mbps
+        case normalBytes = "normal-bytes"
+        case dirtyPagesRate = "dirty-pages-rate"
+        case dirtySyncCount = "dirty-sync-count"
+        case pagesPerSecond = "pages-per-second"
+        case precopyBytes = "precopy-bytes"
+        case downtimeBytes = "downtime-bytes"
+        case multifdBytes = "multifd-bytes"
+        case pageSize = "page-size"
+    }
+
+    /// Fills the rate fields from the totals and the elapsed seconds.
+    public mutating func computeRates(seconds: Double) {
+        guard seconds > 0 else { return }
+        mbps = Double(transferred) * 8 / 1e6 / seconds
+        pagesPerSecond = UInt64(Double(normal + duplicate) / seconds)
+    }
+}

@@ -1,0 +1,185 @@
+import Dispatch
+import Synchronization
+
+/// What a sender thread does with work: the real one writes packets to its
+/// socket; tests plug in recorders. Each channel has its own instance, used
+/// only by that channel's thread.
+public protocol ChannelTransport: AnyObject {
+    /// Sends one batch. The batch is read-only here and reset afterwards.
+    func sendPages(_ pages: MultiFDPages) throws(MigrationError)
+    /// Sends this channel's SYNC for the current round.
+    func sendSync() throws(MigrationError)
+}
+
+/// One sender channel's hand-off state (QEMU's `MultiFDSendParams`).
+///
+/// Who may touch what:
+/// - `pages`: the migration thread while `pendingJob` is false (it swaps a
+///   full batch in), the sender thread while `pendingJob` is true.
+/// - `pendingJob`: set to true only by the migration thread (release), set to
+///   false only by the sender thread (release) once it is done with `pages`.
+/// - `pendingSync`: set by the migration thread, cleared by the sender.
+final class SendChannel: @unchecked Sendable {
+    // @unchecked: `pages` is a plain var handed over through `pendingJob`'s
+    // release/acquire pairs, which Swift cannot check; every other field is
+    // an atomic or a semaphore.
+    let id: Int
+    let pendingJob = Atomic<Bool>(false)
+    let pendingSync = Atomic<Bool>(false)
+    /// Work posted (a batch or a sync): one post per unit of work.
+    let sem = DispatchSemaphore(value: 0)
+    /// Sync done: posted by the sender after its SYNC packet is written.
+    let semSync = DispatchSemaphore(value: 0)
+    var pages = MultiFDPages()
+
+    init(id: Int) { self.id = id }
+}
+
+/// The lockless hand-off between the migration thread and N sender threads,
+/// after QEMU's multifd (DESIGN.md §4). One migration thread calls `send` and
+/// `sync`; each sender thread runs `senderLoop`.
+///
+/// Counting on `channelsReady`: every sender posts it once per loop turn
+/// (once idle at start, then after each batch or sync); the migration thread
+/// waits once per batch it hands out and once per channel per sync. So a
+/// successful wait guarantees at least one channel has `pendingJob == false`.
+public final class MultiFDSend: Sendable {
+    let channels: [SendChannel]
+    private let channelsReady = DispatchSemaphore(value: 0)
+    private let quitting = Atomic<Bool>(false)
+    /// Round-robin start for the next search; migration thread only.
+    private let nextChannel = Atomic<Int>(0)
+    public let latch: FailureLatch
+    private let threads = Mutex<[WorkerThread]>([])
+
+    public var channelCount: Int { channels.count }
+
+    /// Starts one sender thread per transport.
+    public init(transports: [any ChannelTransport], latch: FailureLatch) {
+        self.latch = latch
+        channels = transports.indices.map { SendChannel(id: $0) }
+        // Waking everything on failure: each waiter re-checks the latch after
+        // every wait, so one extra post per semaphore is enough.
+        let channels = self.channels, ready = channelsReady
+        latch.onFailure {
+            for c in channels {
+                c.sem.signal()
+                c.semSync.signal()
+            }
+            ready.signal()
+        }
+        for (i, t) in transports.enumerated() {
+            let box = TransportBox(t)
+            let channel = channels[i]
+            let thread = WorkerThread(name: "mig/send/\(i)") { [self] in
+                senderLoop(channel, box.transport)
+            }
+            threads.withLock { $0.append(thread) }
+        }
+    }
+
+    /// Hands a full (or final partial) batch to an idle channel. On return
+    /// `pages` is an empty batch the caller may fill again.
+    /// Migration thread only.
+    public func send(_ pages: inout MultiFDPages) throws(MigrationError) {
+        channelsReady.wait()
+        try latch.check()
+        let n = channels.count
+        var i = nextChannel.load(ordering: .relaxed)
+        var chosen: SendChannel?
+        for _ in 0..<n {
+            // Relaxed scan: only the sender can flip pendingJob to false and
+            // only we flip it to true, so a false we see stays false.
+            if !channels[i].pendingJob.load(ordering: .relaxed) {
+                chosen = channels[i]
+                break
+            }
+            i = (i + 1) % n
+        }
+        guard let p = chosen else {
+            // channelsReady promised an idle channel; its absence is a bug.
+            preconditionFailure("channels_ready was posted but no channel is idle")
+        }
+        nextChannel.store((i + 1) % n, ordering: .relaxed)
+        // Acquire: we may touch p.pages only after the sender's last use of
+        // it. Pairs with the store-release of `pendingJob = false` in
+        // `senderLoop`. (QEMU uses a fence after a relaxed scan; an acquiring
+        // load of the chosen channel is the same on x86 and ThreadSanitizer
+        // understands it, which it does not for standalone fences.)
+        _ = p.pendingJob.load(ordering: .acquiring)
+        swap(&pages, &p.pages)
+        // Release: the batch's contents are visible before the sender sees
+        // the job. Pairs with the load-acquire of `pendingJob` in `senderLoop`.
+        p.pendingJob.store(true, ordering: .releasing)
+        p.sem.signal()
+    }
+
+    /// The end-of-round barrier, source side: every channel writes a SYNC
+    /// packet after all the batches handed to it. Returns when all have.
+    /// Migration thread only; flush the partial batch with `send` first.
+    public func sync() throws(MigrationError) {
+        for c in channels {
+            try latch.check()
+            precondition(!c.pendingSync.load(ordering: .relaxed), "a sync is already pending")
+            // Relaxed is enough: `sem.signal()` orders it before the
+            // sender's `sem.wait()` returns.
+            c.pendingSync.store(true, ordering: .relaxed)
+            c.sem.signal()
+        }
+        for c in channels {
+            channelsReady.wait()
+            c.semSync.wait()
+            try latch.check()
+        }
+    }
+
+    /// Stops the sender threads (after the last sync) and joins them.
+    public func finish() {
+        quitting.store(true, ordering: .releasing)
+        for c in channels { c.sem.signal() }
+        for t in threads.withLock({ $0 }) { t.join() }
+    }
+
+    /// One sender thread's life.
+    func senderLoop(_ p: SendChannel, _ transport: any ChannelTransport) {
+        while true {
+            channelsReady.signal()
+            p.sem.wait()
+            if latch.hasFailed || quitting.load(ordering: .acquiring) { return }
+            // Acquire: pairs with the store-release of `pendingJob = true` in
+            // `send`, so the batch's offsets are visible here.
+            if p.pendingJob.load(ordering: .acquiring) {
+                do {
+                    try transport.sendPages(p.pages)
+                } catch {
+                    latch.fail(error)
+                    return
+                }
+                p.pages.reset()
+                // Release: our reads of the batch happen before the migration
+                // thread reuses it. Pairs with the acquiring load in `send`.
+                p.pendingJob.store(false, ordering: .releasing)
+            } else if p.pendingSync.load(ordering: .relaxed) {
+                do {
+                    try transport.sendSync()
+                } catch {
+                    latch.fail(error)
+                    return
+                }
+                p.pendingSync.store(false, ordering: .relaxed)
+                // The SYNC packet is written after every batch of this
+                // channel: the semaphore orders it before `sync()` resumes.
+                p.semSync.signal()
+            } else {
+                preconditionFailure("sender \(p.id) woke with neither a job nor a sync")
+            }
+        }
+    }
+}
+
+/// Carries a transport into its thread. The transport is used by that
+/// thread alone from then on, hence `@unchecked`.
+private final class TransportBox: @unchecked Sendable {
+    let transport: any ChannelTransport
+    init(_ t: any ChannelTransport) { transport = t }
+}

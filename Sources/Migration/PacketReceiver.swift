@@ -1,0 +1,144 @@
+import CShims
+import Dispatch
+import GuestMemory
+import MigrationWire
+import Synchronization
+import URing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The destination's shared end-of-round barrier (DESIGN.md §4).
+///
+/// A receiver that reads a SYNC packet posts `synced` and then waits on its
+/// channel's `resume`. The main thread, on the end-of-round marker, waits for
+/// N `synced` posts and then posts every `resume`. So no receiver reads a
+/// page of round k+1 before every page of round k has landed.
+final class RoundBarrier: Sendable {
+    let synced = DispatchSemaphore(value: 0)
+    let resume: [DispatchSemaphore]
+    /// Set by the main thread once the migration completed: receivers then
+    /// leave quietly when their sockets close.
+    let quit = Atomic<Bool>(false)
+
+    init(channels: Int) {
+        resume = (0..<channels).map { _ in DispatchSemaphore(value: 0) }
+    }
+}
+
+/// One destination channel: reads packets, validates all of each header and
+/// offset array before touching memory, then receives page data straight
+/// into the destination mapping (no intermediate buffer).
+final class PacketReceiver: @unchecked Sendable {
+    // @unchecked: used by its own receiver thread only, after being built on
+    // the main thread (thread start orders the two).
+    let id: Int
+    let socket: Socket
+    private let ram: RAMFile
+    private let limits: PacketLimits
+    private let counters: TransferCounters
+    /// Pages that arrived at least once, for the completion check.
+    private let arrived: DirtyBitmap
+    private let header: UnsafeMutableRawPointer
+    private let rawOffsets: UnsafeMutableRawPointer
+    private let offsets: UnsafeMutablePointer<UInt64>
+    private let iov: UnsafeMutablePointer<iovec>
+    private var expectedPacket: UInt64 = 0
+
+    init(id: Int, socket: Socket, ram: RAMFile, limits: PacketLimits, counters: TransferCounters, arrived: DirtyBitmap) {
+        self.id = id
+        self.socket = socket
+        self.ram = ram
+        self.limits = limits
+        self.counters = counters
+        self.arrived = arrived
+        header = .allocate(byteCount: MultiFDPacketHeader.size, alignment: 8)
+        rawOffsets = .allocate(byteCount: MultiFDPacketHeader.maxPages * 8, alignment: 8)
+        offsets = .allocate(capacity: MultiFDPacketHeader.maxPages)
+        iov = .allocate(capacity: MultiFDPacketHeader.maxPages)
+    }
+
+    deinit {
+        header.deallocate()
+        rawOffsets.deallocate()
+        offsets.deallocate()
+        iov.deallocate()
+    }
+
+    /// The receiver thread's loop.
+    func run(barrier: RoundBarrier, latch: FailureLatch) {
+        do {
+            while true {
+                let h = try readHeader()
+                if h.flags.contains(.sync) {
+                    barrier.synced.signal()
+                    barrier.resume[id].wait()
+                    if latch.hasFailed || barrier.quit.load(ordering: .acquiring) { return }
+                    continue
+                }
+                try receivePages(h)
+            }
+        } catch {
+            // After completion the source closes its channels: not a failure.
+            if barrier.quit.load(ordering: .acquiring) { return }
+            latch.fail(error)
+        }
+    }
+
+    private func readHeader() throws(MigrationError) -> MultiFDPacketHeader {
+        do {
+            try socket.receiveExact(header, count: MultiFDPacketHeader.size, what: "reading a packet header on channel \(id)")
+            let h = try MultiFDPacketHeader.decode(header, limits: limits, expectedPacketNumber: expectedPacket)
+            expectedPacket += 1
+            return h
+        } catch let e as SocketError {
+            throw MigrationError(e)
+        } catch let e as WireError {
+            throw MigrationError(e)
+        } catch {
+            throw MigrationError(.local, "\(error)")
+        }
+    }
+
+    private func receivePages(_ h: MultiFDPacketHeader) throws(MigrationError) {
+        let normal = Int(h.normalCount), total = normal + Int(h.zeroCount)
+        let pageSize = Int(limits.pageSize)
+        do {
+            try socket.receiveExact(rawOffsets, count: total * 8, what: "reading page offsets on channel \(id)")
+            try h.decodeOffsets(rawOffsets, into: offsets, limits: limits)
+            // Every offset is now known to be page-aligned and inside the
+            // block: build the gather list into the mapping.
+            var n = 0
+            for i in 0..<normal {
+                let p = ram.base + Int(offsets[i])
+                if n > 0, iov[n - 1].iov_base! + iov[n - 1].iov_len == p {
+                    iov[n - 1].iov_len += pageSize
+                } else {
+                    iov[n] = iovec(iov_base: p, iov_len: pageSize)
+                    n += 1
+                }
+            }
+            if normal > 0 {
+                try socket.receiveExact(iov, count: n, total: Int(h.payloadSize), what: "reading page data on channel \(id)")
+            }
+        } catch let e as SocketError {
+            throw MigrationError(e)
+        } catch let e as WireError {
+            throw MigrationError(e)
+        } catch {
+            throw MigrationError(.local, "\(error)")
+        }
+        // A zero page must end zero even over older content; reading first
+        // avoids dirtying (and allocating) pages that already are.
+        for i in normal..<total {
+            let p = ram.base + Int(offsets[i])
+            if !lm_buffer_is_zero(p, pageSize) { p.initializeMemory(as: UInt8.self, repeating: 0, count: pageSize) }
+        }
+        for i in 0..<total { arrived.mark(page: Int(offsets[i] / limits.pageSize)) }
+        counters.add(counters.normalPages, UInt64(normal))
+        counters.add(counters.zeroPages, UInt64(total - normal))
+        counters.add(counters.packets, 1)
+        counters.add(counters.multifdBytes, UInt64(MultiFDPacketHeader.size + total * 8) + UInt64(h.payloadSize))
+    }
+}

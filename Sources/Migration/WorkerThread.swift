@@ -1,0 +1,43 @@
+import CShims
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A joinable OS thread. The body is a `@Sendable` closure run by a C entry
+/// point, so it never inherits an actor's isolation (see DEVELOPERS.md's trap).
+public final class WorkerThread: Sendable {
+    private final class Start {
+        let name: String
+        let body: @Sendable () -> Void
+        init(name: String, body: @escaping @Sendable () -> Void) {
+            self.name = name
+            self.body = body
+        }
+    }
+
+    private let handle: pthread_t
+
+    /// Starts a thread named `name` (first 15 bytes shown by `ps`/`top`).
+    public init(name: String, _ body: @escaping @Sendable () -> Void) {
+        let start = Unmanaged.passRetained(Start(name: name, body: body)).toOpaque()
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, workerThreadEntry, start)
+        precondition(rc == 0, "pthread_create failed: \(rc)")
+        handle = thread
+    }
+
+    /// Waits for the thread to end. Call once.
+    public func join() { pthread_join(handle, nil) }
+
+    fileprivate static func run(_ raw: UnsafeMutableRawPointer) {
+        let start = Unmanaged<Start>.fromOpaque(raw).takeRetainedValue()
+        lm_set_thread_name(String(start.name.prefix(15)))
+        start.body()
+    }
+}
+
+private func workerThreadEntry(_ raw: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    WorkerThread.run(raw!)
+    return nil
+}

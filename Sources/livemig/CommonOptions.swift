@@ -1,0 +1,44 @@
+import ArgumentParser
+import URing
+
+/// How results are printed.
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+    case human, json
+}
+
+/// Options both ends of a migration share.
+struct ChannelOptions: ParsableArguments {
+    @Option(help: "Number of multifd channels; must match on both sides.")
+    var channels: Int = 2
+
+    @Option(help: "Print the final statistics as 'human' text or one 'json' object (QEMU query-migrate names).")
+    var format: OutputFormat = .human
+
+    func validate() throws {
+        guard (1...64).contains(channels) else {
+            throw ValidationError("--channels must be from 1 to 64, got \(channels)")
+        }
+    }
+}
+
+/// Parses an address option, as a usage error when it is malformed.
+func parseAddress(_ text: String, option: String) throws -> SocketAddress {
+    do {
+        return try SocketAddress(parsing: text)
+    } catch {
+        throw ValidationError("\(option): \(error.description)")
+    }
+}
+
+/// Parses sizes such as 4096, 64MiB, 1GiB, 512K (binary units).
+func parseSize(_ text: String) -> UInt64? {
+    let units: [(String, UInt64)] = [
+        ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10), ("B", 1),
+    ]
+    for (suffix, mult) in units where text.hasSuffix(suffix) {
+        guard let n = UInt64(text.dropLast(suffix.count)) else { return nil }
+        let (v, overflow) = n.multipliedReportingOverflow(by: mult)
+        return overflow ? nil : v
+    }
+    return UInt64(text)
+}

@@ -1,0 +1,66 @@
+import ArgumentParser
+import GuestMemory
+import Migration
+import SystemPackage
+import URing
+
+/// `livemig receive`: the destination side.
+struct ReceiveCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "receive",
+        abstract: "Listen for one migration and write the guest RAM into a file.",
+        discussion: """
+            An existing RAM file is mapped and pre-faulted before listening and must have the \
+            source's size. An absent one is created with the source's size (or --size).
+            Exits 0 only after every page arrived, was validated and the totals matched.
+            """
+    )
+
+    @Option(help: "The destination RAM file (created when absent).")
+    var ram: String
+
+    @Option(help: "Address to listen on: tcp:HOST:PORT or unix:PATH.")
+    var listen: String
+
+    @OptionGroup var common: ChannelOptions
+
+    @Option(help: "Create an absent RAM file of this size before listening (e.g. 1GiB).")
+    var size: String?
+
+    func validate() throws {
+        _ = try parseAddress(listen, option: "--listen")
+        if let size, parseSize(size) == nil {
+            throw ValidationError("--size: '\(size)' is not a size (examples: 4096, 64MiB, 1GiB)")
+        }
+    }
+
+    func run() throws {
+        let address = try parseAddress(listen, option: "--listen")
+        var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(ram))
+        config.size = size.flatMap(parseSize)
+        let destination: DestinationMigration
+        do {
+            destination = try DestinationMigration(config: config)
+        } catch {
+            throw CommandFailure(message: error.description)
+        }
+        FileHandleStderr.write("livemig: listening on \(address)\n")
+        let signals = watchSignals { destination.cancel($0) }
+        _ = signals
+        let progress = ProgressLine.start(
+            role: "receive", total: { destination.ram?.block.size ?? 0 }, counters: destination.counters)
+        let result: Result<MigrationStats, MigrationError>
+        do {
+            result = .success(try destination.run())
+        } catch {
+            result = .failure(error)
+        }
+        progress?.finish()
+        switch result {
+        case .success(let stats):
+            printStats(stats, format: common.format, role: "receive")
+        case .failure(let e):
+            throw CommandFailure(message: "receiving on \(address) failed: \(e.description)")
+        }
+    }
+}
