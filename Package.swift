@@ -59,6 +59,6 @@ let package = Package(
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "GuestMemory", "MigrationWire", "URing"]),
-        .testTarget(name: "LivemigIntegrationTests", dependencies: ["GuestMemory"]),
+        .testTarget(name: "LivemigIntegrationTests", dependencies: ["MigrationWire", "URing"]),
     ]
 )

@@ -74,11 +74,16 @@ public final class DestinationMigration: Sendable {
         let listener = self.listener
         latch.onFailure { listener.shutdown() }
         do {
-            let (ctl, session) = try acceptMain()
+            let (ctl, hello) = try acceptMain()
             control = ctl
             start = Monotonic.now
             latch.onFailure { [ctl] in _ = shutdownRead(ctl.socket) }
+            try acceptHello(hello, on: ctl)
+            let session = hello.session
             let ram = try acceptLayout(ctl)
+            // The hello deadline guarded the handshake only: a round may
+            // leave the main channel silent for as long as it takes.
+            ctl.socket.setReceiveTimeout(nil)
             let limits = { (id: Int) in
                 PacketLimits(
                     channelID: id, pageSize: ram.block.pageSize,
@@ -127,7 +132,7 @@ public final class DestinationMigration: Sendable {
     /// Waits for the main channel. A connection that closes before saying
     /// anything (a port probe) is ignored; anything else that is not a valid
     /// main hello fails the migration.
-    private func acceptMain() throws(MigrationError) -> (ControlChannel, SessionID) {
+    private func acceptMain() throws(MigrationError) -> (ControlChannel, ChannelHello) {
         while true {
             let s: Socket
             do {
@@ -142,18 +147,22 @@ public final class DestinationMigration: Sendable {
             } catch let e where e.kind == .peer && e.description.contains("after 0 of") {
                 continue
             }
-            let ctl = ControlChannel(socket: s, counters: counters)
-            guard hello.kind == .main else {
-                throw MigrationError(.protocolViolation, "the first connection is multifd channel \(hello.channelID), expected the main channel")
-            }
-            guard Int(hello.channelCount) == config.channels else {
-                throw MigrationError(
-                    .mismatch,
-                    "the source uses \(hello.channelCount) multifd channel(s) but this destination expects \(config.channels); pass the same --channels to send and receive")
-            }
-            try ctl.send(.helloAccepted)
-            return (ctl, hello.session)
+            return (ControlChannel(socket: s, counters: counters), hello)
         }
+    }
+
+    /// Checks the main hello against this destination; the caller owns the
+    /// channel by now, so a refusal reaches the source as an error message.
+    private func acceptHello(_ hello: ChannelHello, on ctl: ControlChannel) throws(MigrationError) {
+        guard hello.kind == .main else {
+            throw MigrationError(.protocolViolation, "the first connection is multifd channel \(hello.channelID), expected the main channel")
+        }
+        guard Int(hello.channelCount) == config.channels else {
+            throw MigrationError(
+                .mismatch,
+                "the source uses \(hello.channelCount) multifd channel(s) but this destination expects \(config.channels); pass the same --channels to send and receive")
+        }
+        try ctl.send(.helloAccepted)
     }
 
     private func readHello(_ s: Socket) throws(MigrationError) -> ChannelHello {

@@ -1,0 +1,246 @@
+import Foundation
+import MigrationWire
+import Testing
+import URing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Every failure ends within seconds in a one-line error and exit status 1
+/// (2 for usage), never a crash or a hang, and never touches the source file.
+@Suite("failures end cleanly", .serialized)
+struct FailureTests {
+    /// A 128 MiB random source, 1 channel: long enough to be killed mid-way.
+    @Test("receiver killed mid-transfer: send fails cleanly, source unchanged")
+    func receiverKilled() throws {
+        let scratch = try Scratch()
+        let src = scratch.path("src.ram"), dst = scratch.path("dst.ram")
+        let pages = 128 << 20 / pageSize
+        try writeImage(src, pages: pages, seed: 42, isZero: { _ in false })
+        let before = try Data(contentsOf: URL(fileURLWithPath: src))
+        var sawMidTransferKill = false
+        for _ in 0..<3 where !sawMidTransferKill {
+            try writeFilled(dst, bytes: pages * pageSize, value: 0x11)
+            let addr = "tcp:127.0.0.1:\(freePort())"
+            let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr, "--channels", "1"])
+            #expect(receiver.waitForStderr("listening"))
+            let sender = try LivemigProcess(["send", "--ram", src, "--to", addr, "--channels", "1"])
+            // Kill as soon as the destination's first page holds source data:
+            // the transfer is under way.
+            let fd = open(dst, O_RDONLY)
+            var page = [UInt8](repeating: 0x11, count: pageSize)
+            let deadline = Date().addingTimeInterval(20)
+            while Date() < deadline {
+                _ = pread(fd, &page, pageSize, 0)
+                if page[0..<64] != [UInt8](repeating: 0x11, count: 64)[0..<64] { break }
+                usleep(200)
+            }
+            close(fd)
+            kill(receiver.pid, SIGKILL)
+            receiver.wait()
+            let send = sender.wait(timeout: 30)
+            if send.status == 0 { continue }  // it finished before the kill: try again
+            sawMidTransferKill = true
+            #expect(send.status == 1, "\(send.stderr)")
+            #expect(send.seconds < 10, "send must notice the vanished peer quickly")
+            #expect(send.stderr.contains("failed") && send.stderr.contains("not modified"), "\(send.stderr)")
+            #expect(send.stderr.split(separator: "\n").count == 1, "one-line error: \(send.stderr)")
+        }
+        #expect(sawMidTransferKill, "the receiver was never killed mid-transfer")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: src)) == before, "the source RAM file changed")
+    }
+
+    @Test("garbage on the listener: receive fails naming the bad field")
+    func garbageOnListener() throws {
+        let scratch = try Scratch()
+        let dst = scratch.path("dst.ram")
+        try writeFilled(dst, bytes: 1 << 20, value: 3)
+        let addr = "unix:" + scratch.path("s")
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr])
+        #expect(receiver.waitForStderr("listening"))
+        let s = try Socket.connect(to: try SocketAddress(parsing: addr), timeout: 5)
+        try s.sendAll(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n-garbage-garbage".utf8))
+        let r = receiver.wait(timeout: 15)
+        #expect(r.status == 1, "\(r.stderr)")
+        #expect(r.seconds < 10)
+        #expect(r.stderr.contains("magic"), "\(r.stderr)")
+    }
+
+    /// A fake source that does a valid handshake, then writes `packet` on
+    /// multifd channel 0. Returns the receiver's result and what it said on
+    /// the main channel.
+    func fakeSource(dstSize: Int, packet: [UInt8], thenClose: Bool = false) throws -> (status: Int32, stderr: String, mainReply: MainMessage?, dst: Data) {
+        let scratch = try Scratch()
+        let dst = scratch.path("dst.ram")
+        try writeFilled(dst, bytes: dstSize, value: 0x77)
+        let addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr.description, "--channels", "1"])
+        #expect(receiver.waitForStderr("listening"))
+        let session = SessionID.random()
+        let main = try Socket.connect(to: addr, timeout: 5)
+        try main.sendAll(ChannelHello(session: session, kind: .main, channelID: 0, channelCount: 1).encoded())
+        let ctl = MainReader(main)
+        #expect(try ctl.next() == .helloAccepted)
+        try main.sendAll(MainMessage.ramLayout([RAMBlockLayout(name: "pc.ram", size: UInt64(dstSize), pageSize: 4096)]).encoded())
+        #expect(try ctl.next() == .layoutAccepted)
+        let ch = try Socket.connect(to: addr, timeout: 5)
+        try ch.sendAll(ChannelHello(session: session, kind: .multifd, channelID: 0, channelCount: 1).encoded())
+        try ch.sendAll(packet)
+        if thenClose { ch.shutdown() }
+        let reply = try? ctl.next()
+        let r = receiver.wait(timeout: 15)
+        return (r.status, r.stderr, reply, try Data(contentsOf: URL(fileURLWithPath: dst)))
+    }
+
+    func header(normal: UInt32, zero: UInt32, payload: UInt32, number: UInt64 = 0, offsets: [UInt64]) -> [UInt8] {
+        var buf = [UInt8](repeating: 0, count: MultiFDPacketHeader.size + offsets.count * 8)
+        buf.withUnsafeMutableBytes { b in
+            MultiFDPacketHeader(flags: [], normalCount: normal, zeroCount: zero, payloadSize: payload, packetNumber: number, blockID: 0)
+                .encode(to: b.baseAddress!)
+            for (i, o) in offsets.enumerated() { MultiFDPacketHeader.encodeOffset(o, index: i, to: b.baseAddress!) }
+        }
+        return buf
+    }
+
+    @Test("a packet with too many pages fails the receiver, which tells the source why")
+    func oversizedCount() throws {
+        let r = try fakeSource(dstSize: 1 << 20, packet: header(normal: 999, zero: 0, payload: 999 * 4096, offsets: []))
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("normal-count") && r.stderr.contains("999"), "\(r.stderr)")
+        guard case .error(let text)? = r.mainReply else {
+            Issue.record("expected an error message on the main channel, got \(String(describing: r.mainReply))")
+            return
+        }
+        #expect(text.contains("normal-count"))
+    }
+
+    @Test("an offset beyond the block is refused before any memory is written")
+    func offsetBeyondBlock() throws {
+        let size = 1 << 20
+        var packet = header(normal: 1, zero: 0, payload: 4096, offsets: [UInt64(size)])
+        packet += [UInt8](repeating: 0xAB, count: 4096)
+        let r = try fakeSource(dstSize: size, packet: packet)
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("offset[0]") && r.stderr.contains("beyond block 'pc.ram'"), "\(r.stderr)")
+        #expect(r.dst == Data(repeating: 0x77, count: size), "the destination must be untouched")
+    }
+
+    @Test("a misaligned offset is refused")
+    func misalignedOffset() throws {
+        var packet = header(normal: 1, zero: 0, payload: 4096, offsets: [100])
+        packet += [UInt8](repeating: 0xAB, count: 4096)
+        let r = try fakeSource(dstSize: 1 << 20, packet: packet)
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("not a multiple of the page size"), "\(r.stderr)")
+    }
+
+    @Test("a peer that vanishes mid-packet fails the receiver")
+    func truncatedPacket() throws {
+        var packet = header(normal: 2, zero: 0, payload: 8192, offsets: [0, 4096])
+        packet += [UInt8](repeating: 1, count: 100)
+        let r = try fakeSource(dstSize: 1 << 20, packet: packet, thenClose: true)
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("closed the connection after 100 of 8192 bytes"), "\(r.stderr)")
+    }
+
+    @Test("RAM size mismatch: both sides fail with the sizes")
+    func sizeMismatch() throws {
+        let scratch = try Scratch()
+        let src = scratch.path("src.ram"), dst = scratch.path("dst.ram")
+        try writeImage(src, pages: 1024, seed: 1, isZero: { _ in false })
+        try writeFilled(dst, bytes: 512 * pageSize, value: 0)
+        let addr = "unix:" + scratch.path("s")
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr])
+        #expect(receiver.waitForStderr("listening"))
+        let send = try livemig(["send", "--ram", src, "--to", addr], timeout: 20)
+        let recv = receiver.wait(timeout: 20)
+        #expect(send.status == 1 && recv.status == 1)
+        #expect(send.stderr.contains("RAM size mismatch") && send.stderr.contains("4194304") && send.stderr.contains("2097152"), "\(send.stderr)")
+        #expect(recv.stderr.contains("RAM size mismatch"), "\(recv.stderr)")
+    }
+
+    @Test("channel count mismatch: a clear error on both sides, no hang")
+    func channelMismatch() throws {
+        let scratch = try Scratch()
+        let src = scratch.path("src.ram"), dst = scratch.path("dst.ram")
+        try writeImage(src, pages: 256, seed: 1, isZero: { _ in false })
+        let addr = "tcp:127.0.0.1:\(freePort())"
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr, "--channels", "2"])
+        #expect(receiver.waitForStderr("listening"))
+        let send = try livemig(["send", "--ram", src, "--to", addr, "--channels", "4"], timeout: 20)
+        let recv = receiver.wait(timeout: 20)
+        #expect(send.status == 1 && recv.status == 1)
+        #expect(send.seconds < 10)
+        #expect(send.stderr.contains("--channels"), "\(send.stderr)")
+        #expect(recv.stderr.contains("4 multifd channel(s)") && recv.stderr.contains("expects 2"), "\(recv.stderr)")
+    }
+
+    @Test("port in use: receive fails at once")
+    func portInUse() throws {
+        let scratch = try Scratch()
+        let port = freePort()
+        let holder = try Listener(try SocketAddress(parsing: "tcp:127.0.0.1:\(port)"))
+        defer { _ = holder }
+        let r = try livemig(["receive", "--ram", scratch.path("d.ram"), "--size", "1MiB", "--listen", "tcp:127.0.0.1:\(port)"], timeout: 20)
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("address already in use"), "\(r.stderr)")
+    }
+
+    @Test("missing RAM file: send fails naming the path")
+    func missingRAMFile() throws {
+        let r = try livemig(["send", "--ram", "/nonexistent/guest.ram", "--to", "tcp:127.0.0.1:1"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("/nonexistent/guest.ram") && r.stderr.contains("does not exist"), "\(r.stderr)")
+    }
+
+    @Test("RAM file that is not a whole number of pages is refused")
+    func raggedRAMFile() throws {
+        let scratch = try Scratch()
+        let src = scratch.path("odd.ram")
+        try writeFilled(src, bytes: 5000, value: 1)
+        let r = try livemig(["send", "--ram", src, "--to", "tcp:127.0.0.1:1"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("not a multiple of the page size"), "\(r.stderr)")
+    }
+
+    @Test("nobody listening: send fails within seconds")
+    func nobodyListening() throws {
+        let scratch = try Scratch()
+        let src = scratch.path("src.ram")
+        try writeFilled(src, bytes: 1 << 20, value: 1)
+        let r = try livemig(["send", "--ram", src, "--to", "tcp:127.0.0.1:\(freePort())"], timeout: 20)
+        #expect(r.status == 1)
+        #expect(r.seconds < 10)
+        #expect(r.stderr.contains("connection refused"), "\(r.stderr)")
+    }
+
+    @Test("usage errors exit with status 2", arguments: [
+        ["send", "--ram", "x"],
+        ["send", "--ram", "x", "--to", "ftp:host:1"],
+        ["receive", "--ram", "x", "--listen", "tcp:127.0.0.1:notaport"],
+        ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--channels", "0"],
+        ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--size", "lots"],
+    ])
+    func usage(_ args: [String]) throws {
+        let r = try livemig(args)
+        #expect(r.status == 2, "\(args): \(r.stderr)")
+        #expect(!r.stderr.isEmpty)
+    }
+}
+
+/// Reads framed main-channel messages from a raw socket (test side).
+struct MainReader {
+    let socket: Socket
+    init(_ s: Socket) {
+        socket = s
+        s.setReceiveTimeout(15)
+    }
+
+    func next() throws -> MainMessage {
+        let head = try socket.receiveBytes(MainMessage.frameHeaderSize, what: "test")
+        let frame = try head.withUnsafeBytes { try MainMessage.decodeFrameHeader($0) }
+        let payload = try socket.receiveBytes(frame.length, what: "test")
+        return try payload.withUnsafeBytes { try MainMessage.decode(type: frame.type, payload: $0) }
+    }
+}

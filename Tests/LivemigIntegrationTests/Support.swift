@@ -1,0 +1,176 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The `livemig` binary `swift test` built next to the test bundle
+/// (override with LIVEMIG_BIN).
+let livemigBinary: String = {
+    if let p = ProcessInfo.processInfo.environment["LIVEMIG_BIN"] { return p }
+    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    return exe.deletingLastPathComponent().appendingPathComponent("livemig").path
+}()
+
+/// A running `livemig` process with its output collected.
+final class LivemigProcess: @unchecked Sendable {
+    // @unchecked: the pipes' buffers are filled by reader threads and read
+    // only after `wait` (which joins them via the group).
+    let process = Process()
+    private let out = Pipe(), err = Pipe()
+    private var outData = Data(), errData = Data()
+    private let group = DispatchGroup()
+    private let errLines = DispatchSemaphore(value: 0)
+    private let lock = NSLock()
+    private var errSoFar = ""
+
+    init(_ args: [String], env: [String: String] = [:]) throws {
+        process.executableURL = URL(fileURLWithPath: livemigBinary)
+        process.arguments = args
+        var e = ProcessInfo.processInfo.environment
+        for (k, v) in env { e[k] = v }
+        process.environment = e
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let outHandle = out.fileHandleForReading, errHandle = err.fileHandleForReading
+        group.enter()
+        DispatchQueue.global().async { [self] in
+            let d = outHandle.readDataToEndOfFile()
+            lock.withLock { outData = d }
+            group.leave()
+        }
+        group.enter()
+        DispatchQueue.global().async { [self] in
+            while true {
+                let d = errHandle.availableData
+                if d.isEmpty { break }
+                lock.withLock {
+                    errData.append(d)
+                    errSoFar = String(decoding: errData, as: UTF8.self)
+                }
+                errLines.signal()
+            }
+            errLines.signal()
+            group.leave()
+        }
+    }
+
+    var pid: Int32 { process.processIdentifier }
+
+    /// Waits until stderr contains `text` (e.g. "listening") or the process ends.
+    func waitForStderr(_ text: String, timeout: Double = 30) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if lock.withLock({ errSoFar.contains(text) }) { return true }
+            if !process.isRunning && lock.withLock({ !errSoFar.contains(text) }) {
+                _ = errLines.wait(timeout: .now() + 0.1)
+                return lock.withLock { errSoFar.contains(text) }
+            }
+            _ = errLines.wait(timeout: .now() + 0.05)
+        }
+        return false
+    }
+
+    /// Waits for exit (killing it after `timeout` seconds) and returns
+    /// (status, stdout, stderr, seconds waited).
+    @discardableResult
+    func wait(timeout: Double = 60) -> (status: Int32, stdout: String, stderr: String, seconds: Double) {
+        let start = Date()
+        while process.isRunning && Date().timeIntervalSince(start) < timeout { usleep(5_000) }
+        if process.isRunning {
+            kill(pid, SIGKILL)
+        }
+        process.waitUntilExit()
+        group.wait()
+        let secs = Date().timeIntervalSince(start)
+        return lock.withLock {
+            (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self), secs)
+        }
+    }
+}
+
+/// Runs `livemig` to completion.
+func livemig(_ args: [String], env: [String: String] = [:], timeout: Double = 60) throws -> (status: Int32, stdout: String, stderr: String, seconds: Double) {
+    try LivemigProcess(args, env: env).wait(timeout: timeout)
+}
+
+/// A temporary directory removed when the test is done.
+final class Scratch {
+    let dir: String
+
+    init() throws {
+        dir = NSTemporaryDirectory() + "livemig-test-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: dir) }
+
+    func path(_ name: String) -> String { dir + "/" + name }
+}
+
+/// Deterministic bytes (SplitMix64) so failures reproduce.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+let pageSize = 4096
+
+/// Writes a RAM image of `pages` pages: a page is zero when `isZero(page)`,
+/// otherwise random. Returns the number of zero pages.
+@discardableResult
+func writeImage(_ path: String, pages: Int, seed: UInt64, isZero: (Int) -> Bool) throws -> Int {
+    var rng = SplitMix64(state: seed)
+    var data = Data(count: pages * pageSize)
+    var zeros = 0
+    data.withUnsafeMutableBytes { (b: UnsafeMutableRawBufferPointer) in
+        let words = b.bindMemory(to: UInt64.self)
+        for p in 0..<pages {
+            if isZero(p) {
+                zeros += 1
+                continue
+            }
+            for w in 0..<(pageSize / 8) { words[p * pageSize / 8 + w] = rng.next() }
+        }
+    }
+    try data.write(to: URL(fileURLWithPath: path))
+    return zeros
+}
+
+/// Writes `bytes` of a repeated byte: a destination "with other content".
+func writeFilled(_ path: String, bytes: Int, value: UInt8) throws {
+    try Data(repeating: value, count: bytes).write(to: URL(fileURLWithPath: path))
+}
+
+func filesEqual(_ a: String, _ b: String) throws -> Bool {
+    try Data(contentsOf: URL(fileURLWithPath: a)) == Data(contentsOf: URL(fileURLWithPath: b))
+}
+
+/// A TCP port that was free a moment ago.
+func freePort() -> UInt16 {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
+    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+    return UInt16(bigEndian: addr.sin_port)
+}
+
+/// Parses the single JSON object `livemig --format json` prints.
+func stats(_ stdout: String) throws -> [String: Any] {
+    let line = stdout.split(separator: "\n").last.map(String.init) ?? ""
+    let obj = try JSONSerialization.jsonObject(with: Data(line.utf8))
+    return try #require(obj as? [String: Any])
+}

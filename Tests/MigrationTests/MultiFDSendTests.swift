@@ -1,0 +1,135 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import Migration
+
+/// Records what one channel was handed, in order. Used by that channel's
+/// sender thread only while the migration runs; read after `finish()`
+/// (thread join orders the reads after the writes).
+final class RecordingTransport: ChannelTransport, @unchecked Sendable {
+    enum Event: Equatable {
+        case batch([UInt64])
+        case sync
+    }
+
+    var events: [Event] = []
+    let jitter: Bool
+    let failAfter: Int?
+    private var rng: UInt64
+
+    init(seed: UInt64, jitter: Bool = true, failAfter: Int? = nil) {
+        self.jitter = jitter
+        self.failAfter = failAfter
+        rng = seed | 1
+    }
+
+    func sendPages(_ pages: MultiFDPages) throws(MigrationError) {
+        if let n = failAfter, events.count >= n {
+            throw MigrationError(.peer, "test transport fails after \(n) events")
+        }
+        events.append(.batch(Array(UnsafeBufferPointer(start: pages.offsets, count: pages.count))))
+        maybeStall()
+    }
+
+    func sendSync() throws(MigrationError) {
+        events.append(.sync)
+        maybeStall()
+    }
+
+    private func maybeStall() {
+        guard jitter else { return }
+        rng ^= rng << 13
+        rng ^= rng >> 7
+        rng ^= rng << 17
+        // Stalls shuffle which channel is idle when, exercising the scan.
+        if rng % 16 == 0 { usleep(UInt32(rng % 200)) }
+    }
+}
+
+@Suite("MultiFDSend hand-off")
+struct MultiFDSendTests {
+    /// Hands `rounds` × `batchesPerRound` batches of distinct pages to
+    /// `channels` senders with a sync after each round; checks every page
+    /// is handed over exactly once and in-round ordering holds.
+    func runStress(channels: Int, rounds: Int, batchesPerRound: Int, partialLast: Bool) throws {
+        let transports = (0..<channels).map { RecordingTransport(seed: UInt64($0 + 1) * 0x9E37_79B9) }
+        let latch = FailureLatch()
+        let pool = MultiFDSend(transports: transports, latch: latch)
+        var pages = MultiFDPages()
+        var next: UInt64 = 0
+        var expected = Set<UInt64>()
+        for _ in 0..<rounds {
+            for b in 0..<batchesPerRound {
+                let n = (partialLast && b == batchesPerRound - 1) ? 37 : MultiFDPages.capacity
+                for _ in 0..<n {
+                    pages.append(offset: next * 4096, block: 0)
+                    expected.insert(next * 4096)
+                    next += 1
+                }
+                try pool.send(&pages)
+                #expect(pages.isEmpty, "send must give back an empty batch")
+            }
+            try pool.sync()
+        }
+        pool.finish()
+        #expect(!latch.hasFailed)
+
+        var seen = [UInt64: Int]()
+        for t in transports {
+            var round = 0
+            for e in t.events {
+                switch e {
+                case .batch(let offsets):
+                    #expect(!offsets.isEmpty)
+                    for o in offsets {
+                        seen[o, default: 0] += 1
+                        // Pages of round r are numbered in [r*per, (r+1)*per):
+                        // a batch after sync r-1 and before sync r belongs to round r.
+                        let perRound = UInt64(batchesPerRound * MultiFDPages.capacity)
+                        if !partialLast { #expect(o / 4096 / perRound == UInt64(round)) }
+                    }
+                case .sync:
+                    round += 1
+                }
+            }
+            #expect(round == rounds, "every channel writes one SYNC per round")
+        }
+        #expect(Set(seen.keys) == expected, "every page handed over")
+        #expect(seen.values.allSatisfy { $0 == 1 }, "no page handed over twice")
+    }
+
+    @Test("many batches, one channel")
+    func oneChannel() throws { try runStress(channels: 1, rounds: 20, batchesPerRound: 50, partialLast: false) }
+
+    @Test("many batches, two channels")
+    func twoChannels() throws { try runStress(channels: 2, rounds: 30, batchesPerRound: 64, partialLast: false) }
+
+    @Test("many batches, eight channels, partial final batches")
+    func eightChannels() throws { try runStress(channels: 8, rounds: 25, batchesPerRound: 40, partialLast: true) }
+
+    @Test("a sync with nothing sent still completes on every channel")
+    func emptyRounds() throws { try runStress(channels: 4, rounds: 10, batchesPerRound: 0, partialLast: false) }
+
+    @Test("a failing channel stops the migration thread without a hang")
+    func failingChannel() throws {
+        let transports = [RecordingTransport(seed: 1), RecordingTransport(seed: 2, failAfter: 3)]
+        let latch = FailureLatch()
+        let pool = MultiFDSend(transports: transports, latch: latch)
+        var pages = MultiFDPages()
+        var thrown: MigrationError?
+        do {
+            for i in 0..<10_000 {
+                pages.append(offset: UInt64(i) * 4096, block: 0)
+                try pool.send(&pages)
+            }
+            try pool.sync()
+        } catch {
+            thrown = error
+        }
+        pool.finish()
+        #expect(thrown != nil, "the failure reaches the migration thread")
+        #expect(thrown?.description.contains("fails after 3") == true)
+        #expect(latch.hasFailed)
+    }
+}
