@@ -46,17 +46,23 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // The stress guest (patterns, rates, counter workload) and its verifier.
+        .target(name: "Workload", dependencies: ["CShims", "GuestMemory"], swiftSettings: strict),
         // The command line: parsing, output formatting, exit codes.
         .executableTarget(
             name: "livemig",
             dependencies: [
-                "GuestMemory", "MigrationWire", "URing", "Migration",
+                "GuestMemory", "MigrationWire", "URing", "Migration", "Workload",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict
         ),
-        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
+        .testTarget(
+            name: "GuestMemoryTests",
+            dependencies: ["GuestMemory", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "GuestMemory", "MigrationWire", "URing"]),
         .testTarget(name: "LivemigIntegrationTests", dependencies: ["MigrationWire", "URing"]),

@@ -95,14 +95,21 @@ public final class DirtyBitmap: @unchecked Sendable {
 
     /// Harvests every dirty word and calls `body` with each page taken, in
     /// ascending order. Pages marked during the walk are taken if their word
-    /// has not been passed yet, else they wait for the next harvest.
+    /// has not been passed yet, else they wait for the next harvest. When
+    /// `body` throws, the pages of the current word it did not take are
+    /// marked again, so nothing harvested is lost.
     @inlinable public func harvestAll(_ body: (Int) throws -> Void) rethrows {
         var w = 0
         while let i = nextDirtyWord(from: w) {
             var bits = harvest(word: i)
-            while bits != 0 {
-                try body(i << 6 | bits.trailingZeroBitCount)
-                bits &= bits &- 1
+            do {
+                while bits != 0 {
+                    try body(i << 6 | bits.trailingZeroBitCount)
+                    bits &= bits &- 1
+                }
+            } catch {
+                _ = lm_atomic_fetch_or_release_u64(words + i, bits)
+                throw error
             }
             w = i + 1
         }

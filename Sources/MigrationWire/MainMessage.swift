@@ -75,8 +75,10 @@ public enum MainMessage: Equatable, Sendable {
     }
 
     /// A short name for messages ("end-of-round").
-    public var name: String {
-        switch self {
+    public var name: String { Self.name(of: tag) }
+
+    static func name(of tag: Tag) -> String {
+        switch tag {
         case .helloAccepted: "hello-accepted"
         case .ramLayout: "ram-layout"
         case .layoutAccepted: "layout-accepted"
@@ -141,7 +143,7 @@ public enum MainMessage: Equatable, Sendable {
         guard let tag = Tag(rawValue: type) else {
             throw WireError(message: "main message", field: "type", value: "\(type)", reason: "no such message type")
         }
-        let what = "main message '\(tag)'"
+        let what = "main message '\(Self.name(of: tag))'"
         var r = ByteReader(payload, message: what)
         let message: MainMessage
         switch tag {

@@ -1,0 +1,311 @@
+import CShims
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The guest-control file: a small file mapped `MAP_SHARED` by the guest and
+/// by the source that migrates it (docs/GUEST-CONTROL.md).
+///
+/// Layout (native byte order: both processes are on one host):
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 8 | magic "LMGUEST1" |
+/// | 8 | 4 | version (1) |
+/// | 12 | 4 | header size (4096) |
+/// | 16 | 8 | page size |
+/// | 24 | 8 | RAM size |
+/// | 32 | 8 | bitmap offset (4096) |
+/// | 40 | 8 | bitmap words |
+/// | 48 | 8 | state offset |
+/// | 56 | 8 | state capacity |
+/// | 64 | 4 | run state (futex word) |
+/// | 68 | 4 | throttle percent |
+/// | 72 | 4 | guest threads running |
+/// | 76 | 4 | guest threads paused (acknowledged) |
+/// | 80 | 4 | guest pid |
+/// | 84 | 4 | source pid (while a source holds the guest paused) |
+/// | 88 | 8 | pause lease deadline, CLOCK_MONOTONIC ns |
+/// | 96 | 4 | state length |
+/// | 100 | 4 | generation (bumped on each run-state change) |
+///
+/// The bitmap follows at `bitmap offset`, the guest-state bytes after it
+/// (page-aligned). Every run-control word is accessed only atomically.
+public final class GuestControl: @unchecked Sendable {
+    // @unchecked: all shared words are touched through CShims atomics; the
+    // state bytes are written by the guest only while it runs and read by
+    // the source only after every guest thread acknowledged a pause (the
+    // acquire load of `pausedThreads` orders them).
+
+    /// Run states of the guest (the futex word).
+    public enum RunState: UInt32, Sendable, CustomStringConvertible {
+        /// Writing pages.
+        case running = 0
+        /// A source asks the guest to stop writing; threads acknowledge by
+        /// bumping `pausedThreads` and wait.
+        case pauseRequested = 1
+        /// The guest now runs on the destination: exit for good.
+        case migrated = 2
+        /// Freshly written by a destination: the guest state awaits `--resume`.
+        case incoming = 3
+
+        public var description: String {
+            switch self {
+            case .running: "running"
+            case .pauseRequested: "pause requested"
+            case .migrated: "migrated"
+            case .incoming: "incoming"
+            }
+        }
+    }
+
+    public static let magic: UInt64 = 0x3154_5345_5547_4D4C  // "LMGUEST1" little-endian
+    public static let version: UInt32 = 1
+    public static let headerSize = 4096
+    public static let stateCapacity = 64 * 1024
+    /// How long a pause holds without the source renewing it (the guest
+    /// resumes by itself after that: the source must have died).
+    public static let leaseSeconds = 2.0
+
+    public let path: FilePath
+    public let pageSize: UInt64
+    public let ramSize: UInt64
+    /// The guest's dirty bitmap, inside this file.
+    public let bitmap: DirtyBitmap
+    private let base: UnsafeMutableRawPointer
+    private let length: Int
+
+    /// Byte size of a control file for `ramSize` bytes of RAM.
+    public static func fileSize(ramSize: UInt64, pageSize: UInt64) -> Int {
+        stateOffset(ramSize: ramSize, pageSize: pageSize) + stateCapacity
+    }
+
+    static func stateOffset(ramSize: UInt64, pageSize: UInt64) -> Int {
+        let words = DirtyBitmap.wordCount(pages: Int(ramSize / pageSize))
+        let bitmapBytes = (words * 8 + 4095) & ~4095
+        return headerSize + bitmapBytes
+    }
+
+    /// Opens an existing control file, or creates one for `ram` when absent.
+    /// An existing file must describe the same RAM size and page size.
+    public static func openOrCreate(path: FilePath, for ram: RAMBlock) throws(GuestMemoryError) -> GuestControl {
+        if access(path.string, F_OK) == 0 {
+            let c = try GuestControl(path: path)
+            guard c.ramSize == ram.size, c.pageSize == ram.pageSize else {
+                throw GuestMemoryError(
+                    "control file \(path) describes \(c.ramSize) bytes of RAM in \(c.pageSize)-byte pages, but the RAM file is \(ram.size) bytes in \(ram.pageSize)-byte pages; remove it or give the matching RAM file")
+            }
+            return c
+        }
+        return try create(path: path, for: ram)
+    }
+
+    /// Creates a control file for `ram` (all pages clean, state empty).
+    public static func create(path: FilePath, for ram: RAMBlock) throws(GuestMemoryError) -> GuestControl {
+        let size = fileSize(ramSize: ram.size, pageSize: ram.pageSize)
+        let fd = open(path.string, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else {
+            let e = Errno(rawValue: errno)
+            throw GuestMemoryError("cannot create control file \(path): \(e)", errno: e)
+        }
+        defer { close(fd) }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let e = Errno(rawValue: errno)
+            throw GuestMemoryError("cannot size control file \(path): \(e)", errno: e)
+        }
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
+            let e = Errno(rawValue: errno)
+            throw GuestMemoryError("cannot map control file \(path): \(e)", errno: e)
+        }
+        let words = DirtyBitmap.wordCount(pages: Int(ram.size / ram.pageSize))
+        p.storeBytes(of: UInt32(headerSize), toByteOffset: 12, as: UInt32.self)
+        p.storeBytes(of: ram.pageSize, toByteOffset: 16, as: UInt64.self)
+        p.storeBytes(of: ram.size, toByteOffset: 24, as: UInt64.self)
+        p.storeBytes(of: UInt64(headerSize), toByteOffset: 32, as: UInt64.self)
+        p.storeBytes(of: UInt64(words), toByteOffset: 40, as: UInt64.self)
+        p.storeBytes(of: UInt64(stateOffset(ramSize: ram.size, pageSize: ram.pageSize)), toByteOffset: 48, as: UInt64.self)
+        p.storeBytes(of: UInt64(stateCapacity), toByteOffset: 56, as: UInt64.self)
+        p.storeBytes(of: version, toByteOffset: 8, as: UInt32.self)
+        // Magic last: a reader that sees it sees a complete header.
+        lm_atomic_store_release_u64(p.assumingMemoryBound(to: UInt64.self), magic)
+        munmap(p, size)
+        return try GuestControl(path: path)
+    }
+
+    /// Opens and checks an existing control file.
+    public init(path: FilePath) throws(GuestMemoryError) {
+        self.path = path
+        let fd = open(path.string, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else {
+            let e = Errno(rawValue: errno)
+            if e == .noSuchFileOrDirectory {
+                throw GuestMemoryError("control file \(path) does not exist; start the guest (livemig stress) first", errno: e)
+            }
+            throw GuestMemoryError("cannot open control file \(path): \(e)", errno: e)
+        }
+        defer { close(fd) }
+        var st = stat()
+        fstat(fd, &st)
+        guard st.st_size >= Self.headerSize else {
+            throw GuestMemoryError("control file \(path) is \(st.st_size) bytes, too small to be a livemig control file")
+        }
+        guard let p = mmap(nil, Int(st.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
+            let e = Errno(rawValue: errno)
+            throw GuestMemoryError("cannot map control file \(path): \(e)", errno: e)
+        }
+        base = p
+        length = Int(st.st_size)
+        let magic = lm_atomic_load_acquire_u64(p.assumingMemoryBound(to: UInt64.self))
+        let version = p.load(fromByteOffset: 8, as: UInt32.self)
+        pageSize = p.load(fromByteOffset: 16, as: UInt64.self)
+        ramSize = p.load(fromByteOffset: 24, as: UInt64.self)
+        let words = Int(p.load(fromByteOffset: 40, as: UInt64.self))
+        let stateOff = Int(p.load(fromByteOffset: 48, as: UInt64.self))
+        let valid =
+            magic == Self.magic && version == Self.version && pageSize >= 4096 && ramSize > 0 && ramSize % pageSize == 0
+            && words == DirtyBitmap.wordCount(pages: Int(ramSize / pageSize))
+            && stateOff == Self.stateOffset(ramSize: ramSize, pageSize: pageSize)
+            && length >= Self.fileSize(ramSize: ramSize, pageSize: pageSize)
+        guard valid else {
+            munmap(p, length)
+            throw GuestMemoryError(
+                "\(path) is not a livemig control file (magic \(String(magic, radix: 16)), version \(version)); give the file `livemig stress --control` created")
+        }
+        let words64 = (p + Self.headerSize).assumingMemoryBound(to: UInt64.self)
+        bitmap = DirtyBitmap(borrowing: words64, pageCount: Int(ramSize / pageSize), owner: MappingOwner(base: p, length: length))
+    }
+
+    // MARK: - run control
+
+    private func word32(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
+        (base + offset).assumingMemoryBound(to: UInt32.self)
+    }
+
+    private func word64(_ offset: Int) -> UnsafeMutablePointer<UInt64> {
+        (base + offset).assumingMemoryBound(to: UInt64.self)
+    }
+
+    /// The run state (acquire: pairs with `setRunState`'s release).
+    public var runState: RunState {
+        RunState(rawValue: lm_atomic_load_acquire_u32(word32(64))) ?? .running
+    }
+
+    /// Sets the run state (release) and wakes every thread waiting on it.
+    public func setRunState(_ s: RunState) {
+        lm_atomic_store_release_u32(word32(64), s.rawValue)
+        _ = lm_atomic_fetch_add_u32(word32(100), 1)
+        _ = lm_futex_wake(word32(64), Int32.max)
+    }
+
+    /// Compare-and-swap on the run state; wakes waiters when it changed.
+    @discardableResult
+    public func exchangeRunState(from old: RunState, to new: RunState) -> Bool {
+        guard lm_atomic_cas_u32(word32(64), old.rawValue, new.rawValue) else { return false }
+        _ = lm_atomic_fetch_add_u32(word32(100), 1)
+        _ = lm_futex_wake(word32(64), Int32.max)
+        return true
+    }
+
+    /// Waits until the run state is no longer `state` or `timeout` passes.
+    public func waitWhile(_ state: RunState, timeout: Double) {
+        _ = lm_futex_wait(word32(64), state.rawValue, Int64(timeout * 1e9))
+    }
+
+    /// Throttle: the percentage of time each guest thread must sleep.
+    public var throttlePercent: UInt32 {
+        get { lm_atomic_load_acquire_u32(word32(68)) }
+        set { lm_atomic_store_release_u32(word32(68), min(newValue, 99)) }
+    }
+
+    /// Guest threads that write pages (set by the guest at start).
+    public var guestThreads: UInt32 {
+        get { lm_atomic_load_acquire_u32(word32(72)) }
+        set { lm_atomic_store_release_u32(word32(72), newValue) }
+    }
+
+    /// A guest thread ends: a pause no longer waits for it.
+    public func threadExited() { _ = lm_atomic_fetch_add_u32(word32(72), UInt32.max) }
+
+    /// Guest threads that acknowledged the current pause.
+    public var pausedThreads: UInt32 { lm_atomic_load_acquire_u32(word32(76)) }
+
+    /// A guest thread acknowledges a pause: it has no write in flight and
+    /// its page data, bitmap bits and state are all stored (release: pairs
+    /// with the source's acquire load of `pausedThreads`).
+    public func acknowledgePause() { _ = lm_atomic_fetch_add_u32(word32(76), 1) }
+
+    /// A guest thread leaves the pause.
+    public func leavePause() { _ = lm_atomic_fetch_add_u32(word32(76), UInt32.max) }
+
+    public var guestPID: Int32 {
+        get { Int32(bitPattern: lm_atomic_load_acquire_u32(word32(80))) }
+        set { lm_atomic_store_release_u32(word32(80), UInt32(bitPattern: newValue)) }
+    }
+
+    public var sourcePID: Int32 {
+        get { Int32(bitPattern: lm_atomic_load_acquire_u32(word32(84))) }
+        set { lm_atomic_store_release_u32(word32(84), UInt32(bitPattern: newValue)) }
+    }
+
+    /// Until when (CLOCK_MONOTONIC ns) a pause holds without renewal.
+    public var leaseDeadline: UInt64 {
+        get { lm_atomic_load_acquire_u64(word64(88)) }
+        set { lm_atomic_store_release_u64(word64(88), newValue) }
+    }
+
+    /// Renews the pause lease for `leaseSeconds` from now.
+    public func renewLease() { leaseDeadline = monotonicNanoseconds() + UInt64(Self.leaseSeconds * 1e9) }
+
+    /// Whether the source that paused the guest is gone: its lease ran out
+    /// or its process no longer exists.
+    public var pauseHolderVanished: Bool {
+        if monotonicNanoseconds() > leaseDeadline { return true }
+        let pid = sourcePID
+        return pid > 0 && kill(pid, 0) != 0 && errno == ESRCH
+    }
+
+    // MARK: - guest state
+
+    /// Pointer to the guest-state bytes (capacity `stateCapacity`).
+    public var stateBytes: UnsafeMutableRawPointer { base + Self.stateOffset(ramSize: ramSize, pageSize: pageSize) }
+
+    /// Length of the stored guest state.
+    public var stateLength: Int {
+        get { Int(lm_atomic_load_acquire_u32(word32(96))) }
+        set { lm_atomic_store_release_u32(word32(96), UInt32(min(newValue, Self.stateCapacity))) }
+    }
+
+    /// A copy of the guest state (read it only while the guest is paused or stopped).
+    public func readState() -> [UInt8] {
+        Array(UnsafeRawBufferPointer(start: stateBytes, count: stateLength))
+    }
+
+    /// Stores a guest state (as a destination does after migration).
+    public func writeState(_ bytes: [UInt8]) throws(GuestMemoryError) {
+        guard bytes.count <= Self.stateCapacity else {
+            throw GuestMemoryError("guest state of \(bytes.count) bytes exceeds the control file's \(Self.stateCapacity)")
+        }
+        bytes.withUnsafeBytes { stateBytes.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        stateLength = bytes.count
+    }
+}
+
+/// Unmaps a control-file mapping when the last user (the bitmap) goes.
+final class MappingOwner {
+    let base: UnsafeMutableRawPointer
+    let length: Int
+    init(base: UnsafeMutableRawPointer, length: Int) {
+        self.base = base
+        self.length = length
+    }
+    deinit { munmap(base, length) }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (shared by the processes of one host).
+public func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}

@@ -1,0 +1,279 @@
+import CShims
+import GuestMemory
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How the stress guest runs.
+public struct StressOptions: Sendable {
+    public var pattern: StressPattern = .random
+    public var threads = 1
+    /// Target dirty rate in bytes/s over all threads; nil for unlimited.
+    public var rate: UInt64?
+    /// Stop after this many seconds; nil runs until migrated or stopped.
+    public var duration: Double?
+    /// Continue the workload stored in the control file.
+    public var resume = false
+    public var seed: UInt64 = 0x5EED
+
+    public init() {}
+}
+
+/// Why the guest stopped.
+public enum StressEnd: Sendable, Equatable {
+    case duration
+    case stopped
+    /// The source switched it over: it now runs on the destination.
+    case migrated
+}
+
+/// What the guest did.
+public struct StressOutcome: Sendable {
+    public var end: StressEnd
+    public var pagesWritten: UInt64
+    public var seconds: Double
+    public var pattern: StressPattern
+    public var threads: Int
+    /// Times the guest resumed by itself because the pausing source vanished.
+    public var selfResumes: Int
+    public var bytesPerSecond: Double { seconds > 0 ? Double(pagesWritten) * 4096 / seconds : 0 }
+}
+
+/// The stress guest: threads that write guest RAM, mark each written page
+/// dirty (data first, then the bit with release order), and obey the control
+/// file's pause, throttle, resume and migrated states.
+public final class StressGuest: Sendable {
+    public let ram: RAMFile
+    public let control: GuestControl
+    public let options: StressOptions
+    private let state: StressState
+    private let stopFlag = Atomic<Bool>(false)
+    private let selfResumes = Atomic<Int>(0)
+
+    /// Prepares a fresh workload, or loads the stored one with `resume`.
+    public init(ram: RAMFile, control: GuestControl, options: StressOptions) throws(GuestMemoryError) {
+        self.ram = ram
+        self.control = control
+        guard control.ramSize == ram.block.size, control.pageSize == ram.block.pageSize else {
+            throw GuestMemoryError(
+                "control file \(control.path) is for \(control.ramSize) bytes of RAM, the RAM file \(ram.path) has \(ram.block.size)")
+        }
+        var options = options
+        if options.resume {
+            switch control.runState {
+            case .migrated:
+                throw GuestMemoryError("the guest in \(control.path) migrated away; resume it on the destination")
+            case .pauseRequested where !control.pauseHolderVanished:
+                throw GuestMemoryError("the guest in \(control.path) is paused by a running migration (source pid \(control.sourcePID))")
+            default: break
+            }
+            let loaded: StressState
+            switch StressState.decode(control.readState()) {
+            case .success(let s): loaded = s
+            case .failure(let e): throw e
+            }
+            guard loaded.pageCount == ram.block.pageCount else {
+                throw GuestMemoryError("the stored guest state covers \(loaded.pageCount) pages, the RAM file has \(ram.block.pageCount)")
+            }
+            state = loaded
+            options.pattern = loaded.pattern
+            options.threads = loaded.threads
+        } else {
+            let s = StressState(pattern: options.pattern, threads: options.threads, pageCount: ram.block.pageCount, seed: options.seed)
+            if s.pattern == .counter {
+                // Counter invariant at (pass 0, position 0): every counter is 0.
+                for p in 0..<ram.block.pageCount {
+                    ram.pointer(at: UInt64(p) * ram.block.pageSize).storeBytes(of: UInt64(0), as: UInt64.self)
+                    control.bitmap.mark(page: p)
+                }
+            }
+            try control.writeState(s.encoded())
+            state = s
+        }
+        self.options = options
+    }
+
+    /// Asks the threads to finish their current batch and stop.
+    public func stop() { stopFlag.store(true, ordering: .relaxed) }
+
+    /// Runs the threads until the duration passes, `stop()`, or migration.
+    public func run() -> StressOutcome {
+        control.throttlePercent = 0
+        control.guestPID = getpid()
+        control.guestThreads = UInt32(options.threads)
+        control.setRunState(.running)
+        let start = monotonicNanoseconds()
+        let ends = Mutex<[StressEnd]>([])
+        let threads = (0..<options.threads).map { t in
+            WorkerThreadHandle(name: "guest/\(t)") { [self] in
+                let end = runThread(t, start: start)
+                ends.withLock { $0.append(end) }
+            }
+        }
+        for th in threads { th.join() }
+        let seconds = Double(monotonicNanoseconds() - start) / 1e9
+        let final = StressState.decode(control.readState())
+        let written = (try? final.get())?.slots.reduce(0) { $0 + $1.pagesWritten } ?? 0
+        let startWritten = state.slots.reduce(0) { $0 + $1.pagesWritten }
+        let all = ends.withLock { $0 }
+        let end: StressEnd = all.contains(.migrated) ? .migrated : (all.contains(.stopped) ? .stopped : .duration)
+        return StressOutcome(
+            end: end, pagesWritten: written - startWritten, seconds: seconds, pattern: options.pattern,
+            threads: options.threads, selfResumes: selfResumes.load(ordering: .relaxed))
+    }
+
+    /// One guest thread. Writes in batches of `batch` pages; between batches
+    /// it obeys the control file and paces itself.
+    private func runThread(_ t: Int, start: UInt64) -> StressEnd {
+        defer { control.threadExited() }
+        let batch = 16
+        let slice = StressState.slice(t, threads: options.threads, pageCount: ram.block.pageCount)
+        let n = UInt64(slice.count)
+        let slot = control.stateBytes + StressState.headerSize + t * StressState.slotSize
+        var pass = UInt64(littleEndian: slot.load(fromByteOffset: 0, as: UInt64.self))
+        var pos = UInt64(littleEndian: slot.load(fromByteOffset: 8, as: UInt64.self))
+        var rng = UInt64(littleEndian: slot.load(fromByteOffset: 16, as: UInt64.self))
+        var written = UInt64(littleEndian: slot.load(fromByteOffset: 24, as: UInt64.self))
+        let pageSize = ram.block.pageSize
+        let perThreadRate = options.rate.map { Double($0) / Double(options.threads) / Double(pageSize) }
+        let deadline = options.duration.map { start + UInt64($0 * 1e9) }
+        var paceStart = monotonicNanoseconds(), pacedPages = 0.0
+        var busySince = paceStart
+
+        func save() {
+            slot.storeBytes(of: pass.littleEndian, toByteOffset: 0, as: UInt64.self)
+            slot.storeBytes(of: pos.littleEndian, toByteOffset: 8, as: UInt64.self)
+            slot.storeBytes(of: rng.littleEndian, toByteOffset: 16, as: UInt64.self)
+            slot.storeBytes(of: written.littleEndian, toByteOffset: 24, as: UInt64.self)
+        }
+        func nextRandom() -> UInt64 {
+            rng ^= rng << 13
+            rng ^= rng >> 7
+            rng ^= rng << 17
+            return rng
+        }
+
+        while true {
+            switch control.runState {
+            case .running: break
+            case .pauseRequested:
+                // Every write of the last batch, its dirty bit and the state
+                // slot are stored: acknowledge (release), then wait.
+                control.acknowledgePause()
+                while control.runState == .pauseRequested {
+                    control.waitWhile(.pauseRequested, timeout: 0.05)
+                    if control.runState == .pauseRequested, control.pauseHolderVanished,
+                        control.exchangeRunState(from: .pauseRequested, to: .running)
+                    {
+                        selfResumes.add(1, ordering: .relaxed)
+                    }
+                }
+                control.leavePause()
+                paceStart = monotonicNanoseconds()
+                pacedPages = 0
+                busySince = paceStart
+                continue
+            case .migrated, .incoming:
+                return .migrated
+            }
+            if stopFlag.load(ordering: .relaxed) { return .stopped }
+            if let d = deadline, monotonicNanoseconds() >= d { return .duration }
+
+            for _ in 0..<batch {
+                let page: Int
+                switch options.pattern {
+                case .counter, .sequential:
+                    page = slice.lowerBound + Int(pos)
+                case .random:
+                    page = slice.lowerBound + Int(nextRandom() % n)
+                case .hotset(let f):
+                    let hot = max(1, UInt64(Double(n) * f))
+                    let r = nextRandom()
+                    page = slice.lowerBound + Int(r % 10 < 9 ? (r >> 8) % hot : (r >> 8) % n)
+                }
+                let p = ram.pointer(at: UInt64(page) &* pageSize)
+                switch options.pattern {
+                case .counter:
+                    // The page's counter goes from `pass` to `pass + 1`.
+                    p.storeBytes(of: pass &+ 1, as: UInt64.self)
+                case .sequential:
+                    p.storeBytes(of: pass &+ 1, toByteOffset: 8, as: UInt64.self)
+                default:
+                    p.storeBytes(of: rng, toByteOffset: Int(rng >> 55) * 8, as: UInt64.self)
+                }
+                // Data first, then the bit (release): docs/GUEST-CONTROL.md.
+                control.bitmap.mark(page: page)
+                written &+= 1
+                if options.pattern == .counter || options.pattern == .sequential {
+                    pos += 1
+                    if pos == n {
+                        pos = 0
+                        pass += 1
+                    }
+                }
+            }
+            save()
+            pacedPages += Double(batch)
+
+            // Throttle: sleep so that sleeping takes `percent`% of the time,
+            // in slices of at least 10 ms of work (as QEMU throttles vCPUs).
+            let now = monotonicNanoseconds()
+            let percent = control.throttlePercent
+            if percent > 0, now - busySince >= 10_000_000 {
+                let busy = Double(now - busySince)
+                sleepInterruptibly(busy * Double(percent) / Double(100 - percent))
+                busySince = monotonicNanoseconds()
+            } else if percent == 0 {
+                busySince = now
+            }
+            if let r = perThreadRate {
+                let due = paceStart + UInt64(pacedPages / r * 1e9)
+                let now2 = monotonicNanoseconds()
+                if due > now2 { sleepInterruptibly(Double(due - now2)) }
+            }
+        }
+    }
+
+    /// Sleeps `ns` nanoseconds, waking early when the run state changes.
+    private func sleepInterruptibly(_ ns: Double) {
+        guard ns >= 1000 else { return }
+        control.waitWhile(.running, timeout: ns / 1e9)
+    }
+}
+
+/// A joinable thread whose body never inherits an actor's isolation.
+final class WorkerThreadHandle: Sendable {
+    private final class Start {
+        let body: @Sendable () -> Void
+        let name: String
+        init(_ name: String, _ body: @escaping @Sendable () -> Void) {
+            self.body = body
+            self.name = name
+        }
+    }
+
+    private let handle: pthread_t
+
+    init(name: String, _ body: @escaping @Sendable () -> Void) {
+        var t = pthread_t()
+        let start = Unmanaged.passRetained(Start(name, body)).toOpaque()
+        let rc = pthread_create(&t, nil, workloadThreadEntry, start)
+        precondition(rc == 0, "pthread_create failed: \(rc)")
+        handle = t
+    }
+
+    func join() { pthread_join(handle, nil) }
+
+    fileprivate static func run(_ raw: UnsafeMutableRawPointer) {
+        let start = Unmanaged<Start>.fromOpaque(raw).takeRetainedValue()
+        lm_set_thread_name(start.name)
+        start.body()
+    }
+}
+
+private func workloadThreadEntry(_ raw: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    WorkerThreadHandle.run(raw!)
+    return nil
+}

@@ -1,0 +1,145 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import GuestMemory
+import SystemPackage
+import Workload
+
+/// `livemig stress`: the guest — a process that keeps writing its RAM.
+struct StressCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "stress",
+        abstract: "Run a guest that writes its RAM file and marks dirty pages, obeying migration control.",
+        discussion: """
+            Creates the control file (and, with --size, the RAM file) when absent. Patterns: random, \
+            sequential, hotset:F (a fraction F of pages gets 90% of the writes), counter (QEMU's a-b test: \
+            pass after pass, +1 to the counter in the first 8 bytes of each page, in order). \
+            It exits when --duration passes, on SIGINT/SIGTERM, or when its migration completes \
+            (it then runs on the destination).
+            """
+    )
+
+    @Option(help: "The guest RAM file.") var ram: String
+    @Option(help: "The guest-control file (dirty bitmap, run state, guest state).") var control: String
+    @Option(help: "Writer threads; each owns an equal slice of the pages.") var threads: Int = 1
+    @Option(help: "Dirty rate over all threads, e.g. 200MiB/s, or 'unlimited'.") var rate: String = "unlimited"
+    @Option(help: "random | sequential | hotset:F | counter") var pattern: String = "random"
+    @Option(help: "Stop after this long (e.g. 10s, 500ms); default: until migrated or signalled.") var duration: String?
+    @Option(help: "Create an absent RAM file of this size (e.g. 64MiB).") var size: String?
+    @Flag(help: "Continue the guest stored in the control file (as a destination wrote it).") var resume = false
+
+    func validate() throws {
+        guard (1...256).contains(threads) else { throw ValidationError("--threads must be from 1 to 256") }
+        if rate != "unlimited", parseRate(rate) == nil {
+            throw ValidationError("--rate: '\(rate)' is not a rate (examples: 200MiB/s, 1GiB/s, unlimited)")
+        }
+        if StressPattern(parsing: pattern) == nil {
+            throw ValidationError("--pattern: '\(pattern)' is not one of random, sequential, hotset:F (0<F<=1), counter")
+        }
+        if let d = duration, parseDuration(d) == nil { throw ValidationError("--duration: '\(d)' is not a duration (examples: 10s, 500ms)") }
+        if let s = size, parseSize(s) == nil { throw ValidationError("--size: '\(s)' is not a size") }
+    }
+
+    func run() throws {
+        let ramFile: RAMFile
+        let controlFile: GuestControl
+        do {
+            if let s = size.flatMap(parseSize), !FileManager.default.fileExists(atPath: ram) {
+                ramFile = try RAMFile.create(path: FilePath(ram), size: s)
+            } else {
+                ramFile = try RAMFile(path: FilePath(ram), access: .readWrite)
+            }
+            controlFile = try GuestControl.openOrCreate(path: FilePath(control), for: ramFile.block)
+        } catch {
+            throw CommandFailure(message: error.description)
+        }
+        var options = StressOptions()
+        options.pattern = StressPattern(parsing: pattern)!
+        options.threads = threads
+        options.rate = rate == "unlimited" ? nil : parseRate(rate)
+        options.duration = duration.flatMap(parseDuration)
+        options.resume = resume
+        let guest: StressGuest
+        do {
+            guest = try StressGuest(ram: ramFile, control: controlFile, options: options)
+        } catch {
+            throw CommandFailure(message: error.description)
+        }
+        let signals = watchSignals { _ in guest.stop() }
+        _ = signals
+        FileHandleStderr.write(
+            "stress: guest \(resume ? "resumed" : "started"): pattern \(guest.options.pattern), \(guest.options.threads) thread(s), "
+                + "target \(options.rate.map { formatBytes($0) + "/s" } ?? "unlimited"), pid \(getpid())\n")
+        let outcome = guest.run()
+        let rateText = formatBytes(UInt64(outcome.bytesPerSecond)) + "/s"
+        var line =
+            "stress: wrote \(outcome.pagesWritten) pages in \(String(format: "%.2f", outcome.seconds)) s: dirty rate achieved \(rateText)"
+        if let r = options.rate { line += " (target \(formatBytes(r))/s)" }
+        print(line)
+        if outcome.selfResumes > 0 {
+            print("stress: the migrating source vanished while the guest was paused; the guest resumed by itself after the \(GuestControl.leaseSeconds) s lease")
+        }
+        switch outcome.end {
+        case .migrated: print("stress: the guest migrated to the destination; stopping here")
+        case .stopped: print("stress: stopped by signal; guest state saved in \(control)")
+        case .duration: print("stress: duration reached; guest state saved in \(control)")
+        }
+    }
+}
+
+/// `livemig verify`: checks a counter guest's RAM against its saved state.
+struct VerifyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify",
+        abstract: "Check a counter guest: every page's counter agrees with the saved guest state.",
+        discussion: "Run it while the guest is stopped (after a migration, or after stress exited). Exits 1 on any bad page."
+    )
+
+    @Option(help: "The guest RAM file.") var ram: String
+    @Option(help: "The guest-control file holding the guest state.") var control: String
+
+    func run() throws {
+        let report: CounterVerifier.Report
+        do {
+            let ramFile = try RAMFile(path: FilePath(ram), access: .readOnly)
+            let c = try GuestControl(path: FilePath(control))
+            let state: StressState
+            switch StressState.decode(c.readState()) {
+            case .success(let s): state = s
+            case .failure(let e): throw e
+            }
+            guard state.pattern == .counter else {
+                throw CommandFailure(message: "verify checks counter guests; this guest runs pattern \(state.pattern)")
+            }
+            guard state.pageCount == ramFile.block.pageCount else {
+                throw CommandFailure(message: "the guest state covers \(state.pageCount) pages but \(ram) holds \(ramFile.block.pageCount)")
+            }
+            report = CounterVerifier.verify(ram: ramFile, state: state)
+        } catch let e as GuestMemoryError {
+            throw CommandFailure(message: e.description)
+        }
+        let where_ = report.boundaries.map { "thread \($0.thread): pass \($0.pass), page \($0.position) of its slice" }.joined(separator: "; ")
+        if report.passed {
+            print("verify: OK: \(report.pagesChecked) pages agree with the guest state (\(where_))")
+        } else {
+            let first = report.firstBad.map(\.description).joined(separator: "\n  ")
+            throw CommandFailure(
+                message: "verify: \(report.badCount) of \(report.pagesChecked) pages disagree with the guest state (\(where_)); first:\n  \(first)")
+        }
+    }
+}
+
+/// Parses rates such as 200MiB/s or 1GiB/s (bytes per second).
+func parseRate(_ text: String) -> UInt64? {
+    guard text.hasSuffix("/s") else { return parseSize(text) }
+    return parseSize(String(text.dropLast(2)))
+}
+
+/// Parses durations: 300ms, 2s, 1.5s, 2m.
+func parseDuration(_ text: String) -> Double? {
+    for (suffix, mult) in [("ms", 0.001), ("s", 1.0), ("m", 60.0)] where text.hasSuffix(suffix) {
+        guard let v = Double(text.dropLast(suffix.count)), v >= 0 else { return nil }
+        return v * mult
+    }
+    return nil
+}

@@ -1,0 +1,247 @@
+import Foundation
+import GuestMemory
+import SystemPackage
+import Testing
+
+@Suite("RAMFile")
+struct RAMFileTests {
+    static let pageSize: UInt64 = 4096
+    static let oneMiB: UInt64 = 1 << 20
+
+    /// Runs `body` with a fresh, empty directory that is removed afterwards.
+    static func withTempDir<R>(_ body: (URL) throws -> R) throws -> R {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("livemig-test-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: false)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        return try body(dir)
+    }
+
+    static func path(_ url: URL) -> FilePath { FilePath(url.path) }
+
+    static func fileSize(_ url: URL) throws -> UInt64 {
+        let attributes = try FileManager.default.attributesOfItem(atPath: url.path)
+        return try #require(attributes[.size] as? NSNumber).uint64Value
+    }
+
+    static func writeFile(_ url: URL, bytes: Int) throws {
+        try Data(repeating: 0x5A, count: bytes).write(to: url)
+    }
+
+    // MARK: - create
+
+    @Test func createMakesAFileOfTheSize() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            let ram = try RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize)
+            #expect(try Self.fileSize(url) == Self.oneMiB)
+            #expect(ram.block == RAMBlock(name: "pc.ram", size: Self.oneMiB, pageSize: Self.pageSize))
+            #expect(ram.block.pageCount == 256)
+            #expect(ram.access == .readWrite)
+            #expect(ram.path == Self.path(url))
+            #expect(ram.pointer(at: 0) == ram.base)
+            #expect(ram.pointer(at: 8192) == ram.base + 8192)
+            // A new file reads as zeros everywhere.
+            let bytes = UnsafeRawBufferPointer(start: ram.base, count: Int(Self.oneMiB))
+            #expect(bytes.allSatisfy { $0 == 0 })
+        }
+    }
+
+    @Test func createUsesTheBlockName() throws {
+        try Self.withTempDir { dir in
+            let ram = try RAMFile.create(
+                path: Self.path(dir.appendingPathComponent("vram")), size: 65536, pageSize: Self.pageSize,
+                blockName: "vga.vram")
+            #expect(ram.block.name == "vga.vram")
+            #expect(ram.block.size == 65536)
+        }
+    }
+
+    @Test func createReusesAFileOfTheSameSizeWithoutClearingIt() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            do {
+                let ram = try RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize)
+                ram.pointer(at: 12345).storeBytes(of: 0xC0FF_EE00_DEAD_BEEF, as: UInt64.self)
+            }
+            let again = try RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize)
+            #expect(again.pointer(at: 12345).loadUnaligned(as: UInt64.self) == 0xC0FF_EE00_DEAD_BEEF)
+        }
+    }
+
+    @Test func createRejectsAnExistingFileOfAnotherSize() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            try Self.writeFile(url, bytes: 8192)
+            let error = #expect(throws: GuestMemoryError.self) {
+                try RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize)
+            }
+            #expect(error?.description.contains("8192") == true, "\(String(describing: error))")
+            #expect(error?.description.contains("1048576") == true, "\(String(describing: error))")
+            // Never truncated: it may be someone's guest.
+            #expect(try Self.fileSize(url) == 8192)
+            #expect(try Data(contentsOf: url) == Data(repeating: 0x5A, count: 8192))
+        }
+    }
+
+    @Test func createChecksGeometryBeforeTouchingTheFile() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            let error = #expect(throws: GuestMemoryError.self) {
+                try RAMFile.create(path: Self.path(url), size: 5000, pageSize: Self.pageSize)
+            }
+            #expect(error?.description.contains("5000") == true)
+            #expect(error?.description.contains("4096") == true)
+            #expect(!FileManager.default.fileExists(atPath: url.path))
+
+            let empty = #expect(throws: GuestMemoryError.self) {
+                try RAMFile.create(path: Self.path(url), size: 0, pageSize: Self.pageSize)
+            }
+            #expect(empty?.description.contains("empty") == true)
+            #expect(!FileManager.default.fileExists(atPath: url.path))
+        }
+    }
+
+    // MARK: - open
+
+    @Test func openOfAMissingFileSaysItDoesNotExist() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("no-such-ram")
+            for access in [RAMFile.Access.readOnly, .readWrite] {
+                let error = #expect(throws: GuestMemoryError.self) {
+                    try RAMFile(path: Self.path(url), access: access, pageSize: Self.pageSize)
+                }
+                #expect(error?.description.contains("does not exist") == true, "\(String(describing: error))")
+                #expect(error?.description.contains(url.path) == true)
+                #expect(error?.errno == .noSuchFileOrDirectory)
+            }
+            #expect(!FileManager.default.fileExists(atPath: url.path))
+        }
+    }
+
+    @Test func openRejectsASizeNotAMultipleOfThePageSize() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            try Self.writeFile(url, bytes: 8193)
+            let error = #expect(throws: GuestMemoryError.self) {
+                try RAMFile(path: Self.path(url), access: .readOnly, pageSize: Self.pageSize)
+            }
+            #expect(error?.description.contains("8193") == true, "\(String(describing: error))")
+            #expect(error?.description.contains("page size 4096") == true, "\(String(describing: error))")
+            // 8192 is a multiple of 4096 but not of 16384.
+            try Self.writeFile(url, bytes: 8192)
+            #expect(throws: GuestMemoryError.self) {
+                try RAMFile(path: Self.path(url), access: .readOnly, pageSize: 16384)
+            }
+        }
+    }
+
+    @Test func openRejectsAnEmptyFile() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            try Self.writeFile(url, bytes: 0)
+            for access in [RAMFile.Access.readOnly, .readWrite] {
+                let error = #expect(throws: GuestMemoryError.self) {
+                    try RAMFile(path: Self.path(url), access: access, pageSize: Self.pageSize)
+                }
+                #expect(error?.description.contains("is empty") == true, "\(String(describing: error))")
+            }
+        }
+    }
+
+    @Test func openRejectsABadPageSize() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            try Self.writeFile(url, bytes: 12288)
+            for bad: UInt64 in [3000, 2048, 12288] {
+                let error = #expect(throws: GuestMemoryError.self) {
+                    try RAMFile(path: Self.path(url), access: .readOnly, pageSize: bad)
+                }
+                #expect(error?.description.contains("page size \(bad)") == true, "\(String(describing: error))")
+            }
+        }
+    }
+
+    @Test func openRejectsADirectory() throws {
+        try Self.withTempDir { dir in
+            let readOnly = #expect(throws: GuestMemoryError.self) {
+                try RAMFile(path: Self.path(dir), access: .readOnly, pageSize: Self.pageSize)
+            }
+            #expect(readOnly?.description.contains("not a regular file") == true, "\(String(describing: readOnly))")
+            let readWrite = #expect(throws: GuestMemoryError.self) {
+                try RAMFile(path: Self.path(dir), access: .readWrite, pageSize: Self.pageSize)
+            }
+            #expect(readWrite?.description.contains("is a directory") == true, "\(String(describing: readWrite))")
+        }
+    }
+
+    @Test func openTakesTheBlockSizeFromTheFile() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            try Self.writeFile(url, bytes: 3 * 4096)
+            let ram = try RAMFile(path: Self.path(url), access: .readOnly, pageSize: Self.pageSize, blockName: "rom")
+            #expect(ram.block == RAMBlock(name: "rom", size: 3 * 4096, pageSize: 4096))
+            #expect(ram.access == .readOnly)
+            let bytes = UnsafeRawBufferPointer(start: ram.base, count: 3 * 4096)
+            #expect(bytes.allSatisfy { $0 == 0x5A })
+        }
+    }
+
+    // MARK: - sharing and population
+
+    @Test func readOnlyMappingSeesWritesThroughReadWriteMapping() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            let size: UInt64 = 4 * Self.oneMiB
+            let writer = try RAMFile.create(path: Self.path(url), size: size, pageSize: Self.pageSize)
+            // Written before the reader maps the file...
+            for page in stride(from: 0, to: Int(size / Self.pageSize), by: 7) {
+                writer.pointer(at: UInt64(page) * Self.pageSize).storeBytes(of: UInt64(page) | 0xAB00_0000, as: UInt64.self)
+            }
+            let reader = try RAMFile(path: Self.path(url), access: .readOnly, pageSize: Self.pageSize)
+            #expect(reader.block.size == size)
+            #expect(reader.base != writer.base)
+            for page in stride(from: 0, to: Int(size / Self.pageSize), by: 7) {
+                let v = reader.pointer(at: UInt64(page) * Self.pageSize).load(as: UInt64.self)
+                #expect(v == UInt64(page) | 0xAB00_0000, "page \(page)")
+            }
+            // ...and after: the mappings are shared.
+            writer.pointer(at: size - 8).storeBytes(of: 0x1122_3344_5566_7788, as: UInt64.self)
+            #expect(reader.pointer(at: size - 8).load(as: UInt64.self) == 0x1122_3344_5566_7788)
+        }
+    }
+
+    @Test func writesReachTheFile() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            do {
+                let ram = try RAMFile.create(path: Self.path(url), size: 65536, pageSize: Self.pageSize)
+                ram.pointer(at: 4096 + 3).storeBytes(of: 0x42, as: UInt8.self)
+            }
+            let data = try Data(contentsOf: url)
+            #expect(data.count == 65536)
+            #expect(data[4096 + 3] == 0x42)
+            #expect(data.filter { $0 != 0 }.count == 1)
+        }
+    }
+
+    @Test func populateForWritingAndReading() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            let ram = try RAMFile.create(path: Self.path(url), size: 2 * Self.oneMiB, pageSize: Self.pageSize)
+            try ram.populate(forWriting: true)
+            try ram.populate(forWriting: false)
+            try ram.populate(offset: Self.oneMiB, length: 8192, forWriting: true)
+            // The mapping still works and is still all zero.
+            ram.pointer(at: Self.oneMiB).storeBytes(of: 9, as: UInt64.self)
+            #expect(ram.pointer(at: Self.oneMiB).load(as: UInt64.self) == 9)
+
+            let reader = try RAMFile(path: Self.path(url), access: .readOnly, pageSize: Self.pageSize)
+            try reader.populate(forWriting: false)
+            #expect(reader.pointer(at: Self.oneMiB).load(as: UInt64.self) == 9)
+            // A read-only mapping cannot be pre-faulted for writing.
+            let error = #expect(throws: GuestMemoryError.self) { try reader.populate(forWriting: true) }
+            #expect(error?.description.contains("madvise") == true, "\(String(describing: error))")
+            #expect(error?.errno != nil)
+        }
+    }
+}
