@@ -15,6 +15,8 @@ public struct DestinationConfig: Sendable {
     public var channelTimeout = 10.0
     /// How long the hello on any new connection may take.
     public var helloTimeout = 10.0
+    /// Where to store a live guest's state (created when absent).
+    public var guestControl: FilePath?
 
     public init(address: SocketAddress, channels: Int, ramPath: FilePath) {
         self.address = address
@@ -77,7 +79,7 @@ public final class DestinationMigration: Sendable {
             let (ctl, hello) = try acceptMain()
             control = ctl
             start = Monotonic.now
-            latch.onFailure { [ctl] in _ = shutdownRead(ctl.socket) }
+            latch.onFailure { [ctl] in ctl.socket.shutdownReceive() }
             try acceptHello(hello, on: ctl)
             let session = hello.session
             let ram = try acceptLayout(ctl)
@@ -161,6 +163,14 @@ public final class DestinationMigration: Sendable {
             throw MigrationError(
                 .mismatch,
                 "the source uses \(hello.channelCount) multifd channel(s) but this destination expects \(config.channels); pass the same --channels to send and receive")
+        }
+        let live = hello.flags.contains(.guestState)
+        if live, config.guestControl == nil {
+            throw MigrationError(
+                .mismatch, "the source migrates a live guest; pass --guest CONTROL to receive so the guest state can be stored")
+        }
+        if !live, config.guestControl != nil {
+            throw MigrationError(.mismatch, "receive has --guest but the source sends no guest (start send with --guest CONTROL)")
         }
         try ctl.send(.helloAccepted)
     }
@@ -247,9 +257,18 @@ public final class DestinationMigration: Sendable {
     /// Returns the number of rounds.
     private func serveControl(_ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, ram: RAMFile) throws(MigrationError) -> UInt64 {
         var rounds: UInt64 = 0
+        var guestState: [UInt8]?
         while true {
             let m = try ctl.receive("waiting for the source")
             switch m {
+            case .guestState(let bytes):
+                guard config.guestControl != nil, guestState == nil, rounds > 0 else {
+                    throw MigrationError(.protocolViolation, "unexpected guest-state message (after \(rounds) rounds)")
+                }
+                guard bytes.count <= GuestControl.stateCapacity else {
+                    throw MigrationError(.protocolViolation, "guest state of \(bytes.count) bytes exceeds the \(GuestControl.stateCapacity)-byte bound")
+                }
+                guestState = bytes
             case .endOfRound(let r):
                 guard r == rounds + 1 else {
                     throw MigrationError(.protocolViolation, "end-of-round \(r) after round \(rounds); rounds are numbered 1, 2, ...")
@@ -262,6 +281,14 @@ public final class DestinationMigration: Sendable {
                 for s in barrier.resume { s.signal() }
             case .complete(let summary):
                 try checkCompletion(summary, rounds: rounds, arrived: arrived, ram: ram)
+                if let path = config.guestControl {
+                    guard let state = guestState, UInt64(state.count) == summary.guestStateBytes else {
+                        throw MigrationError(
+                            .mismatch,
+                            "the source sent a \(summary.guestStateBytes)-byte guest state but \(guestState?.count ?? 0) bytes arrived")
+                    }
+                    try storeGuest(state, at: path, ram: ram)
+                }
                 // Release: receivers that see `quit` leave without an error
                 // when the source closes the channels.
                 barrier.quit.store(true, ordering: .releasing)
@@ -272,6 +299,20 @@ public final class DestinationMigration: Sendable {
             default:
                 throw MigrationError(.protocolViolation, "unexpected '\(m.name)' on the main channel during the transfer")
             }
+        }
+    }
+
+    /// Writes the guest state into the destination control file, ready for
+    /// `livemig stress --resume`.
+    private func storeGuest(_ state: [UInt8], at path: FilePath, ram: RAMFile) throws(MigrationError) {
+        do {
+            let control = try GuestControl.openOrCreate(path: path, for: ram.block)
+            try control.writeState(state)
+            control.throttlePercent = 0
+            control.sourcePID = 0
+            control.setRunState(.incoming)
+        } catch {
+            throw MigrationError(error)
         }
     }
 

@@ -4,7 +4,11 @@ import MigrationWire
 import Synchronization
 import URing
 
-/// How the source connects and sends.
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How the source connects, sends and converges.
 public struct SourceConfig: Sendable {
     public var address: SocketAddress
     /// Multifd channels; must equal the destination's.
@@ -16,6 +20,10 @@ public struct SourceConfig: Sendable {
     /// How long to wait for each handshake reply (the destination may be
     /// creating and pre-faulting its RAM meanwhile).
     public var handshakeTimeout = 60.0
+    /// How long the guest may take to acknowledge a pause.
+    public var pauseTimeout = 5.0
+    /// Convergence rules for a live guest.
+    public var policy = ConvergencePolicy()
 
     public init(address: SocketAddress, channels: Int) {
         self.address = address
@@ -23,32 +31,50 @@ public struct SourceConfig: Sendable {
     }
 }
 
-/// The source side of a migration: connects, hands every dirty page to the
-/// sender channels round by round, and succeeds only when the destination
-/// says it holds every page.
+/// Live figures for a progress display (relaxed; statistics only).
+public final class LiveProgress: Sendable {
+    public let round = Atomic<UInt64>(0)
+    public let remainingBytes = Atomic<UInt64>(0)
+    public let dirtyPagesRate = Atomic<UInt64>(0)
+    public let throttle = Atomic<UInt32>(0)
+    public init() {}
+}
+
+/// The source side of a migration.
+///
+/// Without a guest it sends the RAM file once (one round). With a guest
+/// (`GuestControl`) it runs iterative precopy: each round harvests the
+/// guest's dirty bitmap, sends those pages and ends with the SYNC barrier and
+/// an end-of-round marker; when the rest fits the downtime limit it pauses
+/// the guest, sends the last dirty pages and the guest state, and succeeds
+/// only when the destination confirms. On any failure the guest is resumed
+/// (and unthrottled): the source guest keeps running with its RAM intact.
 ///
 /// Threads: the caller of `run()` is the migration thread; one sender thread
-/// per channel (`MultiFDSend`); one thread reads the main channel. The source
-/// RAM is mapped read-only: `send` never writes guest memory.
+/// per channel (`MultiFDSend`); one thread reads the main channel; with a
+/// guest, one thread renews the control lease. The RAM is mapped read-only.
 public final class SourceMigration: Sendable {
     public let ram: RAMFile
+    public let guest: GuestControl?
     public let config: SourceConfig
     public let counters = TransferCounters()
+    public let progress = LiveProgress()
     public let latch = FailureLatch()
     /// Messages for the user (fallbacks taken), read after `run()`.
     public let warnings = Mutex<[String]>([])
-    private let cancelled = Atomic<Bool>(false)
+    private let onRound: (@Sendable (RoundRecord) -> Void)?
     /// Set by the main-channel reader when the destination confirms.
     private let confirmed = Atomic<Bool>(false)
 
-    public init(ram: RAMFile, config: SourceConfig) {
+    public init(ram: RAMFile, config: SourceConfig, guest: GuestControl? = nil, onRound: (@Sendable (RoundRecord) -> Void)? = nil) {
         self.ram = ram
         self.config = config
+        self.guest = guest
+        self.onRound = onRound
     }
 
     /// Stops the migration from any thread (a signal handler's queue).
     public func cancel(_ reason: String) {
-        cancelled.store(true, ordering: .relaxed)
         latch.fail(MigrationError(.cancelled, reason))
     }
 
@@ -60,20 +86,23 @@ public final class SourceMigration: Sendable {
         var sockets: [Socket] = []
         var pool: MultiFDSend?
         var reader: WorkerThread?
+        let lease = guest.map { LeaseKeeper(control: $0) }
         defer {
             pool?.finish()
             for s in sockets { s.shutdown() }
             control?.socket.shutdown()
             reader?.join()
+            lease?.stop()
         }
         do throws(MigrationError) {
+            if let g = guest { try checkGuest(g) }
             let session = SessionID.random()
             let main = try connect()
             let ctl = ControlChannel(socket: main, counters: counters)
             control = ctl
             // The main socket is only half shut on failure so the error text
             // can still be sent to the destination (see `reportFailure`).
-            latch.onFailure { [main] in _ = shutdownRead(main) }
+            latch.onFailure { [main] in main.shutdownReceive() }
             try handshake(ctl, session: session)
 
             for id in 0..<config.channels {
@@ -89,44 +118,193 @@ public final class SourceMigration: Sendable {
             reader = WorkerThread(name: "mig/src/main") { [self] in
                 readDestination(ctl, completed: completed)
             }
-            let setupTime = Monotonic.now - start
+            var stats = MigrationStats(status: .active)
+            stats.setupTime = UInt64((Monotonic.now - start) * 1000)
 
             let multifd = MultiFDSend(transports: transports, latch: latch)
             pool = multifd
-            let bitmap = DirtyBitmap(pageCount: ram.block.pageCount)
-            // This migration has one round over the whole of RAM:
-            // every page starts dirty.
-            bitmap.markAll()
-            try sendRound(bitmap, through: multifd)
-            try ctl.send(.endOfRound(round: 1))
-            try ctl.send(
-                .complete(
-                    CompletionSummary(
-                        rounds: 1, normalPages: counters.read(counters.normalPages),
-                        zeroPages: counters.read(counters.zeroPages), packets: counters.read(counters.packets))))
-            completed.wait()
-            try latch.check()
-            // Acquire: pairs with the store-release in `readDestination`.
-            guard confirmed.load(ordering: .acquiring) else {
-                throw MigrationError(.peer, "the destination did not confirm completion")
+            if let g = guest, let lease {
+                try migrateLive(g, lease: lease, ctl: ctl, multifd: multifd, completed: completed, stats: &stats)
+            } else {
+                let bitmap = DirtyBitmap(pageCount: ram.block.pageCount)
+                bitmap.markAll()
+                _ = try sendRound(bitmap, through: multifd, limit: nil)
+                try ctl.send(.endOfRound(round: 1))
+                try ctl.send(.complete(summary(rounds: 1, guestStateBytes: 0)))
+                try awaitConfirmation(completed)
+                stats.ram.dirtySyncCount = 1
+                stats.ram.precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
             }
-            return stats(start: start, setupTime: setupTime, status: .completed)
+            stats.status = .completed
+            finishStats(&stats, start: start)
+            return stats
         } catch {
             latch.fail(error)
+            if let g = guest { restore(g) }
             reportFailure(control)
             throw latch.error ?? error
         }
     }
 
+    // MARK: - live precopy
+
+    private func migrateLive(
+        _ g: GuestControl, lease: LeaseKeeper, ctl: ControlChannel, multifd: MultiFDSend,
+        completed: DispatchSemaphore, stats: inout MigrationStats
+    ) throws(MigrationError) {
+        let policy = config.policy
+        var judge = ConvergenceJudge(policy: policy)
+        var autoConverge = AutoConverge()
+        let pageSize = ram.block.pageSize
+        let precopyStart = Monotonic.now
+        var round = 0
+        var expected = 0.0
+        // Round 1 sends all of RAM: every page starts dirty (the bits the
+        // guest set before we attached are included).
+        g.bitmap.markAll()
+        while true {
+            round += 1
+            let t0 = Monotonic.now
+            let bytes0 = counters.read(counters.multifdBytes)
+            let pages = try sendRound(g.bitmap, through: multifd, limit: policy.maxBandwidth)
+            try ctl.send(.endOfRound(round: UInt64(round)))
+            let seconds = Monotonic.now - t0
+            let bytes = counters.read(counters.multifdBytes) - bytes0
+            let dirty = UInt64(g.bitmap.dirtyCount())
+            let remaining = dirty * pageSize
+            let verdict = judge.decide(round: round, bytes: bytes, seconds: seconds, remaining: remaining, elapsed: Monotonic.now - precopyStart)
+            expected = verdict.expectedDowntime
+            if policy.autoConverge, round >= 2, case .nextRound = verdict.decision,
+                let p = autoConverge.afterRound(dirtiedBytes: remaining, sentBytes: bytes)
+            {
+                // The lease also bounds the throttle: a guest whose source
+                // vanished drops it (see StressGuest).
+                lease.start()
+                g.throttlePercent = p
+            }
+            var record = RoundRecord(
+                round: round, start: t0 - precopyStart, duration: seconds, bytes: bytes, pages: UInt64(pages),
+                remaining: remaining, bandwidth: judge.bandwidth, dirtyPagesRate: seconds > 0 ? Double(dirty) / seconds : 0,
+                expectedDowntime: expected.isFinite ? expected : -1, throttle: g.throttlePercent)
+            progress.round.store(UInt64(round), ordering: .relaxed)
+            progress.remainingBytes.store(remaining, ordering: .relaxed)
+            progress.dirtyPagesRate.store(UInt64(record.dirtyPagesRate), ordering: .relaxed)
+            progress.throttle.store(g.throttlePercent, ordering: .relaxed)
+            stats.ram.dirtyPagesRate = UInt64(record.dirtyPagesRate)
+            switch verdict.decision {
+            case .nextRound:
+                record.decision = "next-round"
+                onRound?(record)
+                continue
+            case .switchover:
+                record.decision = "switchover"
+                onRound?(record)
+            case .giveUp(let why):
+                record.decision = "give-up"
+                onRound?(record)
+                throw MigrationError(
+                    .timeout,
+                    "\(why); the guest dirties pages faster than they can be sent: try --auto-converge, a higher --max-bandwidth or a longer --downtime-limit")
+            }
+            break
+        }
+
+        // Switchover: downtime runs from the pause request to the
+        // destination's confirmation that it holds every page and the state.
+        let precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
+        let pauseStart = Monotonic.now
+        try pause(g, lease: lease)
+        round += 1
+        _ = try sendRound(g.bitmap, through: multifd, limit: nil)
+        try ctl.send(.endOfRound(round: UInt64(round)))
+        // Every guest thread acknowledged the pause (acquire), so the state
+        // bytes are complete and stable.
+        let state = g.readState()
+        try ctl.send(.guestState(state))
+        try ctl.send(.complete(summary(rounds: UInt64(round), guestStateBytes: UInt64(state.count))))
+        try awaitConfirmation(completed)
+        let downtime = Monotonic.now - pauseStart
+        // The guest now lives on the destination: stop this copy for good.
+        g.setRunState(.migrated)
+        g.sourcePID = 0
+        lease.stop()
+
+        stats.downtime = UInt64(downtime * 1000)
+        stats.expectedDowntime = expected.isFinite ? UInt64(expected * 1000) : nil
+        stats.cpuThrottlePercentage = Int(g.throttlePercent)
+        stats.ram.dirtySyncCount = UInt64(round)
+        stats.ram.precopyBytes = precopyBytes
+        stats.ram.downtimeBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes) - precopyBytes
+    }
+
+    private func checkGuest(_ g: GuestControl) throws(MigrationError) {
+        guard g.ramSize == ram.block.size, g.pageSize == ram.block.pageSize else {
+            throw MigrationError(
+                .mismatch,
+                "control file \(g.path) is for \(g.ramSize) bytes of RAM but \(ram.path) is \(ram.block.size) bytes; give the guest's own control file")
+        }
+        switch g.runState {
+        case .running: break
+        case .migrated: throw MigrationError(.mismatch, "the guest in \(g.path) already migrated away")
+        case .incoming: throw MigrationError(.mismatch, "the guest in \(g.path) was received but not resumed; start it with livemig stress --resume")
+        case .pauseRequested:
+            if g.pauseHolderVanished {
+                g.exchangeRunState(from: .pauseRequested, to: .running)
+            } else {
+                throw MigrationError(.mismatch, "the guest in \(g.path) is paused by another migration (source pid \(g.sourcePID))")
+            }
+        }
+        g.sourcePID = getpid()
+    }
+
+    /// Asks the guest to pause and waits until every guest thread has
+    /// acknowledged (or the guest process is gone: nothing writes then).
+    private func pause(_ g: GuestControl, lease: LeaseKeeper) throws(MigrationError) {
+        g.renewLease()
+        lease.start()
+        g.setRunState(.pauseRequested)
+        let deadline = Monotonic.now + config.pauseTimeout
+        var spins = 0
+        // Acquire (in `pausedThreads`): pairs with each guest thread's
+        // acknowledgement, published after its last page, bit and state.
+        while g.pausedThreads < g.guestThreads {
+            try latch.check()
+            let pid = g.guestPID
+            if pid > 0, kill(pid, 0) != 0, errno == ESRCH { break }
+            if Monotonic.now > deadline {
+                throw MigrationError(.timeout, "the guest did not acknowledge the pause within \(config.pauseTimeout) s")
+            }
+            spins += 1
+            if spins > 100 { usleep(50) }
+        }
+    }
+
+    /// Undoes what a failed migration did to the guest: throttle off, pause
+    /// lifted. Its RAM was never written by us.
+    private func restore(_ g: GuestControl) {
+        g.throttlePercent = 0
+        g.exchangeRunState(from: .pauseRequested, to: .running)
+        g.sourcePID = 0
+    }
+
+    // MARK: - rounds
+
     /// One round: harvest every dirty word, batch the pages, hand the
-    /// batches out, then the SYNC barrier.
-    func sendRound(_ bitmap: DirtyBitmap, through multifd: MultiFDSend) throws(MigrationError) {
+    /// batches out (at most `limit` bytes/s), then the SYNC barrier.
+    /// Returns the pages harvested.
+    func sendRound(_ bitmap: DirtyBitmap, through multifd: MultiFDSend, limit: Double?) throws(MigrationError) -> Int {
         var pages = MultiFDPages()
         let pageSize = ram.block.pageSize
+        let limiter = limit.map { RateLimiter(bytesPerSecond: $0, counters: counters) }
+        var count = 0
         do {
             try bitmap.harvestAll { page in
-                if pages.isFull { try multifd.send(&pages) }
+                if pages.isFull {
+                    limiter?.wait()
+                    try multifd.send(&pages)
+                }
                 pages.append(offset: UInt64(page) &* pageSize, block: 0)
+                count += 1
             }
         } catch let e as MigrationError {
             throw e
@@ -135,7 +313,25 @@ public final class SourceMigration: Sendable {
         }
         if !pages.isEmpty { try multifd.send(&pages) }
         try multifd.sync()
+        return count
     }
+
+    private func summary(rounds: UInt64, guestStateBytes: UInt64) -> CompletionSummary {
+        CompletionSummary(
+            rounds: rounds, normalPages: counters.read(counters.normalPages), zeroPages: counters.read(counters.zeroPages),
+            packets: counters.read(counters.packets), guestStateBytes: guestStateBytes)
+    }
+
+    private func awaitConfirmation(_ completed: DispatchSemaphore) throws(MigrationError) {
+        completed.wait()
+        try latch.check()
+        // Acquire: pairs with the store-release in `readDestination`.
+        guard confirmed.load(ordering: .acquiring) else {
+            throw MigrationError(.peer, "the destination did not confirm completion")
+        }
+    }
+
+    // MARK: - setup
 
     private func connect() throws(MigrationError) -> Socket {
         do {
@@ -157,9 +353,10 @@ public final class SourceMigration: Sendable {
     /// Main hello, then the RAM layout; each must be accepted.
     private func handshake(_ ctl: ControlChannel, session: SessionID) throws(MigrationError) {
         ctl.socket.setReceiveTimeout(config.handshakeTimeout)
-        try send(
-            ChannelHello(session: session, kind: .main, channelID: 0, channelCount: UInt16(config.channels)).encoded(),
-            on: ctl.socket)
+        let hello = ChannelHello(
+            session: session, kind: .main, channelID: 0, channelCount: UInt16(config.channels),
+            flags: guest == nil ? [] : .guestState)
+        try send(hello.encoded(), on: ctl.socket)
         try expect(.helloAccepted, on: ctl, while: "waiting for the destination to accept the hello")
         let block = ram.block
         try ctl.send(.ramLayout([RAMBlockLayout(name: block.name, size: block.size, pageSize: block.pageSize)]))
@@ -189,7 +386,7 @@ public final class SourceMigration: Sendable {
             let m = try ctl.receive("waiting for the destination")
             switch m {
             case .completed:
-                // Release: pairs with the acquiring load after `completed.wait()`.
+                // Release: pairs with the acquiring load in `awaitConfirmation`.
                 confirmed.store(true, ordering: .releasing)
                 completed.signal()
             case .error(let text):
@@ -212,11 +409,9 @@ public final class SourceMigration: Sendable {
         try? ctl.send(.error(e.description))
     }
 
-    private func stats(start: Double, setupTime: Double, status: MigrationStats.Status) -> MigrationStats {
+    private func finishStats(_ s: inout MigrationStats, start: Double) {
         let elapsed = Monotonic.now - start
-        var s = MigrationStats(status: status)
         s.totalTime = UInt64(elapsed * 1000)
-        s.setupTime = UInt64(setupTime * 1000)
         s.channels = config.channels
         s.ram.total = ram.block.size
         s.ram.pageSize = ram.block.pageSize
@@ -225,23 +420,62 @@ public final class SourceMigration: Sendable {
         s.ram.normalBytes = s.ram.normal * ram.block.pageSize
         s.ram.multifdBytes = counters.read(counters.multifdBytes)
         s.ram.transferred = s.ram.multifdBytes + counters.read(counters.mainBytes)
-        s.ram.precopyBytes = s.ram.transferred
-        s.ram.dirtySyncCount = 1
+        s.ram.remaining = 0
         s.ram.computeRates(seconds: elapsed)
-        return s
     }
 }
 
-/// Wakes a blocked reader without closing the write side.
-@discardableResult
-func shutdownRead(_ s: Socket) -> Int32 {
-    #if canImport(Glibc)
-    return Glibc.shutdown(s.fd, Int32(SHUT_RD))
-    #else
-    return 0
-    #endif
+/// Keeps the byte rate of the multifd channels under a limit by making the
+/// migration thread wait before handing out a batch.
+struct RateLimiter {
+    let bytesPerSecond: Double
+    let counters: TransferCounters
+    let start = Monotonic.now
+    let startBytes: UInt64
+
+    init(bytesPerSecond: Double, counters: TransferCounters) {
+        self.bytesPerSecond = bytesPerSecond
+        self.counters = counters
+        startBytes = counters.read(counters.multifdBytes)
+    }
+
+    func wait() {
+        let sent = Double(counters.read(counters.multifdBytes) - startBytes)
+        let due = start + sent / bytesPerSecond
+        let now = Monotonic.now
+        if due > now { usleep(UInt32(min(1.0, due - now) * 1e6)) }
+    }
 }
 
-#if canImport(Glibc)
-import Glibc
-#endif
+/// Renews the guest's pause lease while a pause or throttle is in force, so
+/// the guest resumes by itself only when this process is gone.
+final class LeaseKeeper: Sendable {
+    private let control: GuestControl
+    private let running = Atomic<Bool>(false)
+    private let thread = Mutex<WorkerThread?>(nil)
+
+    init(control: GuestControl) { self.control = control }
+
+    func start() {
+        guard !running.exchange(true, ordering: .relaxed) else { return }
+        let control = self.control
+        let t = WorkerThread(name: "mig/lease") { [self] in
+            while running.load(ordering: .relaxed) {
+                control.renewLease()
+                usleep(100_000)
+            }
+        }
+        thread.withLock { $0 = t }
+    }
+
+    func stop() {
+        running.store(false, ordering: .relaxed)
+        if let t = thread.withLock({ t -> WorkerThread? in
+            let x = t
+            t = nil
+            return x
+        }) {
+            t.join()
+        }
+    }
+}

@@ -34,7 +34,7 @@ extension String {
 /// The first bytes on every channel, source to destination.
 ///
 /// Layout (32 bytes, big-endian): magic u32, version u32, session 16 bytes,
-/// kind u8, reserved u8 (0), channel-id u16, channel-count u16, reserved u16 (0).
+/// kind u8, reserved u8 (0), channel-id u16, channel-count u16, flags u16.
 public struct ChannelHello: Equatable, Sendable {
     /// Which stream this connection carries.
     public enum Kind: UInt8, Sendable {
@@ -48,18 +48,30 @@ public struct ChannelHello: Equatable, Sendable {
     public static let version: UInt32 = 1
     public static let size = 32
 
+    /// Hello flags; bits not named here are rejected.
+    public struct Flags: OptionSet, Sendable, Equatable {
+        public let rawValue: UInt16
+        public init(rawValue: UInt16) { self.rawValue = rawValue }
+        /// Main channel: a live guest is migrated, its state follows at
+        /// switchover (the destination must be able to store it).
+        public static let guestState = Flags(rawValue: 1 << 0)
+        public static let known: Flags = [.guestState]
+    }
+
     public var session: SessionID
     public var kind: Kind
     /// For multifd channels, 0..<channelCount; 0 for the main channel.
     public var channelID: UInt16
     /// How many multifd channels the source opens.
     public var channelCount: UInt16
+    public var flags: Flags
 
-    public init(session: SessionID, kind: Kind, channelID: UInt16, channelCount: UInt16) {
+    public init(session: SessionID, kind: Kind, channelID: UInt16, channelCount: UInt16, flags: Flags = []) {
         self.session = session
         self.kind = kind
         self.channelID = channelID
         self.channelCount = channelCount
+        self.flags = flags
     }
 
     public func encoded() -> [UInt8] {
@@ -72,7 +84,7 @@ public struct ChannelHello: Equatable, Sendable {
         w.u8(0)
         w.u16(channelID)
         w.u16(channelCount)
-        w.u16(0)
+        w.u16(flags.rawValue)
         return w.bytes
     }
 
@@ -109,7 +121,10 @@ public struct ChannelHello: Equatable, Sendable {
                 message: what, field: "channel-id", value: "\(id)",
                 reason: "must be below the channel count \(count)")
         }
-        _ = try r.u16("reserved")
-        return ChannelHello(session: session, kind: kind, channelID: id, channelCount: count)
+        let flags = Flags(rawValue: try r.u16("flags"))
+        guard Flags.known.isSuperset(of: flags) else {
+            throw WireError(message: what, field: "flags", value: hex(flags.rawValue), reason: "unknown bits \(hex(flags.rawValue & ~Flags.known.rawValue))")
+        }
+        return ChannelHello(session: session, kind: kind, channelID: id, channelCount: count, flags: flags)
     }
 }

@@ -21,12 +21,15 @@ public struct CompletionSummary: Equatable, Sendable {
     public var zeroPages: UInt64
     /// Page packets (not SYNC packets) over all channels.
     public var packets: UInt64
+    /// Bytes of the guest-state message sent before this one (0: none).
+    public var guestStateBytes: UInt64
 
-    public init(rounds: UInt64, normalPages: UInt64, zeroPages: UInt64, packets: UInt64) {
+    public init(rounds: UInt64, normalPages: UInt64, zeroPages: UInt64, packets: UInt64, guestStateBytes: UInt64 = 0) {
         self.rounds = rounds
         self.normalPages = normalPages
         self.zeroPages = zeroPages
         self.packets = packets
+        self.guestStateBytes = guestStateBytes
     }
 }
 
@@ -111,6 +114,7 @@ public enum MainMessage: Equatable, Sendable {
             p.u64(s.normalPages)
             p.u64(s.zeroPages)
             p.u64(s.packets)
+            p.u64(s.guestStateBytes)
         case .error(let text): p.raw(text.utf8.prefix(Self.maxErrorText))
         }
         var f = ByteWriter(capacity: Self.frameHeaderSize + p.bytes.count)
@@ -179,7 +183,8 @@ public enum MainMessage: Equatable, Sendable {
             message = .complete(
                 CompletionSummary(
                     rounds: try r.u64("rounds"), normalPages: try r.u64("normal-pages"),
-                    zeroPages: try r.u64("zero-pages"), packets: try r.u64("packets")))
+                    zeroPages: try r.u64("zero-pages"), packets: try r.u64("packets"),
+                    guestStateBytes: try r.u64("guest-state-bytes")))
         case .error:
             let bytes = try r.raw(r.remaining, "text")
             message = .error(String(decoding: bytes, as: UTF8.self))

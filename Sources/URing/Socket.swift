@@ -59,6 +59,10 @@ public final class Socket: Sendable {
     /// Makes blocked reads and writes on this socket return (EOF / EPIPE).
     public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
 
+    /// Makes a blocked read return (EOF) but keeps the write side, so a
+    /// last error message can still be sent.
+    public func shutdownReceive() { _ = Glibc.shutdown(fd, Int32(SHUT_RD)) }
+
     /// Sets (or with nil clears) a deadline for each blocking read.
     public func setReceiveTimeout(_ seconds: Double?) {
         var tv = timeval()

@@ -220,7 +220,12 @@ public final class StressGuest: Sendable {
             // Throttle: sleep so that sleeping takes `percent`% of the time,
             // in slices of at least 10 ms of work (as QEMU throttles vCPUs).
             let now = monotonicNanoseconds()
-            let percent = control.throttlePercent
+            var percent = control.throttlePercent
+            if percent > 0, now - busySince >= 10_000_000, control.pauseHolderVanished {
+                // The source that throttled us is gone: run at full speed.
+                control.throttlePercent = 0
+                percent = 0
+            }
             if percent > 0, now - busySince >= 10_000_000 {
                 let busy = Double(now - busySince)
                 sleepInterruptibly(busy * Double(percent) / Double(100 - percent))

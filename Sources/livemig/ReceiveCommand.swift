@@ -27,6 +27,9 @@ struct ReceiveCommand: ParsableCommand {
     @Option(help: "Create an absent RAM file of this size before listening (e.g. 1GiB).")
     var size: String?
 
+    @Option(help: "Receive a live guest: store its state in this control file (created when absent).")
+    var guest: String?
+
     func validate() throws {
         _ = try parseAddress(listen, option: "--listen")
         if let size, parseSize(size) == nil {
@@ -38,6 +41,7 @@ struct ReceiveCommand: ParsableCommand {
         let address = try parseAddress(listen, option: "--listen")
         var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(ram))
         config.size = size.flatMap(parseSize)
+        config.guestControl = guest.map { FilePath($0) }
         let destination: DestinationMigration
         do {
             destination = try DestinationMigration(config: config)
@@ -48,9 +52,9 @@ struct ReceiveCommand: ParsableCommand {
         let signals = watchSignals { destination.cancel($0) }
         _ = signals
         let progress = ProgressLine.start(
-            role: "receive", total: { destination.ram?.block.size ?? 0 }, counters: destination.counters)
+            role: "receive", total: { destination.ram?.block.size ?? 0 }, counters: destination.counters, live: nil)
         let result: Result<MigrationStats, MigrationError>
-        do {
+        do throws(MigrationError) {
             result = .success(try destination.run())
         } catch {
             result = .failure(error)

@@ -26,6 +26,12 @@ func printStats(_ s: MigrationStats, format: OutputFormat, role: String) {
                 + "\(formatBytes(s.ram.transferred)) on the wire at \(String(format: "%.2f", gbps)) GB/s "
                 + "over \(s.channels) channel(s)"
                 + (s.sendMechanism.map { " (\($0))" } ?? ""))
+        if let d = s.downtime {
+            print(
+                "\(role): live: \(s.ram.dirtySyncCount) rounds, downtime \(d) ms (expected \(s.expectedDowntime.map { "\($0)" } ?? "?") ms), "
+                    + "precopy \(formatBytes(s.ram.precopyBytes)), downtime bytes \(formatBytes(s.ram.downtimeBytes)), "
+                    + "throttle \(s.cpuThrottlePercentage ?? 0)%")
+        }
     }
 }
 
@@ -43,12 +49,12 @@ final class ProgressLine: Sendable {
     private let thread: WorkerThread
 
     /// Starts the display, or returns nil when stderr is not a terminal.
-    static func start(role: String, total: @escaping @Sendable () -> UInt64, counters: TransferCounters) -> ProgressLine? {
+    static func start(role: String, total: @escaping @Sendable () -> UInt64, counters: TransferCounters, live: LiveProgress?) -> ProgressLine? {
         guard FileHandleStderr.isTerminal else { return nil }
-        return ProgressLine(role: role, total: total, counters: counters)
+        return ProgressLine(role: role, total: total, counters: counters, live: live)
     }
 
-    private init(role: String, total: @escaping @Sendable () -> UInt64, counters: TransferCounters) {
+    private init(role: String, total: @escaping @Sendable () -> UInt64, counters: TransferCounters, live: LiveProgress?) {
         let stop = StopFlag()
         self.stop = stop
         let started = Monotonic.now
@@ -59,7 +65,14 @@ final class ProgressLine: Sendable {
                 let bytes = counters.read(counters.multifdBytes)
                 let t = Monotonic.now - started
                 let rate = t > 0 ? Double(bytes) / t / 1e9 : 0
-                let line = "\r\(role): \(formatBytes(pages &* 4096)) of \(formatBytes(total())) pages moved, \(String(format: "%.2f", rate)) GB/s   "
+                var line = "\r\(role): \(formatBytes(pages &* 4096)) of \(formatBytes(total())) moved, \(String(format: "%.2f", rate)) GB/s"
+                if let live {
+                    line += ", round \(live.round.load(ordering: .relaxed)), remaining \(formatBytes(live.remainingBytes.load(ordering: .relaxed)))"
+                    line += ", dirty \(formatBytes(live.dirtyPagesRate.load(ordering: .relaxed) &* 4096))/s"
+                    let t = live.throttle.load(ordering: .relaxed)
+                    if t > 0 { line += ", throttle \(t)%" }
+                }
+                line += "   "
                 FileHandleStderr.write(line)
             }
             FileHandleStderr.write("\r\u{1B}[K")
@@ -88,5 +101,27 @@ func watchSignals(_ cancel: @escaping @Sendable (String) -> Void) -> [DispatchSo
         source.setEventHandler { cancel("cancelled by \(name)") }
         source.resume()
         return source
+    }
+}
+
+/// `--events FILE`: one JSON line per round, flushed as it happens.
+final class EventLog: Sendable {
+    private let handle: FileHandle
+
+    init(path: String) throws {
+        guard FileManager.default.createFile(atPath: path, contents: nil) || FileManager.default.isWritableFile(atPath: path),
+            let h = FileHandle(forWritingAtPath: path)
+        else {
+            throw CommandFailure(message: "cannot write the events file \(path)")
+        }
+        h.truncateFile(atOffset: 0)
+        handle = h
+    }
+
+    func append(_ r: RoundRecord) {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        guard let data = try? encoder.encode(r) else { return }
+        handle.write(data + Data("\n".utf8))
     }
 }

@@ -23,8 +23,36 @@ struct SendCommand: ParsableCommand {
     @Flag(help: "Send with plain sendmsg instead of io_uring (for comparison).")
     var noIoUring = false
 
+    @Option(help: "Migrate a running guest live: its control file (from livemig stress).")
+    var guest: String?
+
+    @Option(help: "Switch over when the rest can be sent within this (live only).")
+    var downtimeLimit: String = "300ms"
+
+    @Option(help: "Rate limit of the page channels during precopy, e.g. 512MiB/s (default unlimited).")
+    var maxBandwidth: String?
+
+    @Flag(help: "Throttle the guest when it dirties faster than we send (QEMU's auto-converge).")
+    var autoConverge = false
+
+    @Option(help: "Fail when not converged after this many rounds.")
+    var maxRounds: Int?
+
+    @Option(help: "Fail when not converged after this long (e.g. 30s).")
+    var timeout: String?
+
+    @Option(help: "Append one JSON line per round to this file.")
+    var events: String?
+
     func validate() throws {
         _ = try parseAddress(to, option: "--to")
+        guard parseDuration(downtimeLimit) != nil else { throw ValidationError("--downtime-limit: '\(downtimeLimit)' is not a duration (e.g. 300ms)") }
+        if let b = maxBandwidth, parseRate(b) == nil || parseRate(b) == 0 { throw ValidationError("--max-bandwidth: '\(b)' is not a rate (e.g. 512MiB/s)") }
+        if let t = timeout, parseDuration(t) == nil { throw ValidationError("--timeout: '\(t)' is not a duration (e.g. 30s)") }
+        if let m = maxRounds, m < 1 { throw ValidationError("--max-rounds must be at least 1") }
+        if guest == nil, autoConverge || maxRounds != nil || timeout != nil || maxBandwidth != nil {
+            throw ValidationError("--auto-converge, --max-rounds, --timeout and --max-bandwidth apply to live migration: add --guest CONTROL")
+        }
     }
 
     func run() throws {
@@ -37,11 +65,27 @@ struct SendCommand: ParsableCommand {
         }
         var config = SourceConfig(address: address, channels: common.channels)
         config.useRing = !noIoUring
-        let source = SourceMigration(ram: file, config: config)
+        config.policy.downtimeLimit = parseDuration(downtimeLimit)!
+        config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map(Double.init)
+        config.policy.autoConverge = autoConverge
+        config.policy.maxRounds = maxRounds
+        config.policy.timeout = timeout.flatMap(parseDuration)
+        var control: GuestControl?
+        if let guest {
+            do {
+                control = try GuestControl(path: FilePath(guest))
+            } catch {
+                throw CommandFailure(message: error.description)
+            }
+        }
+        let eventLog = try events.map { try EventLog(path: $0) }
+        var onRound: (@Sendable (RoundRecord) -> Void)?
+        if let log = eventLog { onRound = { log.append($0) } }
+        let source = SourceMigration(ram: file, config: config, guest: control, onRound: onRound)
         let signals = watchSignals { source.cancel($0) }
-        let progress = ProgressLine.start(role: "send", total: { file.block.size }, counters: source.counters)
+        let progress = ProgressLine.start(role: "send", total: { file.block.size }, counters: source.counters, live: control == nil ? nil : source.progress)
         let result: Result<MigrationStats, MigrationError>
-        do {
+        do throws(MigrationError) {
             result = .success(try source.run())
         } catch {
             result = .failure(error)
@@ -54,8 +98,11 @@ struct SendCommand: ParsableCommand {
             stats.sendMechanism = config.useRing ? (source.warnings.withLock { $0.isEmpty } ? "io_uring" : "plain sendmsg") : "plain sendmsg"
             printStats(stats, format: common.format, role: "send")
         case .failure(let e):
-            throw CommandFailure(
-                message: "migration to \(address) failed: \(e.description). The source RAM file \(ram) was not modified.")
+            let kept =
+                control == nil
+                ? "The source RAM file \(ram) was not modified."
+                : "The guest keeps running on the source with its RAM intact."
+            throw CommandFailure(message: "migration to \(address) failed: \(e.description). \(kept)")
         }
     }
 }

@@ -25,7 +25,7 @@ struct ChannelHelloTests {
             + [2, 0]  // kind, reserved
             + [0x01, 0x02]  // channel-id
             + [0x03, 0x04]  // channel-count
-            + [0, 0]  // reserved
+            + [0, 0]  // flags
         #expect(hello.encoded() == expected)
         #expect(hello.encoded().count == ChannelHello.size)
         #expect(ChannelHello.size == 32)
@@ -115,7 +115,7 @@ struct ChannelHelloTests {
             case 25: "reserved"
             case 26..<28: "channel-id"
             case 28..<30: "channel-count"
-            default: "reserved"
+            default: "flags"
             }
         }
         for length in 0..<ChannelHello.size {

@@ -96,7 +96,8 @@ struct MainMessageTests {
                 + be(UInt64(0x2000)) + be(UInt64(0x1000)))
         #expect(
             MainMessage.complete(CompletionSummary(rounds: 1, normalPages: 2, zeroPages: 3, packets: 4)).encoded()
-                == Self.header(type: 6, length: 32) + be(UInt64(1)) + be(UInt64(2)) + be(UInt64(3)) + be(UInt64(4)))
+                == Self.header(type: 6, length: 40) + be(UInt64(1)) + be(UInt64(2)) + be(UInt64(3)) + be(UInt64(4))
+                + be(UInt64(0)))
         #expect(MainMessage.error("hi").encoded() == Self.header(type: 8, length: 2) + [0x68, 0x69])
     }
 
@@ -206,7 +207,7 @@ struct MainMessageTests {
 
         let summary = MainMessage.complete(CompletionSummary(rounds: 1, normalPages: 2, zeroPages: 3, packets: 4))
         let full = Array(summary.encoded()[MainMessage.frameHeaderSize...])
-        for (cut, field) in [(31, "packets"), (24, "packets"), (23, "zero-pages"), (9, "normal-pages"), (0, "rounds")] {
+        for (cut, field) in [(39, "guest-state-bytes"), (31, "packets"), (24, "packets"), (23, "zero-pages"), (9, "normal-pages"), (0, "rounds")] {
             expectWireError(field: field, value: "missing") { _ = try Self.decodePayload(type: 6, Array(full[0..<cut])) }
         }
 
