@@ -52,7 +52,7 @@ let package = Package(
         .executableTarget(
             name: "livemig",
             dependencies: [
-                "GuestMemory", "MigrationWire", "URing", "Migration", "Workload",
+                "CShims", "GuestMemory", "MigrationWire", "URing", "Migration", "Workload",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

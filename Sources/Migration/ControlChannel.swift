@@ -1,13 +1,15 @@
 import MigrationWire
+import Synchronization
 import URing
 
 /// The main channel: framed `MainMessage`s over one socket.
 ///
-/// One thread sends and one thread receives (they may differ); the socket
-/// itself is safe to share for that.
+/// One thread receives; sends are serialised by a lock because a failure
+/// waker may send the final error frame from any thread.
 public final class ControlChannel: Sendable {
     public let socket: Socket
     private let counters: TransferCounters?
+    private let sendLock = Mutex<Void>(())
 
     public init(socket: Socket, counters: TransferCounters? = nil) {
         self.socket = socket
@@ -16,12 +18,23 @@ public final class ControlChannel: Sendable {
 
     public func send(_ message: MainMessage) throws(MigrationError) {
         let bytes = message.encoded()
-        do {
-            try socket.sendAll(bytes)
-        } catch {
-            throw MigrationError(error)
+        let failure: SocketError? = sendLock.withLock { _ in
+            do throws(SocketError) {
+                try socket.sendAll(bytes)
+                return nil
+            } catch {
+                return error
+            }
         }
+        if let failure { throw MigrationError(failure) }
         counters?.add(counters!.mainBytes, UInt64(bytes.count))
+    }
+
+    /// Tells the peer why we stop: an error frame, sent without blocking
+    /// (a peer that does not read must not hold our failure path).
+    public func sendErrorBestEffort(_ error: MigrationError) {
+        let bytes = MainMessage.error(error.description).encoded()
+        sendLock.withLock { _ in socket.sendNonBlocking(bytes) }
     }
 
     /// Reads the next message; `what` names the wait for error messages.

@@ -12,6 +12,10 @@ public struct ConvergencePolicy: Sendable {
     /// unlimited). Lifted at switchover: the guest is paused then, and every
     /// millisecond of downtime counts.
     public var maxBandwidth: Double?
+    /// First auto-converge throttle step, percent (QEMU's cpu-throttle-initial).
+    public var throttleInitial: UInt32 = AutoConverge.initial
+    /// Later steps, percent (QEMU's cpu-throttle-increment).
+    public var throttleIncrement: UInt32 = AutoConverge.increment
 
     public init() {}
 }
@@ -114,8 +118,13 @@ public struct AutoConverge: Sendable, Equatable {
 
     public private(set) var percent: UInt32 = 0
     private var highCount = 0
+    public let initialStep: UInt32
+    public let incrementStep: UInt32
 
-    public init() {}
+    public init(initial: UInt32 = AutoConverge.initial, increment: UInt32 = AutoConverge.increment) {
+        initialStep = min(initial, Self.maximum)
+        incrementStep = increment
+    }
 
     /// After a round (not the first, bulk one): returns the new throttle
     /// when it changes.
@@ -124,7 +133,7 @@ public struct AutoConverge: Sendable, Equatable {
         highCount += 1
         guard highCount >= 2 else { return nil }
         highCount = 0
-        let next = percent == 0 ? Self.initial : min(Self.maximum, percent + Self.increment)
+        let next = percent == 0 ? initialStep : min(Self.maximum, percent + incrementStep)
         guard next != percent else { return nil }
         percent = next
         return next

@@ -4,6 +4,10 @@ import Synchronization
 import SystemPackage
 import URing
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// How the destination listens and where it puts the RAM.
 public struct DestinationConfig: Sendable {
     public var address: SocketAddress
@@ -79,7 +83,12 @@ public final class DestinationMigration: Sendable {
             let (ctl, hello) = try acceptMain()
             control = ctl
             start = Monotonic.now
-            latch.onFailure { [ctl] in ctl.socket.shutdownReceive() }
+            // First waker: tell the source why, before the data channels are
+            // shut; then wake our own main-channel read.
+            latch.onFailure { [latch] in
+                if let e = latch.error, e.kind != .peer { ctl.sendErrorBestEffort(e) }
+                ctl.socket.shutdownReceive()
+            }
             try acceptHello(hello, on: ctl)
             let session = hello.session
             let ram = try acceptLayout(ctl)
@@ -124,7 +133,6 @@ public final class DestinationMigration: Sendable {
             return s
         } catch {
             latch.fail(error)
-            if let ctl = control, let e = latch.error, e.kind != .peer { try? ctl.send(.error(e.description)) }
             throw latch.error ?? error
         }
     }
@@ -143,12 +151,8 @@ public final class DestinationMigration: Sendable {
                 throw MigrationError(error)
             }
             s.setReceiveTimeout(config.helloTimeout)
-            let hello: ChannelHello
-            do {
-                hello = try readHello(s)
-            } catch let e where e.kind == .peer && e.description.contains("after 0 of") {
-                continue
-            }
+            guard s.peerSendsData() else { continue }  // a port probe: keep waiting
+            let hello = try readHello(s)
             return (ControlChannel(socket: s, counters: counters), hello)
         }
     }
@@ -288,6 +292,8 @@ public final class DestinationMigration: Sendable {
                             "the source sent a \(summary.guestStateBytes)-byte guest state but \(guestState?.count ?? 0) bytes arrived")
                     }
                     try storeGuest(state, at: path, ram: ram)
+                } else if summary.guestStateBytes != 0 {
+                    throw MigrationError(.protocolViolation, "the source completed with \(summary.guestStateBytes) bytes of guest state but announced no guest")
                 }
                 // Release: receivers that see `quit` leave without an error
                 // when the source closes the channels.
@@ -305,8 +311,12 @@ public final class DestinationMigration: Sendable {
     /// Writes the guest state into the destination control file, ready for
     /// `livemig stress --resume`.
     private func storeGuest(_ state: [UInt8], at path: FilePath, ram: RAMFile) throws(MigrationError) {
-        do {
+        do throws(GuestMemoryError) {
             let control = try GuestControl.openOrCreate(path: path, for: ram.block)
+            let pid = control.guestPID
+            if control.runState == .running, pid > 0, kill(pid, 0) == 0, control.guestThreads > 0 {
+                throw GuestMemoryError("control file \(path) belongs to a guest that is running (pid \(pid)); give another path")
+            }
             try control.writeState(state)
             control.throttlePercent = 0
             control.sourcePID = 0

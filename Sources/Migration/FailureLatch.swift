@@ -1,5 +1,9 @@
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The migration's one shared error: the first failure wins, and tripping
 /// the latch wakes everything that could be blocked (sockets are shut down,
 /// semaphores posted), so no thread is left waiting. DESIGN.md §4 "Errors".
@@ -38,6 +42,18 @@ public final class FailureLatch: Sendable {
     public func onFailure(_ wake: @escaping @Sendable () -> Void) {
         wakers.withLock { $0.append(wake) }
         if hasFailed { wake() }
+    }
+
+    /// How long a thread that saw its peer close waits before claiming the
+    /// failure: the peer's explanation on the main channel, if one is on its
+    /// way, then wins (first failure wins) and the user reads the real reason.
+    public static let peerExplanationGrace: UInt32 = 200_000
+
+    /// Fails with `error`; a bare "peer closed" first gives the main channel
+    /// a moment to deliver the peer's own reason.
+    public func failDeferringToPeer(_ error: MigrationError) {
+        if error.kind == .peer, !hasFailed { usleep(Self.peerExplanationGrace) }
+        fail(error)
     }
 
     /// Throws the recorded failure, if any.

@@ -152,7 +152,7 @@ public final class MultiFDSend: Sendable {
                 do {
                     try transport.sendPages(p.pages)
                 } catch {
-                    latch.fail(error)
+                    latch.failDeferringToPeer(error)
                     return
                 }
                 p.pages.reset()
@@ -163,7 +163,7 @@ public final class MultiFDSend: Sendable {
                 do {
                     try transport.sendSync()
                 } catch {
-                    latch.fail(error)
+                    latch.failDeferringToPeer(error)
                     return
                 }
                 p.pendingSync.store(false, ordering: .relaxed)

@@ -72,6 +72,7 @@ final class PacketReceiver: @unchecked Sendable {
             while true {
                 let h = try readHeader()
                 if h.flags.contains(.sync) {
+                    counters.add(counters.multifdBytes, UInt64(MultiFDPacketHeader.size))
                     barrier.synced.signal()
                     barrier.resume[id].wait()
                     if latch.hasFailed || barrier.quit.load(ordering: .acquiring) { return }
@@ -82,7 +83,7 @@ final class PacketReceiver: @unchecked Sendable {
         } catch {
             // After completion the source closes its channels: not a failure.
             if barrier.quit.load(ordering: .acquiring) { return }
-            latch.fail(error)
+            latch.failDeferringToPeer(error)
         }
     }
 

@@ -87,6 +87,9 @@ public final class SourceMigration: Sendable {
         var pool: MultiFDSend?
         var reader: WorkerThread?
         let lease = guest.map { LeaseKeeper(control: $0) }
+        // Set once `checkGuest` accepted the guest: only then may a failure
+        // touch its run state and throttle.
+        var ownsGuest = false
         defer {
             pool?.finish()
             for s in sockets { s.shutdown() }
@@ -95,21 +98,30 @@ public final class SourceMigration: Sendable {
             lease?.stop()
         }
         do throws(MigrationError) {
-            if let g = guest { try checkGuest(g) }
+            if let g = guest {
+                try checkGuest(g)
+                ownsGuest = true
+            }
             let session = SessionID.random()
             let main = try connect()
             let ctl = ControlChannel(socket: main, counters: counters)
             control = ctl
-            // The main socket is only half shut on failure so the error text
-            // can still be sent to the destination (see `reportFailure`).
-            latch.onFailure { [main] in main.shutdownReceive() }
+            // First waker: tell the destination why, before any socket is
+            // shut (a closed data channel would otherwise speak first). Then
+            // wake our main-channel reader.
+            latch.onFailure { [latch] in
+                if let e = latch.error, e.kind != .peer { ctl.sendErrorBestEffort(e) }
+                main.shutdownReceive()
+            }
             try handshake(ctl, session: session)
 
             for id in 0..<config.channels {
                 let s = try connect()
                 sockets.append(s)
                 latch.onFailure { [s] in s.shutdown() }
-                try send(ChannelHello(session: session, kind: .multifd, channelID: UInt16(id), channelCount: UInt16(config.channels)).encoded(), on: s)
+                try send(
+                    ChannelHello(session: session, kind: .multifd, channelID: UInt16(id), channelCount: UInt16(config.channels)).encoded(),
+                    on: s, counter: counters.multifdBytes)
             }
             let transports = makeTransports(sockets)
 
@@ -140,8 +152,7 @@ public final class SourceMigration: Sendable {
             return stats
         } catch {
             latch.fail(error)
-            if let g = guest { restore(g) }
-            reportFailure(control)
+            if let g = guest, ownsGuest { restore(g) }
             throw latch.error ?? error
         }
     }
@@ -154,7 +165,7 @@ public final class SourceMigration: Sendable {
     ) throws(MigrationError) {
         let policy = config.policy
         var judge = ConvergenceJudge(policy: policy)
-        var autoConverge = AutoConverge()
+        var autoConverge = AutoConverge(initial: policy.throttleInitial, increment: policy.throttleIncrement)
         let pageSize = ram.block.pageSize
         let precopyStart = Monotonic.now
         var round = 0
@@ -220,12 +231,20 @@ public final class SourceMigration: Sendable {
         // Every guest thread acknowledged the pause (acquire), so the state
         // bytes are complete and stable.
         let state = g.readState()
+        // The lease keeps the guest paused only while we renew it; if this
+        // process stalled past it, the guest resumed and the copy is stale.
+        guard g.runState == .pauseRequested else {
+            throw MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
+        }
         try ctl.send(.guestState(state))
         try ctl.send(.complete(summary(rounds: UInt64(round), guestStateBytes: UInt64(state.count))))
         try awaitConfirmation(completed)
         let downtime = Monotonic.now - pauseStart
         // The guest now lives on the destination: stop this copy for good.
-        g.setRunState(.migrated)
+        if !g.exchangeRunState(from: .pauseRequested, to: .migrated) {
+            warnings.withLock { $0.append("the source guest left the pause before it could be stopped; stop it by hand") }
+            g.setRunState(.migrated)
+        }
         g.sourcePID = 0
         lease.stop()
 
@@ -341,13 +360,13 @@ public final class SourceMigration: Sendable {
         }
     }
 
-    private func send(_ bytes: [UInt8], on socket: Socket) throws(MigrationError) {
+    private func send(_ bytes: [UInt8], on socket: Socket, counter: borrowing Atomic<UInt64>) throws(MigrationError) {
         do {
             try socket.sendAll(bytes)
         } catch {
             throw MigrationError(error)
         }
-        counters.add(counters.mainBytes, UInt64(bytes.count))
+        counters.add(counter, UInt64(bytes.count))
     }
 
     /// Main hello, then the RAM layout; each must be accepted.
@@ -356,7 +375,7 @@ public final class SourceMigration: Sendable {
         let hello = ChannelHello(
             session: session, kind: .main, channelID: 0, channelCount: UInt16(config.channels),
             flags: guest == nil ? [] : .guestState)
-        try send(hello.encoded(), on: ctl.socket)
+        try send(hello.encoded(), on: ctl.socket, counter: counters.mainBytes)
         try expect(.helloAccepted, on: ctl, while: "waiting for the destination to accept the hello")
         let block = ram.block
         try ctl.send(.ramLayout([RAMBlockLayout(name: block.name, size: block.size, pageSize: block.pageSize)]))
@@ -396,17 +415,11 @@ public final class SourceMigration: Sendable {
             }
         } catch {
             if error.kind == .peer {
-                latch.fail(MigrationError(.peer, "the destination closed the main channel before confirming completion (did it exit?)"))
+                latch.failDeferringToPeer(MigrationError(.peer, "the destination closed the main channel before confirming completion (did it exit?)"))
             } else {
                 latch.fail(error)
             }
         }
-    }
-
-    /// Best effort: tell the destination why we stop, unless it told us.
-    private func reportFailure(_ control: ControlChannel?) {
-        guard let ctl = control, let e = latch.error, e.kind != .peer else { return }
-        try? ctl.send(.error(e.description))
     }
 
     private func finishStats(_ s: inout MigrationStats, start: Double) {

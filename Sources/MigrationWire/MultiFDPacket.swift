@@ -82,9 +82,12 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         _ p: UnsafeRawPointer, limits: PacketLimits, expectedPacketNumber: UInt64
     ) throws(WireError) -> MultiFDPacketHeader {
         func be32(_ o: Int) -> UInt32 { UInt32(bigEndian: p.loadUnaligned(fromByteOffset: o, as: UInt32.self)) }
-        let what = "multifd packet \(expectedPacketNumber) on channel \(limits.channelID)"
+        // The message text is built only when a check fails: no allocation
+        // per packet on the receive path.
         func bad(_ field: String, _ value: String, _ reason: String) -> WireError {
-            WireError(message: what, field: field, value: value, reason: reason)
+            WireError(
+                message: "multifd packet \(expectedPacketNumber) on channel \(limits.channelID)", field: field, value: value,
+                reason: reason)
         }
         let magic = be32(0)
         guard magic == Self.magic else {

@@ -93,6 +93,25 @@ public final class Socket: Sendable {
         if let failure { throw failure }
     }
 
+    /// Waits for the first byte (within the receive timeout) without taking
+    /// it. False when the peer closed or reset before sending anything: a
+    /// port probe, not a migration.
+    public func peerSendsData() -> Bool {
+        var byte: UInt8 = 0
+        while true {
+            let n = recv(fd, &byte, 1, Int32(MSG_PEEK))
+            if n > 0 { return true }
+            if n < 0, errno == EINTR { continue }
+            if n < 0, errno == EAGAIN || errno == EWOULDBLOCK { return true }  // let the hello read time out with a message
+            return false
+        }
+    }
+
+    /// Sends what fits without blocking; the rest is dropped. For last words.
+    public func sendNonBlocking(_ bytes: [UInt8]) {
+        bytes.withUnsafeBytes { b in _ = send(fd, b.baseAddress, b.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+    }
+
     /// Reads exactly `count` bytes into a new array.
     public func receiveBytes(_ count: Int, what: @autoclosure () -> String) throws(SocketError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
@@ -197,10 +216,14 @@ public final class Listener: Sendable {
     public init(_ address: SocketAddress, backlog: Int32 = 64) throws(SocketError) {
         self.address = address
         if case .unix(let path) = address, access(path, F_OK) == 0 {
+            var st = stat()
+            guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFSOCK else {
+                throw SocketError(.addressInUse, "cannot listen on \(address): \(path) exists and is not a socket; choose another path")
+            }
             if (try? Socket.connect(to: address)) != nil {
                 throw SocketError(.addressInUse, "cannot listen on \(address): another program is accepting there; choose another path")
             }
-            unlink(path)
+            unlink(path)  // a stale socket file nobody accepts on
         }
         fd = try address.withSockaddr { sa, len, family throws(SocketError) in
             let fd = Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)

@@ -230,6 +230,9 @@ public final class StressGuest: Sendable {
                 let busy = Double(now - busySince)
                 sleepInterruptibly(busy * Double(percent) / Double(100 - percent))
                 busySince = monotonicNanoseconds()
+                // Time asleep for the throttle is not time the rate pacing
+                // may catch up on, or the throttle would be undone in a burst.
+                paceStart += busySince - now
             } else if percent == 0 {
                 busySince = now
             }

@@ -35,6 +35,12 @@ struct SendCommand: ParsableCommand {
     @Flag(help: "Throttle the guest when it dirties faster than we send (QEMU's auto-converge).")
     var autoConverge = false
 
+    @Option(help: "First auto-converge throttle, percent (QEMU cpu-throttle-initial).")
+    var throttleInitial: UInt32 = 20
+
+    @Option(help: "Auto-converge throttle step, percent (QEMU cpu-throttle-increment).")
+    var throttleIncrement: UInt32 = 10
+
     @Option(help: "Fail when not converged after this many rounds.")
     var maxRounds: Int?
 
@@ -50,6 +56,9 @@ struct SendCommand: ParsableCommand {
         if let b = maxBandwidth, parseRate(b) == nil || parseRate(b) == 0 { throw ValidationError("--max-bandwidth: '\(b)' is not a rate (e.g. 512MiB/s)") }
         if let t = timeout, parseDuration(t) == nil { throw ValidationError("--timeout: '\(t)' is not a duration (e.g. 30s)") }
         if let m = maxRounds, m < 1 { throw ValidationError("--max-rounds must be at least 1") }
+        guard (1...99).contains(throttleInitial), (1...99).contains(throttleIncrement) else {
+            throw ValidationError("--throttle-initial and --throttle-increment must be from 1 to 99")
+        }
         if guest == nil, autoConverge || maxRounds != nil || timeout != nil || maxBandwidth != nil {
             throw ValidationError("--auto-converge, --max-rounds, --timeout and --max-bandwidth apply to live migration: add --guest CONTROL")
         }
@@ -66,8 +75,10 @@ struct SendCommand: ParsableCommand {
         var config = SourceConfig(address: address, channels: common.channels)
         config.useRing = !noIoUring
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
-        config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map(Double.init)
+        config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge
+        config.policy.throttleInitial = throttleInitial
+        config.policy.throttleIncrement = throttleIncrement
         config.policy.maxRounds = maxRounds
         config.policy.timeout = timeout.flatMap(parseDuration)
         var control: GuestControl?

@@ -194,7 +194,7 @@ struct MainMessageTests {
         expectWireError(field: "length", value: "3") { _ = try Self.decodePayload(type: 1, [1, 2, 3]) }
         expectWireError(field: "length", value: "1") { _ = try Self.decodePayload(type: 3, [0]) }
         expectWireError(field: "length", value: "1") { _ = try Self.decodePayload(type: 7, [0]) }
-        expectWireError(field: "length", value: "33") { _ = try Self.decodePayload(type: 6, [UInt8](repeating: 1, count: 33)) }
+        expectWireError(field: "length", value: "41") { _ = try Self.decodePayload(type: 6, [UInt8](repeating: 1, count: 41)) }
         let layout = be(UInt32(1)) + Self.block(nameBytes: [0x61], size: 4096, pageSize: 4096) + [0, 0]
         expectWireError(field: "length", value: "\(layout.count)") {
             _ = try Self.decodePayload(type: Self.ramLayoutType, layout)
