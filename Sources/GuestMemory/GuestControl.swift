@@ -161,12 +161,15 @@ public final class GuestControl: @unchecked Sendable {
         let version = p.load(fromByteOffset: 8, as: UInt32.self)
         pageSize = p.load(fromByteOffset: 16, as: UInt64.self)
         ramSize = p.load(fromByteOffset: 24, as: UInt64.self)
-        let words = Int(p.load(fromByteOffset: 40, as: UInt64.self))
-        let stateOff = Int(p.load(fromByteOffset: 48, as: UInt64.self))
+        let words = p.load(fromByteOffset: 40, as: UInt64.self)
+        let stateOff = p.load(fromByteOffset: 48, as: UInt64.self)
+        // Every header field is bounded before it is converted or used in
+        // arithmetic: a random file must fail with a message, not trap.
         let valid =
-            magic == Self.magic && version == Self.version && pageSize >= 4096 && ramSize > 0 && ramSize % pageSize == 0
-            && words == DirtyBitmap.wordCount(pages: Int(ramSize / pageSize))
-            && stateOff == Self.stateOffset(ramSize: ramSize, pageSize: pageSize)
+            magic == Self.magic && version == Self.version && pageSize >= 4096 && pageSize <= 1 << 30
+            && pageSize & (pageSize - 1) == 0 && ramSize > 0 && ramSize <= 1 << 50 && ramSize % pageSize == 0
+            && words == UInt64(DirtyBitmap.wordCount(pages: Int(ramSize / pageSize)))
+            && stateOff == UInt64(Self.stateOffset(ramSize: ramSize, pageSize: pageSize))
             && length >= Self.fileSize(ramSize: ramSize, pageSize: pageSize)
         guard valid else {
             munmap(p, length)
@@ -224,6 +227,14 @@ public final class GuestControl: @unchecked Sendable {
         get { lm_atomic_load_acquire_u32(word32(72)) }
         set { lm_atomic_store_release_u32(word32(72), newValue) }
     }
+
+    /// Starts a run: no thread has acknowledged anything yet (a guest killed
+    /// while paused leaves its acknowledgements behind).
+    public func resetPauseAcknowledgements() { lm_atomic_store_release_u32(word32(76), 0) }
+
+    /// Wakes every thread waiting on the run-state word without changing it
+    /// (they re-check their own stop conditions).
+    public func wakeWaiters() { _ = lm_futex_wake(word32(64), Int32.max) }
 
     /// A guest thread ends: a pause no longer waits for it.
     public func threadExited() { _ = lm_atomic_fetch_add_u32(word32(72), UInt32.max) }

@@ -13,7 +13,10 @@ public struct CounterVerifier {
         public var page: Int
         public var expected: UInt64
         public var found: UInt64
-        public var description: String { "page \(page) (offset 0x\(String(page * 4096, radix: 16))): counter \(found), expected \(expected)" }
+        public var pageSize: UInt64 = 4096
+        public var description: String {
+            "page \(page) (offset 0x\(String(UInt64(page) * pageSize, radix: 16))): counter \(found), expected \(expected)"
+        }
     }
 
     /// The verdict: bad pages (the first `limit`), and how many in all.
@@ -38,7 +41,7 @@ public struct CounterVerifier {
                 report.pagesChecked += 1
                 if found != expected {
                     report.badCount += 1
-                    if report.firstBad.count < limit { report.firstBad.append(BadPage(page: page, expected: expected, found: found)) }
+                    if report.firstBad.count < limit { report.firstBad.append(BadPage(page: page, expected: expected, found: found, pageSize: pageSize)) }
                 }
             }
         }

@@ -38,7 +38,8 @@ public struct StressOutcome: Sendable {
     public var threads: Int
     /// Times the guest resumed by itself because the pausing source vanished.
     public var selfResumes: Int
-    public var bytesPerSecond: Double { seconds > 0 ? Double(pagesWritten) * 4096 / seconds : 0 }
+    public var pageSize: UInt64
+    public var bytesPerSecond: Double { seconds > 0 ? Double(pagesWritten) * Double(pageSize) / seconds : 0 }
 }
 
 /// The stress guest: threads that write guest RAM, mark each written page
@@ -81,6 +82,9 @@ public final class StressGuest: Sendable {
             options.pattern = loaded.pattern
             options.threads = loaded.threads
         } else {
+            guard options.threads >= 1, options.threads <= ram.block.pageCount else {
+                throw GuestMemoryError("\(options.threads) threads need at least as many pages; \(ram.path) has \(ram.block.pageCount)")
+            }
             let s = StressState(pattern: options.pattern, threads: options.threads, pageCount: ram.block.pageCount, seed: options.seed)
             if s.pattern == .counter {
                 // Counter invariant at (pass 0, position 0): every counter is 0.
@@ -96,11 +100,16 @@ public final class StressGuest: Sendable {
     }
 
     /// Asks the threads to finish their current batch and stop.
-    public func stop() { stopFlag.store(true, ordering: .relaxed) }
+    public func stop() {
+        stopFlag.store(true, ordering: .relaxed)
+        // Threads sleeping for pacing or throttle wait on the run-state word.
+        control.wakeWaiters()
+    }
 
     /// Runs the threads until the duration passes, `stop()`, or migration.
     public func run() -> StressOutcome {
         control.throttlePercent = 0
+        control.resetPauseAcknowledgements()
         control.guestPID = getpid()
         control.guestThreads = UInt32(options.threads)
         control.setRunState(.running)
@@ -121,7 +130,7 @@ public final class StressGuest: Sendable {
         let end: StressEnd = all.contains(.migrated) ? .migrated : (all.contains(.stopped) ? .stopped : .duration)
         return StressOutcome(
             end: end, pagesWritten: written - startWritten, seconds: seconds, pattern: options.pattern,
-            threads: options.threads, selfResumes: selfResumes.load(ordering: .relaxed))
+            threads: options.threads, selfResumes: selfResumes.load(ordering: .relaxed), pageSize: ram.block.pageSize)
     }
 
     /// One guest thread. Writes in batches of `batch` pages; between batches

@@ -125,7 +125,7 @@ public struct StressState: Sendable {
             return .failure(GuestMemoryError("the control file holds no stress-guest state (\(bytes.count) bytes); was this guest started by livemig stress?"))
         }
         guard let code = get(12, UInt32.self), let threads = get(16, UInt32.self), let hot = get(24, UInt64.self),
-            let pages = get(32, UInt64.self), threads >= 1, threads <= 256, pages >= UInt64(threads),
+            let pages = get(32, UInt64.self), threads >= 1, threads <= 256, pages >= UInt64(threads), pages <= 1 << 40,
             bytes.count >= headerSize + Int(threads) * slotSize
         else {
             return .failure(GuestMemoryError("the stress-guest state in the control file is truncated or corrupt"))
@@ -134,7 +134,12 @@ public struct StressState: Sendable {
         switch code {
         case 0: pattern = .random
         case 1: pattern = .sequential
-        case 2: pattern = .hotset(Double(bitPattern: hot))
+        case 2:
+            let f = Double(bitPattern: hot)
+            guard f > 0, f <= 1 else {
+                return .failure(GuestMemoryError("the stored hot fraction \(f) is outside (0, 1]; the guest state is corrupt"))
+            }
+            pattern = .hotset(f)
         case 3: pattern = .counter
         default: return .failure(GuestMemoryError("unknown stress pattern code \(code) in the guest state"))
         }
@@ -142,6 +147,11 @@ public struct StressState: Sendable {
         for t in 0..<Int(threads) {
             let o = headerSize + t * slotSize
             s.slots[t] = Slot(pass: get(o, UInt64.self)!, position: get(o + 8, UInt64.self)!, rng: get(o + 16, UInt64.self)!, pagesWritten: get(o + 24, UInt64.self)!)
+            let sliceCount = UInt64(slice(t, threads: Int(threads), pageCount: Int(pages)).count)
+            let ordered = pattern == .counter || pattern == .sequential
+            guard !ordered || s.slots[t].position < sliceCount else {
+                return .failure(GuestMemoryError("thread \(t)'s stored position \(s.slots[t].position) is outside its \(sliceCount)-page slice; the guest state is corrupt"))
+            }
         }
         return .success(s)
     }

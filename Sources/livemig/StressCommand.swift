@@ -11,7 +11,7 @@ struct StressCommand: ParsableCommand {
         commandName: "stress",
         abstract: "Run a guest that writes its RAM file and marks dirty pages, obeying migration control.",
         discussion: """
-            Creates the control file (and, with --size, the RAM file) when absent. Patterns: random, \
+            Creates the control file (and, with --size, the RAM file, preallocated) when absent. Patterns: random, \
             sequential, hotset:F (a fraction F of pages gets 90% of the writes), counter (QEMU's a-b test: \
             pass after pass, +1 to the counter in the first 8 bytes of each page, in order). \
             It exits when --duration passes, on SIGINT/SIGTERM, or when its migration completes \
@@ -45,7 +45,10 @@ struct StressCommand: ParsableCommand {
         let controlFile: GuestControl
         do {
             if let s = size.flatMap(parseSize), !FileManager.default.fileExists(atPath: ram) {
+                // A new guest's RAM is allocated up front, as QEMU's
+                // memory-backend prealloc=on does: a guest owns its memory.
                 ramFile = try RAMFile.create(path: FilePath(ram), size: s)
+                try ramFile.populate(forWriting: true)
             } else {
                 ramFile = try RAMFile(path: FilePath(ram), access: .readWrite)
             }

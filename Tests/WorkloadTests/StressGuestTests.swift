@@ -43,7 +43,9 @@ struct StressGuestTests {
             guest.stop()
             if wait(0) == nil {
                 guest.control.setRunState(.migrated)
-                if wait(30) == nil { fatalError("the stress guest did not stop") }
+                // (Deleting the files under a guest that still runs is safe:
+                // its mappings keep them alive.)
+                if wait(30) == nil { Issue.record("the stress guest did not stop within 30 s of .migrated") }
             }
         }
     }
@@ -207,9 +209,7 @@ struct StressGuestTests {
             options.threads = 2
             // Never run() it: thread 0 gets an empty slice (random: division
             // by zero; counter: writes past the RAM).
-            withKnownIssue("StressGuest.init accepts threads > pages; StressState.decode refuses such a state") {
-                #expect(throws: GuestMemoryError.self) { try StressGuest(ram: ram, control: control, options: options) }
-            }
+            #expect(throws: GuestMemoryError.self) { try StressGuest(ram: ram, control: control, options: options) }
         }
     }
 
@@ -225,9 +225,7 @@ struct StressGuestTests {
             defer { runner.shutDown() }
             #expect(waitUntil(5) { control.bitmap.dirtyCount() > 0 })
             // Else the next source sees every thread "paused" while all write.
-            withKnownIssue("StressGuest.run() does not reset pausedThreads") {
-                #expect(control.pausedThreads == 0)
-            }
+            #expect(control.pausedThreads == 0)
         }
     }
 

@@ -58,7 +58,9 @@ struct StressStateTests {
         for t in 0..<threads {
             let x = UInt64(t)
             s.slots[t].pass = 1000 + x
-            s.slots[t].position = 3 * x + 1
+            // Within the slice: a stored position past it is corrupt.
+            let slice = UInt64(StressState.slice(t, threads: threads, pageCount: pageCount).count)
+            s.slots[t].position = (3 * x + 1) % slice
             s.slots[t].rng = 0xDEAD_BEEF_0000_0000 | x
             s.slots[t].pagesWritten = UInt64.max - x
         }
@@ -176,8 +178,17 @@ struct StressStateTests {
         let few = settingLE64(Self.sample(.counter, threads: 4, pageCount: 100).encoded(), 3, at: 32)
         #expect(Self.decodeError(few)?.description.contains("truncated or corrupt") == true)
         // Exactly one page per thread is fine.
-        let one = settingLE64(Self.sample(.counter, threads: 4, pageCount: 100).encoded(), 4, at: 32)
+        let one = Self.sample(.counter, threads: 4, pageCount: 4).encoded()
         #expect(Self.decoded(one)?.pageCount == 4)
+    }
+
+    @Test func positionOutsideTheSliceIsCorrupt() throws {
+        // A resumed counter guest would write past its slice (past the RAM
+        // for the last thread).
+        let base = Self.sample(.counter, threads: 2, pageCount: 100).encoded()
+        let bad = settingLE64(base, 50, at: StressState.headerSize + StressState.slotSize + 8)
+        let e = try #require(Self.decodeError(bad))
+        #expect(e.description.contains("outside its 50-page slice"), "\(e)")
     }
 
     @Test func moreThreadsThanSlotsIsTruncated() throws {
@@ -190,11 +201,9 @@ struct StressStateTests {
     func hotFractionIsValidated() {
         // The guest computes its hot set as slice × F: F > 1 writes past its
         // slice (past the RAM for the last thread), NaN or a negative F traps.
-        withKnownIssue("StressState.decode does not check the hot fraction") {
-            for f in [2.0, 0, -0.5, .nan, .infinity] {
-                let bytes = settingLE64(Self.sample(.hotset(0.5), threads: 2, pageCount: 100).encoded(), f.bitPattern, at: 24)
-                #expect((try? StressState.decode(bytes).get()) == nil, "hot fraction \(f) accepted")
-            }
+        for f in [2.0, 0, -0.5, .nan, .infinity] {
+            let bytes = settingLE64(Self.sample(.hotset(0.5), threads: 2, pageCount: 100).encoded(), f.bitPattern, at: 24)
+            #expect((try? StressState.decode(bytes).get()) == nil, "hot fraction \(f) accepted")
         }
     }
 
