@@ -86,13 +86,13 @@ struct lm_ring {
     struct msghdr msgs[]; // one per slot, alive until its completion
 };
 
-lm_ring *lm_ring_create(unsigned entries, int *err) {
+lm_ring *lm_ring_create(unsigned entries, unsigned flags, int *err) {
     lm_ring *r = calloc(1, sizeof(lm_ring) + entries * sizeof(struct msghdr));
     if (!r) {
         *err = -ENOMEM;
         return NULL;
     }
-    int rc = io_uring_queue_init(entries, &r->ring, 0);
+    int rc = io_uring_queue_init(entries, &r->ring, flags);
     if (rc < 0) {
         free(r);
         *err = rc;

@@ -31,9 +31,15 @@
 /// One io_uring ring owned by one thread.
 typedef struct lm_ring lm_ring;
 
-/// io_uring_queue_init(entries). Returns NULL and sets *err to -errno on
-/// failure (-ENOSYS under a seccomp filter, -EPERM when io_uring_disabled).
-lm_ring *lm_ring_create(unsigned entries, int *err);
+/// Ring setup flags (values from the uapi header).
+#define LM_IORING_SETUP_COOP_TASKRUN (1U << 8)
+#define LM_IORING_SETUP_SINGLE_ISSUER (1U << 12)
+#define LM_IORING_SETUP_DEFER_TASKRUN (1U << 13)
+
+/// io_uring_queue_init(entries, flags). Returns NULL and sets *err to
+/// -errno on failure (-ENOSYS under a seccomp filter, -EPERM when
+/// io_uring_disabled, -EINVAL for flags the kernel does not know).
+lm_ring *lm_ring_create(unsigned entries, unsigned flags, int *err);
 /// io_uring_queue_exit and free.
 void lm_ring_destroy(lm_ring *ring);
 /// Number of submission slots (the `entries` the ring was made with).
