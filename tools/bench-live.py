@@ -4,8 +4,8 @@ baseline measured in the same run.
 
 1. Baseline: the idle 1 GiB migration (no guest writing), timed as the
    `send` process, median of N runs.
-2. Live: a `livemig stress` guest writing `random` pages at 256 MiB/s with 2
-   threads, 2 channels over loopback TCP, --downtime-limit 300ms: every run
+2. Live: a `livemig stress` guest, its RAM the same random 1 GiB image,
+   writing `random` pages at 256 MiB/s with 2 threads, 2 channels over loopback TCP, --downtime-limit 300ms: every run
    must complete with measured downtime <= 300 ms and total time <= 2x the
    idle median.
 3. Hard: the guest at 1 GiB/s with --max-bandwidth 512MiB/s --auto-converge:
@@ -14,11 +14,12 @@ baseline measured in the same run.
 Every run checks that the destination RAM equals the source RAM at the pause.
 usage: tools/bench-live.py [--size-mib 1024] [--runs 5] [--no-build]
 """
-import argparse, filecmp, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, filecmp, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, ".build", "release", "livemig")
 PORT = [46000]
+IDLE_IMAGE = [""]
 
 
 def port():
@@ -52,7 +53,10 @@ def live_run(d, size, rate, extra):
     for p in (src, ctl, dst, dctl):
         if os.path.exists(p):
             os.unlink(p)
-    g = subprocess.Popen([BIN, "stress", "--ram", src, "--control", ctl, "--size", f"{size}B", "--pattern", "random",
+    # The guest's RAM starts as the same kind of image the idle run moves
+    # (random bytes in every page), so the comparison is like for like.
+    shutil.copyfile(IDLE_IMAGE[0], src)
+    g = subprocess.Popen([BIN, "stress", "--ram", src, "--control", ctl, "--pattern", "random",
                           "--threads", "2", "--rate", rate], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if "guest started" not in g.stderr.readline():
         sys.exit("guest did not start")
@@ -89,6 +93,7 @@ def main():
     ok = True
     try:
         src, dst = os.path.join(d, "idle-src.ram"), os.path.join(d, "idle-dst.ram")
+        IDLE_IMAGE[0] = src
         with open("/dev/urandom", "rb") as rd, open(src, "wb") as w:
             for _ in range(a.size_mib // 64):
                 w.write(rd.read(64 << 20))
@@ -98,7 +103,6 @@ def main():
                 os.unlink(dst)
             idle.append(idle_run(src, dst, size))
             print(f"idle  run {i + 1}: {idle[-1]:.3f} s", flush=True)
-        os.unlink(src)
         os.unlink(dst)
         base = statistics.median(idle)
         print(f"idle median: {base:.3f} s -> live budget 2x = {2 * base:.3f} s\n", flush=True)
