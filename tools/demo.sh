@@ -1,33 +1,45 @@
 #!/usr/bin/env bash
 # The built-in demo: installs what is missing, builds livemig in release mode,
-# and migrates a 256 MiB RAM file (random, text-like and zero pages) from one
-# process to another over loopback TCP with 2 channels, printing the stats of
-# both sides and checking the copy is byte-identical.
+# starts a 256 MiB stress guest (counter pattern: QEMU's a-b test workload),
+# migrates it live over loopback TCP with 2 channels while it writes, checks
+# the destination page by page, resumes the guest there and checks it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
 swift build -c release --product livemig >/dev/null
-bin=.build/release/livemig
+bin=$PWD/.build/release/livemig
 dir=$(mktemp -d /dev/shm/livemig-demo.XXXXXX 2>/dev/null || mktemp -d)
-trap 'kill $recv 2>/dev/null || true; rm -rf "$dir"' EXIT
-python3 - "$dir/src.ram" <<'PY'
-import os, sys
-page = 4096
-with open(sys.argv[1], "wb") as f:
-    for i in range(65536):
-        k = i % 4
-        if k < 2: f.write(bytes(page))                       # zero pages
-        elif k == 2: f.write(((b"livemig demo page %08d " % i) * 160)[:page])  # text-like
-        else: f.write(os.urandom(page))                      # random
-PY
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"' EXIT
+cd "$dir"
 port=$((20000 + RANDOM % 20000))
-$bin receive --ram "$dir/dst.ram" --size 256MiB --listen "tcp:127.0.0.1:$port" --channels 2 2>"$dir/recv.err" >"$dir/recv.out" &
-recv=$!
-until grep -q listening "$dir/recv.err" 2>/dev/null; do
-  kill -0 $recv 2>/dev/null || { cat "$dir/recv.err" >&2; exit 1; }
+
+echo "== source guest: 256 MiB, counter pattern, 2 threads dirtying 200 MiB/s"
+"$bin" stress --ram src.ram --control src.ctl --size 256MiB --pattern counter --threads 2 --rate 200MiB/s >guest.out 2>&1 &
+pids+=($!); guest=$!
+sleep 1
+
+echo "== destination: listening with its own RAM file and control file"
+"$bin" receive --ram dst.ram --size 256MiB --guest dst.ctl --listen "tcp:127.0.0.1:$port" >recv.out 2>recv.err &
+pids+=($!); recv=$!
+until grep -q listening recv.err 2>/dev/null; do
+  kill -0 $recv 2>/dev/null || { cat recv.err >&2; exit 1; }
   sleep 0.05
 done
-$bin send --ram "$dir/src.ram" --to "tcp:127.0.0.1:$port" --channels 2
+
+echo "== live migration (send --guest), statistics of the source:"
+"$bin" send --ram src.ram --guest src.ctl --to "tcp:127.0.0.1:$port" --events rounds.jsonl
 wait $recv
-cat "$dir/recv.out"
-cmp "$dir/src.ram" "$dir/dst.ram" && echo "demo: destination RAM is byte-identical to the source"
+echo "== statistics of the destination:"
+cat recv.out
+wait $guest || true
+echo "== the source guest:"
+cat guest.out
+echo "== per-round events:"
+cat rounds.jsonl
+echo "== checks:"
+cmp src.ram dst.ram && echo "destination RAM is byte-identical to the source RAM at the pause"
+"$bin" verify --ram dst.ram --control dst.ctl
+echo "== resuming the guest on the destination for 1 s:"
+"$bin" stress --ram dst.ram --control dst.ctl --resume --duration 1s --rate 200MiB/s
+"$bin" verify --ram dst.ram --control dst.ctl

@@ -466,6 +466,8 @@ final class LeaseKeeper: Sendable {
     private let control: GuestControl
     private let running = Atomic<Bool>(false)
     private let thread = Mutex<WorkerThread?>(nil)
+    /// Posted by `stop()` so the renewal sleep ends at once.
+    private let wake = DispatchSemaphore(value: 0)
 
     init(control: GuestControl) { self.control = control }
 
@@ -475,14 +477,15 @@ final class LeaseKeeper: Sendable {
         let t = WorkerThread(name: "mig/lease") { [self] in
             while running.load(ordering: .relaxed) {
                 control.renewLease()
-                usleep(100_000)
+                _ = wake.wait(timeout: .now() + .milliseconds(100))
             }
         }
         thread.withLock { $0 = t }
     }
 
     func stop() {
-        running.store(false, ordering: .relaxed)
+        guard running.exchange(false, ordering: .relaxed) else { return }
+        wake.signal()
         if let t = thread.withLock({ t -> WorkerThread? in
             let x = t
             t = nil
