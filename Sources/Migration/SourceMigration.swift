@@ -24,6 +24,9 @@ public struct SourceConfig: Sendable {
     public var pauseTimeout = 5.0
     /// Convergence rules for a live guest.
     public var policy = ConvergencePolicy()
+    /// Test hook: hold the guest paused this long before the final round,
+    /// so a test can kill the source while it holds the pause.
+    public var testHoldPause: Double?
 
     public init(address: SocketAddress, channels: Int) {
         self.address = address
@@ -225,6 +228,7 @@ public final class SourceMigration: Sendable {
         let precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
         let pauseStart = Monotonic.now
         try pause(g, lease: lease)
+        if let hold = config.testHoldPause { usleep(UInt32(hold * 1e6)) }
         round += 1
         _ = try sendRound(g.bitmap, through: multifd, limit: nil)
         try ctl.send(.endOfRound(round: UInt64(round)))

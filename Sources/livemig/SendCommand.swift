@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import GuestMemory
 import Migration
 import SystemPackage
@@ -77,6 +78,7 @@ struct SendCommand: ParsableCommand {
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge
+        config.testHoldPause = ProcessInfo.processInfo.environment["LIVEMIG_TEST_HOLD_PAUSE"].flatMap(Double.init)
         config.policy.throttleInitial = throttleInitial
         config.policy.throttleIncrement = throttleIncrement
         config.policy.maxRounds = maxRounds

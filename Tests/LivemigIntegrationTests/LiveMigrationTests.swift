@@ -215,6 +215,41 @@ struct LiveMigrationTests {
         #expect(try verify(rig.src, rig.srcCtl).status == 0)
     }
 
+    @Test("the source dies while the guest is paused: the guest resumes by itself after the lease")
+    func sourceDiesDuringPause() throws {
+        let rig = try Rig()
+        try rig.startGuest(pattern: "counter", rate: "128MiB/s")
+        try rig.startReceiver()
+        let sender = try LivemigProcess(
+            ["send", "--ram", rig.src, "--to", rig.addr, "--guest", rig.srcCtl, "--events", rig.events],
+            env: ["LIVEMIG_TEST_HOLD_PAUSE": "30"])
+        // The switchover event is written just before the pause request.
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline, (try? String(contentsOfFile: rig.events, encoding: .utf8))?.contains("switchover") != true {
+            usleep(10_000)
+        }
+        usleep(300_000)
+        // Paused: the RAM does not change.
+        let a = try Data(contentsOf: URL(fileURLWithPath: rig.src))
+        usleep(200_000)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: rig.src)) == a, "the guest should be paused now")
+        kill(sender.pid, SIGKILL)
+        sender.wait()
+        // Within the 2 s lease (plus slack) the guest writes again.
+        var resumed = false
+        let until = Date().addingTimeInterval(6)
+        while Date() < until, !resumed {
+            usleep(200_000)
+            resumed = try Data(contentsOf: URL(fileURLWithPath: rig.src)) != a
+        }
+        #expect(resumed, "the guest stayed paused after its source died")
+        #expect(rig.guest!.process.isRunning)
+        let g = rig.stopGuest()
+        #expect(g?.stdout.contains("resumed by itself") == true, "\(g?.stdout ?? "")")
+        #expect(try verify(rig.src, rig.srcCtl).status == 0)
+        _ = rig.receiver!.wait(timeout: 20)
+    }
+
     @Test("a live source and a destination without --guest disagree clearly")
     func guestFlagMismatch() throws {
         let rig = try Rig()
