@@ -178,6 +178,7 @@ public final class SourceMigration: Sendable {
         g.bitmap.markAll()
         while true {
             round += 1
+            progress.round.store(UInt64(round), ordering: .relaxed)
             let t0 = Monotonic.now
             let bytes0 = counters.read(counters.multifdBytes)
             let pages = try sendRound(g.bitmap, through: multifd, limit: policy.maxBandwidth)
@@ -200,7 +201,6 @@ public final class SourceMigration: Sendable {
                 round: round, start: t0 - precopyStart, duration: seconds, bytes: bytes, pages: UInt64(pages),
                 remaining: remaining, bandwidth: judge.bandwidth, dirtyPagesRate: seconds > 0 ? Double(dirty) / seconds : 0,
                 expectedDowntime: expected.isFinite ? expected : -1, throttle: g.throttlePercent)
-            progress.round.store(UInt64(round), ordering: .relaxed)
             progress.remainingBytes.store(remaining, ordering: .relaxed)
             progress.dirtyPagesRate.store(UInt64(record.dirtyPagesRate), ordering: .relaxed)
             progress.throttle.store(g.throttlePercent, ordering: .relaxed)

@@ -65,7 +65,7 @@ final class ProgressLine: Sendable {
                 let bytes = counters.read(counters.multifdBytes)
                 let t = Monotonic.now - started
                 let rate = t > 0 ? Double(bytes) / t / 1e9 : 0
-                var line = "\r\(role): \(formatBytes(pages &* 4096)) of \(formatBytes(total())) moved, \(String(format: "%.2f", rate)) GB/s"
+                var line = "\r\(role): \(formatBytes(pages &* 4096)) of \(formatBytes(total())) sent, \(String(format: "%.2f", rate)) GB/s"
                 if let live {
                     line += ", round \(live.round.load(ordering: .relaxed)), remaining \(formatBytes(live.remainingBytes.load(ordering: .relaxed)))"
                     line += ", dirty \(formatBytes(live.dirtyPagesRate.load(ordering: .relaxed) &* 4096))/s"
