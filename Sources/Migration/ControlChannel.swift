@@ -45,12 +45,8 @@ public final class ControlChannel: Sendable {
             let payload = try socket.receiveBytes(frame.length, what: what)
             counters?.add(counters!.mainBytes, UInt64(MainMessage.frameHeaderSize + frame.length))
             return try payload.withUnsafeBytes { try MainMessage.decode(type: frame.type, payload: $0) }
-        } catch let e as SocketError {
-            throw MigrationError(e)
-        } catch let e as WireError {
-            throw MigrationError(e)
         } catch {
-            throw MigrationError(.local, "\(error)")
+            throw MigrationError(converting: error)
         }
     }
 }

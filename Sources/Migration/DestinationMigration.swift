@@ -117,19 +117,9 @@ public final class DestinationMigration: Sendable {
             }
             let rounds = try serveControl(ctl, barrier: barrier, arrived: arrived, ram: ram)
             var s = MigrationStats(status: .completed)
-            let elapsed = Monotonic.now - start
-            s.totalTime = UInt64(elapsed * 1000)
+            s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
             s.setupTime = UInt64(setupTime * 1000)
-            s.channels = config.channels
-            s.ram.total = ram.block.size
-            s.ram.pageSize = ram.block.pageSize
-            s.ram.normal = counters.read(counters.normalPages)
-            s.ram.duplicate = counters.read(counters.zeroPages)
-            s.ram.normalBytes = s.ram.normal * ram.block.pageSize
-            s.ram.multifdBytes = counters.read(counters.multifdBytes)
-            s.ram.transferred = s.ram.multifdBytes + counters.read(counters.mainBytes)
             s.ram.dirtySyncCount = rounds
-            s.ram.computeRates(seconds: elapsed)
             return s
         } catch {
             latch.fail(error)
@@ -183,12 +173,8 @@ public final class DestinationMigration: Sendable {
         do {
             let bytes = try s.receiveBytes(ChannelHello.size, what: "reading a channel hello")
             return try bytes.withUnsafeBytes { try ChannelHello.decode($0) }
-        } catch let e as SocketError {
-            throw MigrationError(e)
-        } catch let e as WireError {
-            throw MigrationError(e)
         } catch {
-            throw MigrationError(.local, "\(error)")
+            throw MigrationError(converting: error)
         }
     }
 

@@ -38,4 +38,15 @@ public struct MigrationError: Error, CustomStringConvertible, Sendable {
 
     public init(_ e: WireError) { self.init(.protocolViolation, e.description) }
     public init(_ e: GuestMemoryError) { self.init(.local, e.description) }
+
+    /// Converts whatever a mixed `do` block threw (sockets, wire, memory).
+    public init(converting error: any Error) {
+        switch error {
+        case let e as MigrationError: self = e
+        case let e as SocketError: self.init(e)
+        case let e as WireError: self.init(e)
+        case let e as GuestMemoryError: self.init(e)
+        default: self.init(.local, "\(error)")
+        }
+    }
 }

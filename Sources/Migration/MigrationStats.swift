@@ -1,3 +1,5 @@
+import GuestMemory
+
 /// Statistics in QEMU `query-migrate` terms (DESIGN.md §6). Times are in
 /// milliseconds, sizes in bytes, `mbps` in megabits per second, as QEMU.
 public struct MigrationStats: Encodable, Sendable {
@@ -19,6 +21,20 @@ public struct MigrationStats: Encodable, Sendable {
     public var errorDesc: String?
 
     public init(status: Status) { self.status = status }
+
+    /// Fills the totals both ends report alike from their counters.
+    mutating func fillTransfer(_ counters: TransferCounters, block: RAMBlock, channels: Int, elapsed: Double) {
+        totalTime = UInt64(elapsed * 1000)
+        self.channels = channels
+        ram.total = block.size
+        ram.pageSize = block.pageSize
+        ram.normal = counters.read(counters.normalPages)
+        ram.duplicate = counters.read(counters.zeroPages)
+        ram.normalBytes = ram.normal * block.pageSize
+        ram.multifdBytes = counters.read(counters.multifdBytes)
+        ram.transferred = ram.multifdBytes + counters.read(counters.mainBytes)
+        ram.computeRates(seconds: elapsed)
+    }
 
     enum CodingKeys: String, CodingKey {
         case status, ram, channels, downtime

@@ -93,12 +93,8 @@ final class PacketReceiver: @unchecked Sendable {
             let h = try MultiFDPacketHeader.decode(header, limits: limits, expectedPacketNumber: expectedPacket)
             expectedPacket += 1
             return h
-        } catch let e as SocketError {
-            throw MigrationError(e)
-        } catch let e as WireError {
-            throw MigrationError(e)
         } catch {
-            throw MigrationError(.local, "\(error)")
+            throw MigrationError(converting: error)
         }
     }
 
@@ -123,12 +119,8 @@ final class PacketReceiver: @unchecked Sendable {
             if normal > 0 {
                 try socket.receiveExact(iov, count: n, total: Int(h.payloadSize), what: "reading page data on channel \(id)")
             }
-        } catch let e as SocketError {
-            throw MigrationError(e)
-        } catch let e as WireError {
-            throw MigrationError(e)
         } catch {
-            throw MigrationError(.local, "\(error)")
+            throw MigrationError(converting: error)
         }
         // A zero page must end zero even over older content; reading first
         // avoids dirtying (and allocating) pages that already are.

@@ -329,10 +329,8 @@ public final class SourceMigration: Sendable {
                 pages.append(offset: UInt64(page) &* pageSize, block: 0)
                 count += 1
             }
-        } catch let e as MigrationError {
-            throw e
         } catch {
-            throw MigrationError(.local, "\(error)")
+            throw MigrationError(converting: error)
         }
         if !pages.isEmpty { try multifd.send(&pages) }
         try multifd.sync()
@@ -427,18 +425,8 @@ public final class SourceMigration: Sendable {
     }
 
     private func finishStats(_ s: inout MigrationStats, start: Double) {
-        let elapsed = Monotonic.now - start
-        s.totalTime = UInt64(elapsed * 1000)
-        s.channels = config.channels
-        s.ram.total = ram.block.size
-        s.ram.pageSize = ram.block.pageSize
-        s.ram.normal = counters.read(counters.normalPages)
-        s.ram.duplicate = counters.read(counters.zeroPages)
-        s.ram.normalBytes = s.ram.normal * ram.block.pageSize
-        s.ram.multifdBytes = counters.read(counters.multifdBytes)
-        s.ram.transferred = s.ram.multifdBytes + counters.read(counters.mainBytes)
+        s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
         s.ram.remaining = 0
-        s.ram.computeRates(seconds: elapsed)
     }
 }
 
