@@ -101,7 +101,7 @@ public final class DestinationMigration: Sendable {
                     blocks: [RAMBlockLayout(name: ram.block.name, size: ram.block.size, pageSize: ram.block.pageSize)])
             }
             let arrived = DirtyBitmap(pageCount: ram.block.pageCount)
-            let sockets = try acceptChannels(session: session)
+            let sockets = try acceptChannels(session: session, main: ctl)
             receivers = sockets.enumerated().map { id, s in
                 PacketReceiver(id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived)
             }
@@ -212,14 +212,21 @@ public final class DestinationMigration: Sendable {
 
     /// Accepts the N multifd channels: same session, right count, no
     /// duplicate ids. Returns them ordered by channel id.
-    private func acceptChannels(session: SessionID) throws(MigrationError) -> [Socket] {
+    private func acceptChannels(session: SessionID, main: ControlChannel) throws(MigrationError) -> [Socket] {
         var byID = [Socket?](repeating: nil, count: config.channels)
-        for _ in 0..<config.channels {
+        for opened in 0..<config.channels {
             let s: Socket
             do {
-                s = try listener.accept(timeout: config.channelTimeout)
+                s = try listener.accept(timeout: config.channelTimeout, watch: main.socket)
+            } catch where error.code == .interrupted {
+                // The source says something (an error, most likely) or left.
+                let m = try main.receive("waiting for multifd channels")
+                if case .error(let text) = m { throw MigrationError(.peer, "source failed: \(text)") }
+                throw MigrationError(.protocolViolation, "'\(m.name)' on the main channel before all multifd channels connected")
+            } catch where error.code == .timedOut {
+                throw MigrationError(.timeout, "only \(opened) of \(config.channels) multifd channels connected within \(config.channelTimeout) s")
             } catch {
-                throw MigrationError(.timeout, "\(error.description): the source opened fewer than \(config.channels) channels")
+                throw MigrationError(error)
             }
             s.setReceiveTimeout(config.helloTimeout)
             let h = try readHello(s)

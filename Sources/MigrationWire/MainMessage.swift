@@ -101,7 +101,14 @@ public enum MainMessage: Equatable, Sendable {
         case .ramLayout(let blocks):
             p.u32(UInt32(blocks.count))
             for b in blocks {
-                let name = Array(b.name.utf8.prefix(255))
+                // At most 255 bytes, cut on a character boundary so the
+                // receiver's UTF-8 check accepts what we send.
+                var name = Array(b.name.utf8)
+                if name.count > 255 {
+                    var cut = 255
+                    while cut > 0, name[cut] & 0xC0 == 0x80 { cut -= 1 }
+                    name = Array(name[..<cut])
+                }
                 p.u8(UInt8(name.count))
                 p.raw(name)
                 p.u64(b.size)

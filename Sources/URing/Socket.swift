@@ -248,18 +248,24 @@ public final class Listener: Sendable {
     public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
 
     /// Accepts one connection, waiting at most `timeout` seconds (nil: forever).
-    public func accept(timeout: Double?) throws(SocketError) -> Socket {
-        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    /// With `watch`, gives up as soon as that socket has something to read
+    /// (or closed): the peer's control stream speaks while we wait.
+    public func accept(timeout: Double?, watch: Socket? = nil) throws(SocketError) -> Socket {
+        var pfds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0)]
+        if let w = watch { pfds.append(pollfd(fd: w.fd, events: Int16(POLLIN), revents: 0)) }
         let deadline = timeout.map { Monotonic.now + $0 }
         while true {
             let wait = deadline.map { max(0, Int32(($0 - Monotonic.now) * 1000)) } ?? -1
-            let r = poll(&pfd, 1, wait)
+            let r = poll(&pfds, nfds_t(pfds.count), wait)
             if r < 0 {
                 let e = Errno(rawValue: errno)
                 if e == .interrupted { continue }
                 throw .system("waiting for a connection on \(address)", e)
             }
             if r == 0 { throw SocketError(.timedOut, "no connection arrived on \(address) in time") }
+            if pfds.count > 1, pfds[1].revents != 0 {
+                throw SocketError(.interrupted, "the peer spoke on its control channel while we waited for a connection")
+            }
             let c = Glibc.accept(fd, nil, nil)
             if c < 0 {
                 let e = Errno(rawValue: errno)

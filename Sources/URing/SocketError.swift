@@ -16,6 +16,8 @@ public struct SocketError: Error, CustomStringConvertible, Sendable {
         case badAddress
         /// io_uring is not available in this process.
         case ringUnavailable
+        /// A wait ended because another socket became readable.
+        case interrupted
         /// Any other system error.
         case system
     }

@@ -144,6 +144,27 @@ struct FailureTests {
         #expect(r.stderr.contains("closed the connection after 100 of 8192 bytes"), "\(r.stderr)")
     }
 
+    @Test("the source fails while the destination waits for its channels: its reason arrives at once")
+    func sourceFailsBeforeChannels() throws {
+        let scratch = try Scratch()
+        let dst = scratch.path("dst.ram")
+        try writeFilled(dst, bytes: 1 << 20, value: 0)
+        let addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr.description, "--channels", "2"])
+        #expect(receiver.waitForStderr("listening"))
+        let main = try Socket.connect(to: addr, timeout: 5)
+        try main.sendAll(ChannelHello(session: .random(), kind: .main, channelID: 0, channelCount: 2).encoded())
+        let ctl = MainReader(main)
+        #expect(try ctl.next() == .helloAccepted)
+        try main.sendAll(MainMessage.ramLayout([RAMBlockLayout(name: "pc.ram", size: 1 << 20, pageSize: 4096)]).encoded())
+        #expect(try ctl.next() == .layoutAccepted)
+        try main.sendAll(MainMessage.error("disk on fire").encoded())
+        let r = receiver.wait(timeout: 20)
+        #expect(r.status == 1)
+        #expect(r.seconds < 5, "not the 10 s channel timeout")
+        #expect(r.stderr.contains("source failed: disk on fire"), "\(r.stderr)")
+    }
+
     @Test("RAM size mismatch: both sides fail with the sizes")
     func sizeMismatch() throws {
         let scratch = try Scratch()

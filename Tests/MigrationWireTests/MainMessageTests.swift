@@ -101,6 +101,18 @@ struct MainMessageTests {
         #expect(MainMessage.error("hi").encoded() == Self.header(type: 8, length: 2) + [0x68, 0x69])
     }
 
+    @Test func longBlockNameIsCutOnACharacterBoundary() throws {
+        // 150 two-byte characters: 300 bytes, cut to 254 (not 255, which
+        // would split a character and fail the receiver's UTF-8 check).
+        let name = String(repeating: "é", count: 150)
+        let frame = MainMessage.ramLayout([RAMBlockLayout(name: name, size: 4096, pageSize: 4096)]).encoded()
+        guard case .ramLayout(let blocks) = try Self.decodeFrame(frame) else {
+            Issue.record("not a layout")
+            return
+        }
+        #expect(blocks.first?.name == String(repeating: "é", count: 127))
+    }
+
     @Test func longErrorTextIsCut() throws {
         let text = String(repeating: "e", count: MainMessage.maxErrorText + 100)
         let frame = MainMessage.error(text).encoded()
