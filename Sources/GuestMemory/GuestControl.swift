@@ -2,7 +2,7 @@ import CShims
 import SystemPackage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The guest-control file: a small file mapped `MAP_SHARED` by the guest and
@@ -95,7 +95,8 @@ public final class GuestControl: @unchecked Sendable {
             let c = try GuestControl(path: path)
             guard c.ramSize == ram.size, c.pageSize == ram.pageSize else {
                 throw GuestMemoryError(
-                    "control file \(path) describes \(c.ramSize) bytes of RAM in \(c.pageSize)-byte pages, but the RAM file is \(ram.size) bytes in \(ram.pageSize)-byte pages; remove it or give the matching RAM file")
+                    "control file \(path) describes \(c.ramSize) bytes of RAM in \(c.pageSize)-byte pages, but the RAM file is \(ram.size) bytes in \(ram.pageSize)-byte pages; remove it or give the matching RAM file"
+                )
             }
             return c
         }
@@ -174,7 +175,8 @@ public final class GuestControl: @unchecked Sendable {
         guard valid else {
             munmap(p, length)
             throw GuestMemoryError(
-                "\(path) is not a livemig control file (magic \(String(magic, radix: 16)), version \(version)); give the file `livemig stress --control` created")
+                "\(path) is not a livemig control file (magic \(String(magic, radix: 16)), version \(version)); give the file `livemig stress --control` created"
+            )
         }
         let words64 = (p + Self.headerSize).assumingMemoryBound(to: UInt64.self)
         bitmap = DirtyBitmap(borrowing: words64, pageCount: Int(ramSize / pageSize), owner: MappingOwner(base: p, length: length))

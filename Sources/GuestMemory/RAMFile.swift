@@ -2,9 +2,9 @@ import CShims
 import SystemPackage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Musl)
-import Musl
+    import Musl
 #endif
 
 /// A guest RAM file mapped `MAP_SHARED`: the memory a guest writes and we move.

@@ -5,7 +5,7 @@ import SystemPackage
 import URing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// How the destination listens and where it puts the RAM.
@@ -151,12 +151,14 @@ public final class DestinationMigration: Sendable {
     /// channel by now, so a refusal reaches the source as an error message.
     private func acceptHello(_ hello: ChannelHello, on ctl: ControlChannel) throws(MigrationError) {
         guard hello.kind == .main else {
-            throw MigrationError(.protocolViolation, "the first connection is multifd channel \(hello.channelID), expected the main channel")
+            throw MigrationError(
+                .protocolViolation, "the first connection is multifd channel \(hello.channelID), expected the main channel")
         }
         guard Int(hello.channelCount) == config.channels else {
             throw MigrationError(
                 .mismatch,
-                "the source uses \(hello.channelCount) multifd channel(s) but this destination expects \(config.channels); pass the same --channels to send and receive")
+                "the source uses \(hello.channelCount) multifd channel(s) but this destination expects \(config.channels); pass the same --channels to send and receive"
+            )
         }
         let live = hello.flags.contains(.guestState)
         if live, config.guestControl == nil {
@@ -197,7 +199,8 @@ public final class DestinationMigration: Sendable {
             guard existing.block.size == block.size else {
                 throw MigrationError(
                     .mismatch,
-                    "RAM size mismatch: the source's block '\(block.name)' is \(block.size) bytes but the destination file \(config.ramPath) is \(existing.block.size) bytes; give a file of the same size or a new path")
+                    "RAM size mismatch: the source's block '\(block.name)' is \(block.size) bytes but the destination file \(config.ramPath) is \(existing.block.size) bytes; give a file of the same size or a new path"
+                )
             }
             ram = existing
         } else {
@@ -218,13 +221,14 @@ public final class DestinationMigration: Sendable {
             let s: Socket
             do {
                 s = try listener.accept(timeout: config.channelTimeout, watch: main.socket)
-            } catch where error.code == .interrupted {
+            } catch  where error.code == .interrupted {
                 // The source says something (an error, most likely) or left.
                 let m = try main.receive("waiting for multifd channels")
                 if case .error(let text) = m { throw MigrationError(.peer, "source failed: \(text)") }
                 throw MigrationError(.protocolViolation, "'\(m.name)' on the main channel before all multifd channels connected")
-            } catch where error.code == .timedOut {
-                throw MigrationError(.timeout, "only \(opened) of \(config.channels) multifd channels connected within \(config.channelTimeout) s")
+            } catch  where error.code == .timedOut {
+                throw MigrationError(
+                    .timeout, "only \(opened) of \(config.channels) multifd channels connected within \(config.channelTimeout) s")
             } catch {
                 throw MigrationError(error)
             }
@@ -237,7 +241,8 @@ public final class DestinationMigration: Sendable {
                 throw MigrationError(.protocolViolation, "multifd channel \(h.channelID) belongs to session \(h.session), not \(session)")
             }
             guard Int(h.channelCount) == config.channels else {
-                throw MigrationError(.mismatch, "multifd channel \(h.channelID) says \(h.channelCount) channels, expected \(config.channels)")
+                throw MigrationError(
+                    .mismatch, "multifd channel \(h.channelID) says \(h.channelCount) channels, expected \(config.channels)")
             }
             guard byID[Int(h.channelID)] == nil else {
                 throw MigrationError(.protocolViolation, "multifd channel \(h.channelID) connected twice")
@@ -252,7 +257,9 @@ public final class DestinationMigration: Sendable {
 
     /// The main thread's loop: end-of-round barriers, then completion.
     /// Returns the number of rounds.
-    private func serveControl(_ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, ram: RAMFile) throws(MigrationError) -> UInt64 {
+    private func serveControl(_ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, ram: RAMFile) throws(MigrationError)
+        -> UInt64
+    {
         var rounds: UInt64 = 0
         var guestState: [UInt8]?
         while true {
@@ -263,7 +270,8 @@ public final class DestinationMigration: Sendable {
                     throw MigrationError(.protocolViolation, "unexpected guest-state message (after \(rounds) rounds)")
                 }
                 guard bytes.count <= GuestControl.stateCapacity else {
-                    throw MigrationError(.protocolViolation, "guest state of \(bytes.count) bytes exceeds the \(GuestControl.stateCapacity)-byte bound")
+                    throw MigrationError(
+                        .protocolViolation, "guest state of \(bytes.count) bytes exceeds the \(GuestControl.stateCapacity)-byte bound")
                 }
                 guestState = bytes
             case .endOfRound(let r):
@@ -286,7 +294,9 @@ public final class DestinationMigration: Sendable {
                     }
                     try storeGuest(state, at: path, ram: ram)
                 } else if summary.guestStateBytes != 0 {
-                    throw MigrationError(.protocolViolation, "the source completed with \(summary.guestStateBytes) bytes of guest state but announced no guest")
+                    throw MigrationError(
+                        .protocolViolation,
+                        "the source completed with \(summary.guestStateBytes) bytes of guest state but announced no guest")
                 }
                 // Release: receivers that see `quit` leave without an error
                 // when the source closes the channels.
@@ -328,7 +338,8 @@ public final class DestinationMigration: Sendable {
         guard s.normalPages == normal, s.zeroPages == zero, s.packets == packets else {
             throw MigrationError(
                 .mismatch,
-                "the source sent \(s.normalPages) normal + \(s.zeroPages) zero pages in \(s.packets) packets, but \(normal) + \(zero) in \(packets) arrived")
+                "the source sent \(s.normalPages) normal + \(s.zeroPages) zero pages in \(s.packets) packets, but \(normal) + \(zero) in \(packets) arrived"
+            )
         }
         let got = arrived.dirtyCount()
         guard got == ram.block.pageCount else {

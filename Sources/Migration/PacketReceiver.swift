@@ -6,7 +6,7 @@ import Synchronization
 import URing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The destination's shared end-of-round barrier (DESIGN.md §4).

@@ -4,7 +4,7 @@ import MigrationWire
 import URing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A sender channel's transport: turns a batch into one multifd packet and

@@ -5,7 +5,7 @@ import Synchronization
 import URing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// How the source connects, sends and converges.
@@ -187,7 +187,8 @@ public final class SourceMigration: Sendable {
             let bytes = counters.read(counters.multifdBytes) - bytes0
             let dirty = UInt64(g.bitmap.dirtyCount())
             let remaining = dirty * pageSize
-            let verdict = judge.decide(round: round, bytes: bytes, seconds: seconds, remaining: remaining, elapsed: Monotonic.now - precopyStart)
+            let verdict = judge.decide(
+                round: round, bytes: bytes, seconds: seconds, remaining: remaining, elapsed: Monotonic.now - precopyStart)
             expected = verdict.expectedDowntime
             if policy.autoConverge, round >= 2, case .nextRound = verdict.decision,
                 let p = autoConverge.afterRound(dirtiedBytes: remaining, sentBytes: bytes)
@@ -218,7 +219,8 @@ public final class SourceMigration: Sendable {
                 onRound?(record)
                 throw MigrationError(
                     .timeout,
-                    "\(why); the guest dirties pages faster than they can be sent: try --auto-converge, a higher --max-bandwidth or a longer --downtime-limit")
+                    "\(why); the guest dirties pages faster than they can be sent: try --auto-converge, a higher --max-bandwidth or a longer --downtime-limit"
+                )
             }
             break
         }
@@ -264,12 +266,14 @@ public final class SourceMigration: Sendable {
         guard g.ramSize == ram.block.size, g.pageSize == ram.block.pageSize else {
             throw MigrationError(
                 .mismatch,
-                "control file \(g.path) is for \(g.ramSize) bytes of RAM but \(ram.path) is \(ram.block.size) bytes; give the guest's own control file")
+                "control file \(g.path) is for \(g.ramSize) bytes of RAM but \(ram.path) is \(ram.block.size) bytes; give the guest's own control file"
+            )
         }
         switch g.runState {
         case .running: break
         case .migrated: throw MigrationError(.mismatch, "the guest in \(g.path) already migrated away")
-        case .incoming: throw MigrationError(.mismatch, "the guest in \(g.path) was received but not resumed; start it with livemig stress --resume")
+        case .incoming:
+            throw MigrationError(.mismatch, "the guest in \(g.path) was received but not resumed; start it with livemig stress --resume")
         case .pauseRequested:
             if g.pauseHolderVanished {
                 g.exchangeRunState(from: .pauseRequested, to: .running)
@@ -417,7 +421,8 @@ public final class SourceMigration: Sendable {
             }
         } catch {
             if error.kind == .peer {
-                latch.failDeferringToPeer(MigrationError(.peer, "the destination closed the main channel before confirming completion (did it exit?)"))
+                latch.failDeferringToPeer(
+                    MigrationError(.peer, "the destination closed the main channel before confirming completion (did it exit?)"))
             } else {
                 latch.fail(error)
             }

@@ -1,7 +1,7 @@
 import CShims
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A joinable OS thread. The body is a `@Sendable` closure run by a C entry

@@ -123,7 +123,9 @@ public struct ChannelHello: Equatable, Sendable {
         }
         let flags = Flags(rawValue: try r.u16("flags"))
         guard Flags.known.isSuperset(of: flags) else {
-            throw WireError(message: what, field: "flags", value: hex(flags.rawValue), reason: "unknown bits \(hex(flags.rawValue & ~Flags.known.rawValue))")
+            throw WireError(
+                message: what, field: "flags", value: hex(flags.rawValue),
+                reason: "unknown bits \(hex(flags.rawValue & ~Flags.known.rawValue))")
         }
         return ChannelHello(session: session, kind: kind, channelID: id, channelCount: count, flags: flags)
     }

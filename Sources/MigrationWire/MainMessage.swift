@@ -171,15 +171,19 @@ public enum MainMessage: Equatable, Sendable {
                 let n = Int(try r.u8("name-length[\(i)]"))
                 let nameBytes = try r.raw(n, "name[\(i)]")
                 guard n > 0, let name = String(validating: nameBytes, as: UTF8.self) else {
-                    throw WireError(message: what, field: "name[\(i)]", value: "\(nameBytes)", reason: "a block name is 1-255 bytes of UTF-8")
+                    throw WireError(
+                        message: what, field: "name[\(i)]", value: "\(nameBytes)", reason: "a block name is 1-255 bytes of UTF-8")
                 }
                 let size = try r.u64("size[\(i)]")
                 let pageSize = try r.u64("page-size[\(i)]")
                 guard pageSize >= 4096, pageSize <= 1 << 30, pageSize & (pageSize - 1) == 0 else {
-                    throw WireError(message: what, field: "page-size[\(i)]", value: "\(pageSize)", reason: "must be a power of two from 4096 to 1 GiB")
+                    throw WireError(
+                        message: what, field: "page-size[\(i)]", value: "\(pageSize)", reason: "must be a power of two from 4096 to 1 GiB")
                 }
                 guard size > 0, size % pageSize == 0 else {
-                    throw WireError(message: what, field: "size[\(i)]", value: "\(size)", reason: "must be a non-zero multiple of the page size \(pageSize)")
+                    throw WireError(
+                        message: what, field: "size[\(i)]", value: "\(size)",
+                        reason: "must be a non-zero multiple of the page size \(pageSize)")
                 }
                 blocks.append(RAMBlockLayout(name: name, size: size, pageSize: pageSize))
             }
@@ -197,7 +201,8 @@ public enum MainMessage: Equatable, Sendable {
             message = .error(String(decoding: bytes, as: UTF8.self))
         }
         guard r.remaining == 0 else {
-            throw WireError(message: what, field: "length", value: "\(payload.count)", reason: "\(r.remaining) bytes left over after the message")
+            throw WireError(
+                message: what, field: "length", value: "\(payload.count)", reason: "\(r.remaining) bytes left over after the message")
         }
         return message
     }

@@ -2,7 +2,7 @@ import CShims
 import SystemPackage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A connected stream socket (TCP or Unix). Closed in `deinit`.
@@ -35,7 +35,9 @@ public final class Socket: Sendable {
                         let e = Errno(rawValue: errno)
                         close(fd)
                         if e == .noSuchFileOrDirectory {
-                            throw SocketError(.connectionRefused, "cannot connect to \(address): no socket at that path; is `livemig receive` listening there?", errno: e)
+                            throw SocketError(
+                                .connectionRefused,
+                                "cannot connect to \(address): no socket at that path; is `livemig receive` listening there?", errno: e)
                         }
                         throw .system("cannot connect to \(address)", e)
                     }
@@ -43,7 +45,7 @@ public final class Socket: Sendable {
                     s.tune(family: family)
                     return s
                 }
-            } catch where error.code == .connectionRefused && Monotonic.now < deadline {
+            } catch  where error.code == .connectionRefused && Monotonic.now < deadline {
                 usleep(20_000)
             }
         }
@@ -152,7 +154,9 @@ public final class Socket: Sendable {
     /// Reads exactly the bytes the iovecs describe, straight into their
     /// buffers (the destination mapping): no intermediate copy.
     /// The iovec array is consumed (advanced) by partial reads.
-    public func receiveExact(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int, what: @autoclosure () -> String) throws(SocketError) {
+    public func receiveExact(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int, what: @autoclosure () -> String)
+        throws(SocketError)
+    {
         var cursor = IOVecCursor(iov, count: count)
         var done = 0
         while done < total {

@@ -2,7 +2,7 @@ import CShims
 import SystemPackage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Where a migration listens or connects, in QEMU's URI style:

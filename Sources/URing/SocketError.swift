@@ -34,8 +34,11 @@ public struct SocketError: Error, CustomStringConvertible, Sendable {
 
     static func system(_ what: String, _ e: Errno) -> SocketError {
         switch e {
-        case .addressInUse: SocketError(.addressInUse, "\(what): address already in use; choose another address or stop the program that holds it", errno: e)
-        case .connectionRefused: SocketError(.connectionRefused, "\(what): connection refused; is `livemig receive` listening there?", errno: e)
+        case .addressInUse:
+            SocketError(
+                .addressInUse, "\(what): address already in use; choose another address or stop the program that holds it", errno: e)
+        case .connectionRefused:
+            SocketError(.connectionRefused, "\(what): connection refused; is `livemig receive` listening there?", errno: e)
         case .connectionReset, .brokenPipe: SocketError(.peerClosed, "\(what): the peer closed the connection (\(e))", errno: e)
         case .timedOut, .resourceTemporarilyUnavailable: SocketError(.timedOut, "\(what): timed out", errno: e)
         default: SocketError(.system, "\(what): \(e)", errno: e)

@@ -2,7 +2,7 @@ import CShims
 import SystemPackage
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Sends a whole gather list (header + pointers into guest RAM) on one

@@ -41,7 +41,9 @@ public struct CounterVerifier {
                 report.pagesChecked += 1
                 if found != expected {
                     report.badCount += 1
-                    if report.firstBad.count < limit { report.firstBad.append(BadPage(page: page, expected: expected, found: found, pageSize: pageSize)) }
+                    if report.firstBad.count < limit {
+                        report.firstBad.append(BadPage(page: page, expected: expected, found: found, pageSize: pageSize))
+                    }
                 }
             }
         }

@@ -3,7 +3,7 @@ import GuestMemory
 import Synchronization
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// How the stress guest runs.

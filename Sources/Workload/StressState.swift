@@ -122,7 +122,9 @@ public struct StressState: Sendable {
             return bytes.withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: o, as: T.self)) }
         }
         guard get(0, UInt64.self) == magic, get(8, UInt32.self) == 1 else {
-            return .failure(GuestMemoryError("the control file holds no stress-guest state (\(bytes.count) bytes); was this guest started by livemig stress?"))
+            return .failure(
+                GuestMemoryError(
+                    "the control file holds no stress-guest state (\(bytes.count) bytes); was this guest started by livemig stress?"))
         }
         guard let code = get(12, UInt32.self), let threads = get(16, UInt32.self), let hot = get(24, UInt64.self),
             let pages = get(32, UInt64.self), threads >= 1, threads <= 256, pages >= UInt64(threads), pages <= 1 << 40,
@@ -146,11 +148,16 @@ public struct StressState: Sendable {
         var s = StressState(pattern: pattern, threads: Int(threads), pageCount: Int(pages), seed: 0)
         for t in 0..<Int(threads) {
             let o = headerSize + t * slotSize
-            s.slots[t] = Slot(pass: get(o, UInt64.self)!, position: get(o + 8, UInt64.self)!, rng: get(o + 16, UInt64.self)!, pagesWritten: get(o + 24, UInt64.self)!)
+            s.slots[t] = Slot(
+                pass: get(o, UInt64.self)!, position: get(o + 8, UInt64.self)!, rng: get(o + 16, UInt64.self)!,
+                pagesWritten: get(o + 24, UInt64.self)!)
             let sliceCount = UInt64(slice(t, threads: Int(threads), pageCount: Int(pages)).count)
             let ordered = pattern == .counter || pattern == .sequential
             guard !ordered || s.slots[t].position < sliceCount else {
-                return .failure(GuestMemoryError("thread \(t)'s stored position \(s.slots[t].position) is outside its \(sliceCount)-page slice; the guest state is corrupt"))
+                return .failure(
+                    GuestMemoryError(
+                        "thread \(t)'s stored position \(s.slots[t].position) is outside its \(sliceCount)-page slice; the guest state is corrupt"
+                    ))
             }
         }
         return .success(s)

@@ -2,7 +2,7 @@ import ArgumentParser
 import CShims
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The `livemig` command: live migration of a mapped guest RAM file.

@@ -5,7 +5,7 @@ import Synchronization
 import URing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Prints the final statistics on stdout, as JSON or a short summary.
@@ -49,7 +49,9 @@ final class ProgressLine: Sendable {
     private let thread: WorkerThread
 
     /// Starts the display, or returns nil when stderr is not a terminal.
-    static func start(role: String, total: @escaping @Sendable () -> UInt64, counters: TransferCounters, live: LiveProgress?) -> ProgressLine? {
+    static func start(role: String, total: @escaping @Sendable () -> UInt64, counters: TransferCounters, live: LiveProgress?)
+        -> ProgressLine?
+    {
         guard FileHandleStderr.isTerminal else { return nil }
         return ProgressLine(role: role, total: total, counters: counters, live: live)
     }
@@ -67,7 +69,8 @@ final class ProgressLine: Sendable {
                 let rate = t > 0 ? Double(bytes) / t / 1e9 : 0
                 var line = "\r\(role): \(formatBytes(pages &* 4096)) of \(formatBytes(total())) sent, \(String(format: "%.2f", rate)) GB/s"
                 if let live {
-                    line += ", round \(live.round.load(ordering: .relaxed)), remaining \(formatBytes(live.remainingBytes.load(ordering: .relaxed)))"
+                    line +=
+                        ", round \(live.round.load(ordering: .relaxed)), remaining \(formatBytes(live.remainingBytes.load(ordering: .relaxed)))"
                     line += ", dirty \(formatBytes(live.dirtyPagesRate.load(ordering: .relaxed) &* 4096))/s"
                     let t = live.throttle.load(ordering: .relaxed)
                     if t > 0 { line += ", throttle \(t)%" }

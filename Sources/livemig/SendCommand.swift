@@ -53,15 +53,20 @@ struct SendCommand: ParsableCommand {
 
     func validate() throws {
         _ = try parseAddress(to, option: "--to")
-        guard parseDuration(downtimeLimit) != nil else { throw ValidationError("--downtime-limit: '\(downtimeLimit)' is not a duration (e.g. 300ms)") }
-        if let b = maxBandwidth, parseRate(b) == nil || parseRate(b) == 0 { throw ValidationError("--max-bandwidth: '\(b)' is not a rate (e.g. 512MiB/s)") }
+        guard parseDuration(downtimeLimit) != nil else {
+            throw ValidationError("--downtime-limit: '\(downtimeLimit)' is not a duration (e.g. 300ms)")
+        }
+        if let b = maxBandwidth, parseRate(b) == nil || parseRate(b) == 0 {
+            throw ValidationError("--max-bandwidth: '\(b)' is not a rate (e.g. 512MiB/s)")
+        }
         if let t = timeout, parseDuration(t) == nil { throw ValidationError("--timeout: '\(t)' is not a duration (e.g. 30s)") }
         if let m = maxRounds, m < 1 { throw ValidationError("--max-rounds must be at least 1") }
         guard (1...99).contains(throttleInitial), (1...99).contains(throttleIncrement) else {
             throw ValidationError("--throttle-initial and --throttle-increment must be from 1 to 99")
         }
         if guest == nil, autoConverge || maxRounds != nil || timeout != nil || maxBandwidth != nil {
-            throw ValidationError("--auto-converge, --max-rounds, --timeout and --max-bandwidth apply to live migration: add --guest CONTROL")
+            throw ValidationError(
+                "--auto-converge, --max-rounds, --timeout and --max-bandwidth apply to live migration: add --guest CONTROL")
         }
     }
 
@@ -96,7 +101,8 @@ struct SendCommand: ParsableCommand {
         if let log = eventLog { onRound = { log.append($0) } }
         let source = SourceMigration(ram: file, config: config, guest: control, onRound: onRound)
         let signals = watchSignals { source.cancel($0) }
-        let progress = ProgressLine.start(role: "send", total: { file.block.size }, counters: source.counters, live: control == nil ? nil : source.progress)
+        let progress = ProgressLine.start(
+            role: "send", total: { file.block.size }, counters: source.counters, live: control == nil ? nil : source.progress)
         let result: Result<MigrationStats, MigrationError>
         do throws(MigrationError) {
             result = .success(try source.run())
@@ -108,7 +114,8 @@ struct SendCommand: ParsableCommand {
         for w in source.warnings.withLock({ $0 }) { FileHandleStderr.write("livemig: warning: \(w)\n") }
         switch result {
         case .success(var stats):
-            stats.sendMechanism = config.useRing ? (source.warnings.withLock { $0.isEmpty } ? "io_uring" : "plain sendmsg") : "plain sendmsg"
+            stats.sendMechanism =
+                config.useRing ? (source.warnings.withLock { $0.isEmpty } ? "io_uring" : "plain sendmsg") : "plain sendmsg"
             printStats(stats, format: common.format, role: "send")
         case .failure(let e):
             let kept =

@@ -36,7 +36,9 @@ struct StressCommand: ParsableCommand {
         if StressPattern(parsing: pattern) == nil {
             throw ValidationError("--pattern: '\(pattern)' is not one of random, sequential, hotset:F (0<F<=1), counter")
         }
-        if let d = duration, parseDuration(d) == nil { throw ValidationError("--duration: '\(d)' is not a duration (examples: 10s, 500ms)") }
+        if let d = duration, parseDuration(d) == nil {
+            throw ValidationError("--duration: '\(d)' is not a duration (examples: 10s, 500ms)")
+        }
         if let s = size, parseSize(s) == nil { throw ValidationError("--size: '\(s)' is not a size") }
     }
 
@@ -80,7 +82,9 @@ struct StressCommand: ParsableCommand {
         if let r = options.rate { line += " (target \(formatBytes(r))/s)" }
         print(line)
         if outcome.selfResumes > 0 {
-            print("stress: the migrating source vanished while the guest was paused; the guest resumed by itself after the \(GuestControl.leaseSeconds) s lease")
+            print(
+                "stress: the migrating source vanished while the guest was paused; the guest resumed by itself after the \(GuestControl.leaseSeconds) s lease"
+            )
         }
         switch outcome.end {
         case .migrated: print("stress: the guest migrated to the destination; stopping here")
@@ -121,13 +125,16 @@ struct VerifyCommand: ParsableCommand {
         } catch let e as GuestMemoryError {
             throw CommandFailure(message: e.description)
         }
-        let where_ = report.boundaries.map { "thread \($0.thread): pass \($0.pass), page \($0.position) of its slice" }.joined(separator: "; ")
+        let where_ = report.boundaries.map { "thread \($0.thread): pass \($0.pass), page \($0.position) of its slice" }.joined(
+            separator: "; ")
         if report.passed {
             print("verify: OK: \(report.pagesChecked) pages agree with the guest state (\(where_))")
         } else {
             let first = report.firstBad.map(\.description).joined(separator: "\n  ")
             throw CommandFailure(
-                message: "verify: \(report.badCount) of \(report.pagesChecked) pages disagree with the guest state (\(where_)); first:\n  \(first)")
+                message:
+                    "verify: \(report.badCount) of \(report.pagesChecked) pages disagree with the guest state (\(where_)); first:\n  \(first)"
+            )
         }
     }
 }

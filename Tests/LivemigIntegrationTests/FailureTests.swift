@@ -4,7 +4,7 @@ import Testing
 import URing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Every failure ends within seconds in a one-line error and exit status 1
@@ -70,7 +70,9 @@ struct FailureTests {
     /// A fake source that does a valid handshake, then writes `packet` on
     /// multifd channel 0. Returns the receiver's result and what it said on
     /// the main channel.
-    func fakeSource(dstSize: Int, packet: [UInt8], thenClose: Bool = false) throws -> (status: Int32, stderr: String, mainReply: MainMessage?, dst: Data) {
+    func fakeSource(dstSize: Int, packet: [UInt8], thenClose: Bool = false) throws -> (
+        status: Int32, stderr: String, mainReply: MainMessage?, dst: Data
+    ) {
         let scratch = try Scratch()
         let dst = scratch.path("dst.ram")
         try writeFilled(dst, bytes: dstSize, value: 0x77)
@@ -177,7 +179,9 @@ struct FailureTests {
         let send = try livemig(["send", "--ram", src, "--to", addr], timeout: 20)
         let recv = receiver.wait(timeout: 20)
         #expect(send.status == 1 && recv.status == 1)
-        #expect(send.stderr.contains("RAM size mismatch") && send.stderr.contains("4194304") && send.stderr.contains("2097152"), "\(send.stderr)")
+        #expect(
+            send.stderr.contains("RAM size mismatch") && send.stderr.contains("4194304") && send.stderr.contains("2097152"),
+            "\(send.stderr)")
         #expect(recv.stderr.contains("RAM size mismatch"), "\(recv.stderr)")
     }
 
@@ -203,7 +207,8 @@ struct FailureTests {
         let port = freePort()
         let holder = try Listener(try SocketAddress(parsing: "tcp:127.0.0.1:\(port)"))
         defer { _ = holder }
-        let r = try livemig(["receive", "--ram", scratch.path("d.ram"), "--size", "1MiB", "--listen", "tcp:127.0.0.1:\(port)"], timeout: 20)
+        let r = try livemig(
+            ["receive", "--ram", scratch.path("d.ram"), "--size", "1MiB", "--listen", "tcp:127.0.0.1:\(port)"], timeout: 20)
         #expect(r.status == 1)
         #expect(r.stderr.contains("address already in use"), "\(r.stderr)")
     }
@@ -236,13 +241,15 @@ struct FailureTests {
         #expect(r.stderr.contains("connection refused"), "\(r.stderr)")
     }
 
-    @Test("usage errors exit with status 2", arguments: [
-        ["send", "--ram", "x"],
-        ["send", "--ram", "x", "--to", "ftp:host:1"],
-        ["receive", "--ram", "x", "--listen", "tcp:127.0.0.1:notaport"],
-        ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--channels", "0"],
-        ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--size", "lots"],
-    ])
+    @Test(
+        "usage errors exit with status 2",
+        arguments: [
+            ["send", "--ram", "x"],
+            ["send", "--ram", "x", "--to", "ftp:host:1"],
+            ["receive", "--ram", "x", "--listen", "tcp:127.0.0.1:notaport"],
+            ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--channels", "0"],
+            ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--size", "lots"],
+        ])
     func usage(_ args: [String]) throws {
         let r = try livemig(args)
         #expect(r.status == 2, "\(args): \(r.stderr)")

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Live migration with real processes: a `livemig stress` guest keeps
@@ -47,8 +47,10 @@ struct LiveMigrationTests {
             receiver = r
         }
 
-        func send(_ extra: [String] = [], timeout: Double = 120) throws -> (status: Int32, stdout: String, stderr: String, seconds: Double) {
-            try livemig(["send", "--ram", src, "--to", addr, "--guest", srcCtl, "--format", "json", "--events", events] + extra, timeout: timeout)
+        func send(_ extra: [String] = [], timeout: Double = 120) throws -> (status: Int32, stdout: String, stderr: String, seconds: Double)
+        {
+            try livemig(
+                ["send", "--ram", src, "--to", addr, "--guest", srcCtl, "--format", "json", "--events", events] + extra, timeout: timeout)
         }
 
         /// Stops the source guest (SIGINT: it saves its state) and waits.
@@ -98,7 +100,9 @@ struct LiveMigrationTests {
         #expect(lines.last?.contains("\"decision\":\"switchover\"") == true)
 
         // The guest continues on the destination and still verifies.
-        let resumed = try livemig(["stress", "--ram", rig.dst, "--control", rig.dstCtl, "--resume", "--duration", "300ms", "--rate", "128MiB/s"])
+        let resumed = try livemig([
+            "stress", "--ram", rig.dst, "--control", rig.dstCtl, "--resume", "--duration", "300ms", "--rate", "128MiB/s",
+        ])
         #expect(resumed.status == 0, "\(resumed.stderr)")
         #expect(resumed.stderr.contains("resumed: pattern counter"))
         let again = try verify(rig.dst, rig.dstCtl)
@@ -198,8 +202,10 @@ struct LiveMigrationTests {
         try rig.startGuest(pattern: "counter", rate: "256MiB/s")
         try rig.startReceiver()
         let sender = try LivemigProcess(
-            ["send", "--ram", rig.src, "--to", rig.addr, "--guest", rig.srcCtl, "--events", rig.events, "--max-bandwidth", "64MiB/s",
-             "--auto-converge", "--throttle-initial", "50"])
+            [
+                "send", "--ram", rig.src, "--to", rig.addr, "--guest", rig.srcCtl, "--events", rig.events, "--max-bandwidth", "64MiB/s",
+                "--auto-converge", "--throttle-initial", "50",
+            ])
         #expect(waitForRounds(rig.events, 3), "three rounds never finished")
         kill(sender.pid, SIGINT)
         let send = sender.wait(timeout: 30)

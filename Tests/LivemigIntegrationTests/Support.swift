@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The `livemig` binary `swift test` built next to the test bundle
@@ -92,7 +92,9 @@ final class LivemigProcess: @unchecked Sendable {
 }
 
 /// Runs `livemig` to completion.
-func livemig(_ args: [String], env: [String: String] = [:], timeout: Double = 60) throws -> (status: Int32, stdout: String, stderr: String, seconds: Double) {
+func livemig(_ args: [String], env: [String: String] = [:], timeout: Double = 60) throws -> (
+    status: Int32, stdout: String, stderr: String, seconds: Double
+) {
     try LivemigProcess(args, env: env).wait(timeout: timeout)
 }
 

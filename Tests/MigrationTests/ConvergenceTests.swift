@@ -1,6 +1,5 @@
-import Testing
-
 import Migration
+import Testing
 
 /// The convergence rules driven with made-up measurements: every time is a
 /// parameter, so nothing here reads a clock.
@@ -143,7 +142,8 @@ struct ConvergenceTests {
         let policy = Self.policy(downtimeLimit: 0.3, maxRounds: 5)
         for round in 1...4 {
             var judge = ConvergenceJudge(policy: policy)
-            let (decision, _) = judge.decide(round: round, bytes: 100 * Self.MiB, seconds: 1, remaining: 200 * Self.MiB, elapsed: Double(round))
+            let (decision, _) = judge.decide(
+                round: round, bytes: 100 * Self.MiB, seconds: 1, remaining: 200 * Self.MiB, elapsed: Double(round))
             #expect(decision == .nextRound, "round \(round)")
         }
         var judge = ConvergenceJudge(policy: policy)
@@ -197,14 +197,16 @@ struct ConvergenceTests {
         let (decision, _) = judge.decide(round: 1, bytes: 0, seconds: 0, remaining: 3 * Self.MiB, elapsed: 0)
         #expect(
             decision
-                == .giveUp("did not converge after 1 rounds: remaining 3 MiB would take forever at 0 MiB/s, over the 300 ms downtime limit"))
+                == .giveUp("did not converge after 1 rounds: remaining 3 MiB would take forever at 0 MiB/s, over the 300 ms downtime limit")
+        )
     }
 
     @Test("without maxRounds or timeout it never gives up")
     func neverGivesUpWithoutLimits() {
         var judge = ConvergenceJudge(policy: Self.policy())
         for round in 1...200 {
-            let (decision, _) = judge.decide(round: round, bytes: Self.MiB, seconds: 1, remaining: 64 * Self.MiB, elapsed: Double(round) * 1000)
+            let (decision, _) = judge.decide(
+                round: round, bytes: Self.MiB, seconds: 1, remaining: 64 * Self.MiB, elapsed: Double(round) * 1000)
             #expect(decision == .nextRound)
             if decision != .nextRound { break }
         }

@@ -1,3 +1,4 @@
+import Synchronization
 import Testing
 
 @testable import Migration
@@ -20,8 +21,6 @@ struct FailureLatchTests {
         #expect(throws: MigrationError.self) { try latch.check() }
     }
 }
-
-import Synchronization
 
 final class WakeCounter: Sendable {
     private let n = Atomic<Int>(0)

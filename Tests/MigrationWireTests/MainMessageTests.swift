@@ -219,7 +219,9 @@ struct MainMessageTests {
 
         let summary = MainMessage.complete(CompletionSummary(rounds: 1, normalPages: 2, zeroPages: 3, packets: 4))
         let full = Array(summary.encoded()[MainMessage.frameHeaderSize...])
-        for (cut, field) in [(39, "guest-state-bytes"), (31, "packets"), (24, "packets"), (23, "zero-pages"), (9, "normal-pages"), (0, "rounds")] {
+        for (cut, field) in [
+            (39, "guest-state-bytes"), (31, "packets"), (24, "packets"), (23, "zero-pages"), (9, "normal-pages"), (0, "rounds"),
+        ] {
             expectWireError(field: field, value: "missing") { _ = try Self.decodePayload(type: 6, Array(full[0..<cut])) }
         }
 

@@ -1,6 +1,5 @@
-import Testing
-
 import MigrationWire
+import Testing
 
 /// SplitMix64: a tiny, seeded generator so the property tests are reproducible.
 struct SplitMix64: RandomNumberGenerator {

@@ -1,7 +1,6 @@
 import Foundation
 import GuestMemory
 import Testing
-
 import Workload
 
 @Suite("CounterVerifier")
@@ -76,7 +75,9 @@ struct CounterVerifierTests {
             #expect(report.badCount == 1)
             #expect(report.pagesChecked == Self.pages)
             #expect(Self.bad(report) == [Bad(page, expected, 999)])
-            #expect(report.firstBad.first?.description == "page \(page) (offset 0x\(String(page * 4096, radix: 16))): counter 999, expected \(expected)")
+            #expect(
+                report.firstBad.first?.description
+                    == "page \(page) (offset 0x\(String(page * 4096, radix: 16))): counter 999, expected \(expected)")
         }
     }
 

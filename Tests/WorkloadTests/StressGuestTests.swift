@@ -2,11 +2,10 @@ import Foundation
 import GuestMemory
 import Synchronization
 import Testing
-
 import Workload
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The stress guest in this process, driven through its control file the way

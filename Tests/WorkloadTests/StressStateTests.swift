@@ -1,6 +1,5 @@
 import GuestMemory
 import Testing
-
 import Workload
 
 @Suite("StressState")
@@ -172,7 +171,8 @@ struct StressStateTests {
     }
 
     @Test func tooManyThreadsOrTooFewPagesIsCorrupt() throws {
-        let many = settingLE32(Self.sample(.counter, threads: 1, pageCount: 10_000).encoded() + [UInt8](repeating: 0, count: 32 * 300), 257, at: 16)
+        let many = settingLE32(
+            Self.sample(.counter, threads: 1, pageCount: 10_000).encoded() + [UInt8](repeating: 0, count: 32 * 300), 257, at: 16)
         #expect(Self.decodeError(many)?.description.contains("truncated or corrupt") == true)
         // Fewer pages than threads would leave a thread an empty slice.
         let few = settingLE64(Self.sample(.counter, threads: 4, pageCount: 100).encoded(), 3, at: 32)

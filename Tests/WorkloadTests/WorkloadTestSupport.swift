@@ -2,7 +2,6 @@ import Foundation
 import GuestMemory
 import SystemPackage
 import Testing
-
 import Workload
 
 /// Runs `body` with a fresh, empty directory that is removed afterwards.
