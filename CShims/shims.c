@@ -125,6 +125,25 @@ int lm_ring_prep_sendv(lm_ring *r, unsigned slot, int fd, const void *iov, unsig
     return 0;
 }
 
+#ifndef IORING_SEND_ZC_REPORT_USAGE
+#define IORING_SEND_ZC_REPORT_USAGE (1U << 3)
+#endif
+
+int lm_ring_prep_sendv_zc(lm_ring *r, unsigned slot, int fd, const void *iov, unsigned iovcnt,
+                          unsigned msg_flags, bool report_usage, uint64_t user_data) {
+    if (slot >= r->entries) return -EINVAL;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe) return -EBUSY;
+    struct msghdr *m = &r->msgs[slot];
+    memset(m, 0, sizeof(*m));
+    m->msg_iov = (struct iovec *)iov;
+    m->msg_iovlen = iovcnt;
+    io_uring_prep_sendmsg_zc(sqe, fd, m, msg_flags);
+    if (report_usage) sqe->ioprio |= IORING_SEND_ZC_REPORT_USAGE;
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+
 int lm_ring_submit_and_wait(lm_ring *r, unsigned wait_nr) {
     return io_uring_submit_and_wait(&r->ring, wait_nr);
 }

@@ -50,6 +50,17 @@ unsigned lm_ring_entries(const lm_ring *ring);
 /// submission queue is full.
 int lm_ring_prep_sendv(lm_ring *ring, unsigned slot, int fd, const void *iov, unsigned iovcnt,
                        unsigned msg_flags, uint64_t user_data);
+/// Like lm_ring_prep_sendv but IORING_OP_SENDMSG_ZC: the kernel sends from
+/// the pages without copying where the device allows, and posts a second
+/// completion (IORING_CQE_F_NOTIF) once it no longer needs them. With
+/// `report_usage` that notification says whether the data was copied after
+/// all (IORING_NOTIF_USAGE_ZC_COPIED in its res).
+int lm_ring_prep_sendv_zc(lm_ring *ring, unsigned slot, int fd, const void *iov, unsigned iovcnt,
+                          unsigned msg_flags, bool report_usage, uint64_t user_data);
+#define LM_IORING_CQE_F_MORE (1U << 1)
+#define LM_IORING_CQE_F_NOTIF (1U << 3)
+#define LM_IORING_NOTIF_USAGE_ZC_COPIED (1U << 31)
+
 /// io_uring_submit_and_wait. Returns submitted count or -errno.
 int lm_ring_submit_and_wait(lm_ring *ring, unsigned wait_nr);
 /// Waits for one completion and consumes it. Returns 0 or -errno.

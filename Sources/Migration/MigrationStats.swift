@@ -18,6 +18,10 @@ public struct MigrationStats: Encodable, Sendable {
     public var channels = 0
     /// How the sender channels wrote ("io_uring", "plain sendmsg").
     public var sendMechanism: String?
+    /// With --zerocopy: zero-copy sends made, and how many the kernel
+    /// copied anyway (on loopback: all of them).
+    public var zeroCopySends: UInt64?
+    public var zeroCopyCopied: UInt64?
     public var errorDesc: String?
 
     public init(status: Status) { self.status = status }
@@ -43,6 +47,8 @@ public struct MigrationStats: Encodable, Sendable {
         case expectedDowntime = "expected-downtime"
         case cpuThrottlePercentage = "cpu-throttle-percentage"
         case sendMechanism = "send-mechanism"
+        case zeroCopySends = "zerocopy-sends"
+        case zeroCopyCopied = "zerocopy-copied"
         case errorDesc = "error-desc"
     }
 }

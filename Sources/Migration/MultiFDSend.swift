@@ -134,10 +134,17 @@ public final class MultiFDSend: Sendable {
     }
 
     /// Stops the sender threads (after the last sync) and joins them.
+    /// Idempotent: the threads are taken out before they are joined.
     public func finish() {
+        let running = threads.withLock { t -> [WorkerThread] in
+            let r = t
+            t = []
+            return r
+        }
+        guard !running.isEmpty else { return }
         quitting.store(true, ordering: .releasing)
         for c in channels { c.sem.signal() }
-        for t in threads.withLock({ $0 }) { t.join() }
+        for t in running { t.join() }
     }
 
     /// One sender thread's life.

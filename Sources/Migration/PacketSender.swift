@@ -27,6 +27,7 @@ public final class PacketSender: ChannelTransport {
     public let channelID: Int
 
     public var mechanism: String { writer.mechanism }
+    public var zeroCopyReport: (sends: UInt64, copied: UInt64) { writer.zeroCopyReport }
 
     public init(channelID: Int, ram: RAMFile, writer: any StreamWriter, counters: TransferCounters) {
         self.channelID = channelID

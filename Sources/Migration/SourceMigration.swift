@@ -15,6 +15,8 @@ public struct SourceConfig: Sendable {
     public var channels: Int
     /// Use io_uring for the page channels (falls back when unavailable).
     public var useRing = true
+    /// Send pages with IORING_OP_SENDMSG_ZC (io_uring only).
+    public var zeroCopy = false
     /// How long to retry a refused connection.
     public var connectTimeout = 3.0
     /// How long to wait for each handshake reply (the destination may be
@@ -138,6 +140,14 @@ public final class SourceMigration: Sendable {
 
             let multifd = MultiFDSend(transports: transports, latch: latch)
             pool = multifd
+            // Read after the sender threads are joined (`finish`), which
+            // orders their last writes to the transports before our reads.
+            let zeroCopyReport = { [config] () -> (UInt64, UInt64)? in
+                guard config.zeroCopy else { return nil }
+                multifd.finish()
+                let r = transports.map(\.zeroCopyReport)
+                return (r.reduce(0) { $0 + $1.sends }, r.reduce(0) { $0 + $1.copied })
+            }
             if let g = guest, let lease {
                 try migrateLive(g, lease: lease, ctl: ctl, multifd: multifd, completed: completed, stats: &stats)
             } else {
@@ -152,6 +162,10 @@ public final class SourceMigration: Sendable {
             }
             stats.status = .completed
             finishStats(&stats, start: start)
+            if let (sends, copied) = zeroCopyReport() {
+                stats.zeroCopySends = sends
+                stats.zeroCopyCopied = copied
+            }
             return stats
         } catch {
             latch.fail(error)
@@ -396,9 +410,9 @@ public final class SourceMigration: Sendable {
         throw MigrationError(.protocolViolation, "\(what): got '\(m.name)' instead of '\(wanted.name)'")
     }
 
-    private func makeTransports(_ sockets: [Socket]) -> [any ChannelTransport] {
+    private func makeTransports(_ sockets: [Socket]) -> [PacketSender] {
         sockets.enumerated().map { id, s in
-            let (writer, warning) = makeStreamWriter(for: s, useRing: config.useRing)
+            let (writer, warning) = makeStreamWriter(for: s, useRing: config.useRing, zeroCopy: config.zeroCopy)
             if let w = warning, id == 0 { warnings.withLock { $0.append(w) } }
             return PacketSender(channelID: id, ram: ram, writer: writer, counters: counters)
         }

@@ -15,15 +15,24 @@ public protocol StreamWriter: AnyObject {
     var mechanism: String { get }
     /// Writes `total` bytes described by `count` iovecs at `iov`. The array
     /// may be modified (advanced past what was sent) by partial writes.
+    /// On return the kernel no longer needs the buffers.
     func writeAll(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int) throws(SocketError)
+    /// Zero-copy sends made, and how many of them the kernel copied anyway.
+    var zeroCopyReport: (sends: UInt64, copied: UInt64) { get }
+}
+
+extension StreamWriter {
+    public var zeroCopyReport: (sends: UInt64, copied: UInt64) { (0, 0) }
 }
 
 /// Builds the writer for `socket`: io_uring when the kernel lets this process
 /// have a ring, else plain `sendmsg`. `warning` says why the fallback was taken.
-public func makeStreamWriter(for socket: Socket, useRing: Bool = true) -> (writer: any StreamWriter, warning: String?) {
+public func makeStreamWriter(for socket: Socket, useRing: Bool = true, zeroCopy: Bool = false) -> (
+    writer: any StreamWriter, warning: String?
+) {
     guard useRing else { return (PlainSendWriter(socket: socket), nil) }
     do {
-        return (try URingSendWriter(socket: socket), nil)
+        return (try URingSendWriter(socket: socket, zeroCopy: zeroCopy), nil)
     } catch {
         return (PlainSendWriter(socket: socket), "\(error.description); sending with plain sendmsg instead")
     }
@@ -44,10 +53,17 @@ public final class URingSendWriter: StreamWriter {
     private let socket: Socket
     private let entries: UInt32
     private var ring: OpaquePointer?
+    /// Send with IORING_OP_SENDMSG_ZC and count what the kernel copied.
+    public let zeroCopy: Bool
+    private var zcSends: UInt64 = 0
+    private var zcCopied: UInt64 = 0
 
-    public init(socket: Socket, entries: UInt32 = 8) throws(SocketError) {
+    public var zeroCopyReport: (sends: UInt64, copied: UInt64) { (zcSends, zcCopied) }
+
+    public init(socket: Socket, entries: UInt32 = 8, zeroCopy: Bool = false) throws(SocketError) {
         self.socket = socket
         self.entries = entries
+        self.zeroCopy = zeroCopy
         lm_ring_destroy(try Self.createRing(entries: entries, flags: 0))
     }
 
@@ -89,9 +105,11 @@ public final class URingSendWriter: StreamWriter {
         while done < total {
             // MSG_WAITALL: the kernel retries partial sends itself; a short
             // result still happens (signal, shutdown) and is resumed below.
-            let prep = lm_ring_prep_sendv(
-                ring, 0, socket.fd, cursor.current, UInt32(cursor.remainingCount),
-                UInt32(MSG_NOSIGNAL | MSG_WAITALL), 0)
+            let flags = UInt32(MSG_NOSIGNAL | MSG_WAITALL)
+            let prep =
+                zeroCopy
+                ? lm_ring_prep_sendv_zc(ring, 0, socket.fd, cursor.current, UInt32(cursor.remainingCount), flags, true, 0)
+                : lm_ring_prep_sendv(ring, 0, socket.fd, cursor.current, UInt32(cursor.remainingCount), flags, 0)
             if prep < 0 { throw .system("io_uring submission on \(socket.peer)", Errno(rawValue: -prep)) }
             let submitted = lm_ring_submit_and_wait(ring, 1)
             if submitted < 0 {
@@ -99,9 +117,14 @@ public final class URingSendWriter: StreamWriter {
                 if e == .interrupted { continue }
                 throw .system("io_uring_submit_and_wait to \(socket.peer)", e)
             }
-            var data: UInt64 = 0, res: Int32 = 0, flags: UInt32 = 0
-            let rc = lm_ring_wait(ring, &data, &res, &flags)
+            var data: UInt64 = 0, res: Int32 = 0, cqeFlags: UInt32 = 0
+            let rc = lm_ring_wait(ring, &data, &res, &cqeFlags)
             if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", Errno(rawValue: -rc)) }
+            if cqeFlags & LM_IORING_CQE_F_MORE != 0 {
+                // Zero copy: the buffers (our header, guest pages) stay in
+                // the kernel's hands until the notification arrives.
+                try awaitNotification(ring)
+            }
             if res < 0 {
                 let e = Errno(rawValue: -res)
                 if e == .interrupted || e == .resourceTemporarilyUnavailable { continue }
@@ -111,6 +134,18 @@ public final class URingSendWriter: StreamWriter {
             done += Int(res)
             cursor.advance(by: Int(res))
         }
+    }
+
+    /// Waits for the zero-copy notification of the send just completed.
+    private func awaitNotification(_ ring: OpaquePointer) throws(SocketError) {
+        var data: UInt64 = 0, res: Int32 = 0, cqeFlags: UInt32 = 0
+        let rc = lm_ring_wait(ring, &data, &res, &cqeFlags)
+        if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", Errno(rawValue: -rc)) }
+        guard cqeFlags & LM_IORING_CQE_F_NOTIF != 0 else {
+            throw SocketError(.system, "io_uring: expected a zero-copy notification, got flags \(cqeFlags)")
+        }
+        zcSends += 1
+        if UInt32(bitPattern: res) & LM_IORING_NOTIF_USAGE_ZC_COPIED != 0 { zcCopied += 1 }
     }
 }
 

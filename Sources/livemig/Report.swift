@@ -26,6 +26,9 @@ func printStats(_ s: MigrationStats, format: OutputFormat, role: String) {
                 + "\(formatBytes(s.ram.transferred)) on the wire at \(String(format: "%.2f", gbps)) GB/s "
                 + "over \(s.channels) channel(s)"
                 + (s.sendMechanism.map { " (\($0))" } ?? ""))
+        if let sends = s.zeroCopySends, let copied = s.zeroCopyCopied {
+            print("\(role): zero copy: \(sends) sends, \(copied) of them copied by the kernel anyway")
+        }
         if let d = s.downtime {
             print(
                 "\(role): live: \(s.ram.dirtySyncCount) rounds, downtime \(d) ms (expected \(s.expectedDowntime.map { "\($0)" } ?? "?") ms), "

@@ -24,6 +24,9 @@ struct SendCommand: ParsableCommand {
     @Flag(help: "Send with plain sendmsg instead of io_uring (for comparison).")
     var noIoUring = false
 
+    @Flag(help: "Send pages with io_uring SENDMSG_ZC and report how many sends the kernel copied anyway.")
+    var zerocopy = false
+
     @Option(help: "Migrate a running guest live: its control file (from livemig stress).")
     var guest: String?
 
@@ -61,6 +64,7 @@ struct SendCommand: ParsableCommand {
         }
         if let t = timeout, parseDuration(t) == nil { throw ValidationError("--timeout: '\(t)' is not a duration (e.g. 30s)") }
         if let m = maxRounds, m < 1 { throw ValidationError("--max-rounds must be at least 1") }
+        if zerocopy, noIoUring { throw ValidationError("--zerocopy needs io_uring; drop --no-io-uring") }
         guard (1...99).contains(throttleInitial), (1...99).contains(throttleIncrement) else {
             throw ValidationError("--throttle-initial and --throttle-increment must be from 1 to 99")
         }
@@ -80,6 +84,7 @@ struct SendCommand: ParsableCommand {
         }
         var config = SourceConfig(address: address, channels: common.channels)
         config.useRing = !noIoUring
+        config.zeroCopy = zerocopy
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge

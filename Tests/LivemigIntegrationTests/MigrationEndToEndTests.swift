@@ -98,6 +98,29 @@ struct MigrationEndToEndTests {
         #expect(try filesEqual(src, dst))
     }
 
+    @Test("--zerocopy sends with SENDMSG_ZC and reports what the kernel copied")
+    func zeroCopy() throws {
+        let scratch = try Scratch()
+        let src = scratch.path("src.ram"), dst = scratch.path("dst.ram")
+        try writeImage(src, pages: 4096, seed: 8, isZero: { $0 % 4 == 0 })
+        try writeFilled(dst, bytes: 4096 * pageSize, value: 0x31)
+        let addr = "tcp:127.0.0.1:\(freePort())"
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr])
+        #expect(receiver.waitForStderr("listening"))
+        let send = try livemig(["send", "--ram", src, "--to", addr, "--zerocopy", "--format", "json"])
+        #expect(receiver.wait().status == 0)
+        #expect(send.status == 0, "\(send.stderr)")
+        #expect(try filesEqual(src, dst))
+        let s = try stats(send.stdout)
+        let sends = try #require(s["zerocopy-sends"] as? Int)
+        let copied = try #require(s["zerocopy-copied"] as? Int)
+        // One notification per packet (3072 normal + 1024 zero pages in
+        // 128-page batches, plus one SYNC per channel).
+        #expect(sends >= 4096 / 128)
+        // Loopback always copies: the kernel says so for every send.
+        #expect(copied == sends)
+    }
+
     @Test("with io_uring allowed the senders use it")
     func ioUringUsed() throws {
         let scratch = try Scratch()
