@@ -33,27 +33,24 @@ enum LivemigMain {
         }
         // A vanished peer must be an error we report, not a silent SIGPIPE.
         signal(SIGPIPE, SIG_IGN)
-        let command: ParsableCommand
         do {
-            command = try Livemig.parseAsRoot()
-        } catch {
-            let code = Livemig.exitCode(for: error)
-            if code == .success {
-                print(Livemig.fullMessage(for: error))
-                exit(0)
-            }
-            FileHandleStderr.write(Livemig.fullMessage(for: error) + "\n")
-            exit(exitUsage)
-        }
-        var c = command
-        do {
-            try c.run()
+            var command = try Livemig.parseAsRoot()
+            try command.run()
         } catch let e as CommandFailure {
             fail(e.message, status: e.status)
-        } catch let e as ValidationError {
-            fail(e.message, status: exitUsage)
         } catch {
-            fail("\(error)", status: exitFailure)
+            // Help, version and usage errors come from the parser (also from
+            // run() of a command group): let it say them, with our statuses.
+            switch Livemig.exitCode(for: error) {
+            case .success:
+                print(Livemig.fullMessage(for: error))
+                exit(0)
+            case .validationFailure:
+                FileHandleStderr.write(Livemig.fullMessage(for: error) + "\n")
+                exit(exitUsage)
+            default:
+                fail(Livemig.fullMessage(for: error), status: exitFailure)
+            }
         }
     }
 }

@@ -49,8 +49,7 @@ struct ReceiveCommand: ParsableCommand {
             throw CommandFailure(message: error.description)
         }
         FileHandleStderr.write("livemig: listening on \(address)\n")
-        let signals = watchSignals { destination.cancel($0) }
-        _ = signals
+        let signals = SignalWatch { destination.cancel($0) }
         let progress = ProgressLine.start(
             role: "receive", total: { destination.ram?.block.size ?? 0 }, counters: destination.counters, live: nil)
         let result: Result<MigrationStats, MigrationError>
@@ -60,6 +59,7 @@ struct ReceiveCommand: ParsableCommand {
             result = .failure(error)
         }
         progress?.finish()
+        signals.end()
         switch result {
         case .success(let stats):
             printStats(stats, format: common.format, role: "receive")

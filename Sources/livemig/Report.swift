@@ -97,16 +97,31 @@ final class StopFlag: Sendable {
     func set() { flag.store(true, ordering: .relaxed) }
 }
 
-/// Turns SIGINT and SIGTERM into a cancellation of the running migration.
-/// Built outside any actor so the handler never asserts main-actor isolation.
-func watchSignals(_ cancel: @escaping @Sendable (String) -> Void) -> [DispatchSourceSignal] {
-    [SIGINT, SIGTERM].map { sig in
-        signal(sig, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-        let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
-        source.setEventHandler { cancel("cancelled by \(name)") }
-        source.resume()
-        return source
+/// Turns SIGINT and SIGTERM into a cancellation of the running work while
+/// it lives. Call `end()` when the work is done: that call is also what
+/// keeps the sources alive until then (an unused local may be released at
+/// once by the optimiser, and then the signals would stay ignored — a bug
+/// release builds had). Built outside any actor so the handler never
+/// asserts main-actor isolation.
+final class SignalWatch {
+    private let sources: [DispatchSourceSignal]
+
+    init(_ cancel: @escaping @Sendable (String) -> Void) {
+        sources = [SIGINT, SIGTERM].map { sig in
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
+            source.setEventHandler { cancel("cancelled by \(name)") }
+            source.resume()
+            return source
+        }
+    }
+
+    /// Stops watching; the signals' default action applies again.
+    func end() {
+        for s in sources { s.cancel() }
+        signal(SIGINT, SIG_DFL)
+        signal(SIGTERM, SIG_DFL)
     }
 }
 

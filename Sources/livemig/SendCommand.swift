@@ -105,7 +105,7 @@ struct SendCommand: ParsableCommand {
         var onRound: (@Sendable (RoundRecord) -> Void)?
         if let log = eventLog { onRound = { log.append($0) } }
         let source = SourceMigration(ram: file, config: config, guest: control, onRound: onRound)
-        let signals = watchSignals { source.cancel($0) }
+        let signals = SignalWatch { source.cancel($0) }
         let progress = ProgressLine.start(
             role: "send", total: { file.block.size }, counters: source.counters, live: control == nil ? nil : source.progress)
         let result: Result<MigrationStats, MigrationError>
@@ -115,7 +115,7 @@ struct SendCommand: ParsableCommand {
             result = .failure(error)
         }
         progress?.finish()
-        _ = signals
+        signals.end()
         for w in source.warnings.withLock({ $0 }) { FileHandleStderr.write("livemig: warning: \(w)\n") }
         switch result {
         case .success(var stats):

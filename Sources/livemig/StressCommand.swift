@@ -70,12 +70,12 @@ struct StressCommand: ParsableCommand {
         } catch {
             throw CommandFailure(message: error.description)
         }
-        let signals = watchSignals { _ in guest.stop() }
-        _ = signals
+        let signals = SignalWatch { _ in guest.stop() }
         FileHandleStderr.write(
             "stress: guest \(resume ? "resumed" : "started"): pattern \(guest.options.pattern), \(guest.options.threads) thread(s), "
                 + "target \(options.rate.map { formatBytes($0) + "/s" } ?? "unlimited"), pid \(getpid())\n")
         let outcome = guest.run()
+        signals.end()
         let rateText = formatBytes(UInt64(outcome.bytesPerSecond)) + "/s"
         var line =
             "stress: wrote \(outcome.pagesWritten) pages in \(String(format: "%.2f", outcome.seconds)) s: dirty rate achieved \(rateText)"

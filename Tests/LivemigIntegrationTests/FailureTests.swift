@@ -241,6 +241,37 @@ struct FailureTests {
         #expect(r.stderr.contains("connection refused"), "\(r.stderr)")
     }
 
+    @Test("--help prints help and exits 0", arguments: [["--help"], ["send", "--help"], ["stress", "--help"]])
+    func help(_ args: [String]) throws {
+        let r = try livemig(args)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("USAGE"), "\(r.stdout)")
+    }
+
+    @Test("SIGTERM stops a stress guest, which saves its state")
+    func stressStopsOnSignal() throws {
+        let scratch = try Scratch()
+        let g = try LivemigProcess([
+            "stress", "--ram", scratch.path("g.ram"), "--control", scratch.path("g.ctl"), "--size", "8MiB", "--rate", "1MiB/s",
+        ])
+        #expect(g.waitForStderr("guest started"))
+        kill(g.pid, SIGTERM)
+        let r = g.wait(timeout: 10)
+        #expect(r.status == 0 && r.seconds < 5, "\(r.stderr)")
+        #expect(r.stdout.contains("stopped by signal"), "\(r.stdout)")
+    }
+
+    @Test("SIGINT stops a receiver waiting for its source")
+    func receiveStopsOnSignal() throws {
+        let scratch = try Scratch()
+        let r = try LivemigProcess(["receive", "--ram", scratch.path("d.ram"), "--size", "1MiB", "--listen", "unix:" + scratch.path("s")])
+        #expect(r.waitForStderr("listening"))
+        kill(r.pid, SIGINT)
+        let out = r.wait(timeout: 10)
+        #expect(out.status == 1 && out.seconds < 5)
+        #expect(out.stderr.contains("cancelled by SIGINT"), "\(out.stderr)")
+    }
+
     @Test(
         "usage errors exit with status 2",
         arguments: [
