@@ -9,7 +9,9 @@ let package = Package(
     name: "livemig",
     platforms: [.macOS(.v15)],
     products: [
-        .executable(name: "livemig", targets: ["livemig"])
+        .executable(name: "livemig", targets: ["livemig"]),
+        // For the nested Benchmarks/ package (a path dependency sees products only).
+        .library(name: "LivemigCore", targets: ["CShims", "GuestMemory", "MigrationWire", "URing", "Migration"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
