@@ -204,7 +204,7 @@ public final class DestinationMigration: Sendable {
             }
             ram = existing
         } else {
-            ram = try Self.mapped { () throws(GuestMemoryError) in
+            ram = try Self.mapped(prefault: false) { () throws(GuestMemoryError) in
                 try RAMFile.create(path: config.ramPath, size: block.size, blockName: block.name)
             }
             ramFile.withLock { $0 = ram }
@@ -347,12 +347,20 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    private static func mapped(_ body: () throws(GuestMemoryError) -> RAMFile) throws(MigrationError) -> RAMFile {
+    /// Maps the RAM file; with `prefault`, faults every page in first.
+    ///
+    /// Before listening (file known, or --size) pre-faulting is free for
+    /// the migration and saves the transfer from first-touch faults. A file
+    /// created when the layout arrives is not pre-faulted: the source would
+    /// wait for it, and the receivers' own first-touch writes cost less than
+    /// faulting first and copying second (measured with tools/bench, 1 GiB
+    /// random, 2 channels, TCP, cold: 1.11 GB/s pre-faulted, 1.50 GB/s not).
+    private static func mapped(prefault: Bool = true, _ body: () throws(GuestMemoryError) -> RAMFile) throws(MigrationError)
+        -> RAMFile
+    {
         do {
             let ram = try body()
-            // Pre-fault now, before the source connects: first-touch faults
-            // during the transfer cost more than the copy itself.
-            try ram.populate(forWriting: true)
+            if prefault { try ram.populate(forWriting: true) }
             return ram
         } catch {
             throw MigrationError(error)
