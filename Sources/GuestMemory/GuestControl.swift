@@ -194,7 +194,8 @@ public final class GuestControl: @unchecked Sendable {
 
     /// The run state (acquire: pairs with `setRunState`'s release).
     public var runState: RunState {
-        RunState(rawValue: lm_atomic_load_acquire_u32(word32(64))) ?? .running
+        // An unknown value means a corrupt file: treat it as "stop writing".
+        RunState(rawValue: lm_atomic_load_acquire_u32(word32(64))) ?? .migrated
     }
 
     /// Sets the run state (release) and wakes every thread waiting on it.
@@ -222,6 +223,13 @@ public final class GuestControl: @unchecked Sendable {
     public var throttlePercent: UInt32 {
         get { lm_atomic_load_acquire_u32(word32(68)) }
         set { lm_atomic_store_release_u32(word32(68), min(newValue, 99)) }
+    }
+
+    /// Sets the throttle to `new` only if it is still `old` (a source may
+    /// have set a newer one meanwhile).
+    @discardableResult
+    public func exchangeThrottle(from old: UInt32, to new: UInt32) -> Bool {
+        lm_atomic_cas_u32(word32(68), old, new)
     }
 
     /// Guest threads that write pages (set by the guest at start).
@@ -300,7 +308,9 @@ public final class GuestControl: @unchecked Sendable {
         guard bytes.count <= Self.stateCapacity else {
             throw GuestMemoryError("guest state of \(bytes.count) bytes exceeds the control file's \(Self.stateCapacity)")
         }
-        bytes.withUnsafeBytes { stateBytes.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        if !bytes.isEmpty {
+            bytes.withUnsafeBytes { stateBytes.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        }
         stateLength = bytes.count
     }
 }

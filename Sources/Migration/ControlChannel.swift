@@ -32,9 +32,11 @@ public final class ControlChannel: Sendable {
 
     /// Tells the peer why we stop: an error frame, sent without blocking
     /// (a peer that does not read must not hold our failure path).
+    /// Skipped when another send holds the channel: a failure path must
+    /// never wait for a peer that stopped reading.
     public func sendErrorBestEffort(_ error: MigrationError) {
         let bytes = MainMessage.error(error.description).encoded()
-        sendLock.withLock { _ in socket.sendNonBlocking(bytes) }
+        _ = sendLock.withLockIfAvailable { _ in socket.sendNonBlocking(bytes) }
     }
 
     /// Reads the next message; `what` names the wait for error messages.

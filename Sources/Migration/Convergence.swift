@@ -1,4 +1,4 @@
-/// When a live migration stops iterating (DESIGN.md §5, QEMU's rules).
+/// When a live migration stops iterating (QEMU's rules; docs/ARCHITECTURE.md).
 public struct ConvergencePolicy: Sendable {
     /// Switch over once the remaining dirty bytes can be sent in this long.
     public var downtimeLimit = 0.3

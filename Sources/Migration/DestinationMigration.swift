@@ -101,7 +101,7 @@ public final class DestinationMigration: Sendable {
                     blocks: [RAMBlockLayout(name: ram.block.name, size: ram.block.size, pageSize: ram.block.pageSize)])
             }
             let arrived = DirtyBitmap(pageCount: ram.block.pageCount)
-            let sockets = try acceptChannels(session: session, main: ctl)
+            let (sockets, early) = try acceptChannels(session: session, main: ctl)
             receivers = sockets.enumerated().map { id, s in
                 PacketReceiver(id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived)
             }
@@ -115,7 +115,7 @@ public final class DestinationMigration: Sendable {
                 let latch = self.latch
                 threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })
             }
-            let rounds = try serveControl(ctl, barrier: barrier, arrived: arrived, ram: ram)
+            let rounds = try serveControl(ctl, barrier: barrier, arrived: arrived, ram: ram, first: early)
             var s = MigrationStats(status: .completed)
             s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
             s.setupTime = UInt64(setupTime * 1000)
@@ -215,17 +215,25 @@ public final class DestinationMigration: Sendable {
 
     /// Accepts the N multifd channels: same session, right count, no
     /// duplicate ids. Returns them ordered by channel id.
-    private func acceptChannels(session: SessionID, main: ControlChannel) throws(MigrationError) -> [Socket] {
+    /// The connections may be accepted after the source already sent
+    /// on main (a small first round fits in the socket buffers): such a
+    /// message is returned for the control loop, unless it is an error.
+    private func acceptChannels(session: SessionID, main: ControlChannel) throws(MigrationError) -> (
+        [Socket], MainMessage?
+    ) {
         var byID = [Socket?](repeating: nil, count: config.channels)
-        for opened in 0..<config.channels {
+        var early: MainMessage?
+        var opened = 0
+        while opened < config.channels {
             let s: Socket
             do {
-                s = try listener.accept(timeout: config.channelTimeout, watch: main.socket)
+                s = try listener.accept(timeout: config.channelTimeout, watch: early == nil ? main.socket : nil)
             } catch  where error.code == .interrupted {
                 // The source says something (an error, most likely) or left.
                 let m = try main.receive("waiting for multifd channels")
                 if case .error(let text) = m { throw MigrationError(.peer, "source failed: \(text)") }
-                throw MigrationError(.protocolViolation, "'\(m.name)' on the main channel before all multifd channels connected")
+                early = m
+                continue
             } catch  where error.code == .timedOut {
                 throw MigrationError(
                     .timeout, "only \(opened) of \(config.channels) multifd channels connected within \(config.channelTimeout) s")
@@ -249,21 +257,30 @@ public final class DestinationMigration: Sendable {
             }
             s.setReceiveTimeout(nil)
             byID[Int(h.channelID)] = s
+            opened += 1
         }
-        return byID.map { $0! }
+        return (byID.map { $0! }, early)
     }
 
     // MARK: - transfer
 
     /// The main thread's loop: end-of-round barriers, then completion.
     /// Returns the number of rounds.
-    private func serveControl(_ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, ram: RAMFile) throws(MigrationError)
+    private func serveControl(_ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, ram: RAMFile, first: MainMessage?)
+        throws(MigrationError)
         -> UInt64
     {
         var rounds: UInt64 = 0
         var guestState: [UInt8]?
+        var pending = first
         while true {
-            let m = try ctl.receive("waiting for the source")
+            let m: MainMessage
+            if let p = pending {
+                m = p
+                pending = nil
+            } else {
+                m = try ctl.receive("waiting for the source")
+            }
             switch m {
             case .guestState(let bytes):
                 guard config.guestControl != nil, guestState == nil, rounds > 0 else {

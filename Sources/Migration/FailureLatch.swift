@@ -6,7 +6,7 @@ import Synchronization
 
 /// The migration's one shared error: the first failure wins, and tripping
 /// the latch wakes everything that could be blocked (sockets are shut down,
-/// semaphores posted), so no thread is left waiting. DESIGN.md §4 "Errors".
+/// semaphores posted), so no thread is left waiting. See docs/ARCHITECTURE.md.
 public final class FailureLatch: Sendable {
     private let first = Mutex<MigrationError?>(nil)
     private let tripped = Atomic<Bool>(false)

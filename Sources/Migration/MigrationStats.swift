@@ -1,6 +1,6 @@
 import GuestMemory
 
-/// Statistics in QEMU `query-migrate` terms (DESIGN.md §6). Times are in
+/// Statistics in QEMU `query-migrate` terms (docs/ARCHITECTURE.md). Times are in
 /// milliseconds, sizes in bytes, `mbps` in megabits per second, as QEMU.
 public struct MigrationStats: Encodable, Sendable {
     public enum Status: String, Encodable, Sendable {

@@ -36,7 +36,7 @@ final class SendChannel: @unchecked Sendable {
 }
 
 /// The lockless hand-off between the migration thread and N sender threads,
-/// after QEMU's multifd (DESIGN.md §4). One migration thread calls `send` and
+/// after QEMU's multifd (docs/ARCHITECTURE.md). One migration thread calls `send` and
 /// `sync`; each sender thread runs `senderLoop`.
 ///
 /// Counting on `channelsReady`: every sender posts it once per loop turn

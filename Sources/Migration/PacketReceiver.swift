@@ -9,7 +9,7 @@ import URing
     import Glibc
 #endif
 
-/// The destination's shared end-of-round barrier (DESIGN.md §4).
+/// The destination's shared end-of-round barrier (docs/PROTOCOL.md, rounds).
 ///
 /// A receiver that reads a SYNC packet posts `synced` and then waits on its
 /// channel's `resume`. The main thread, on the end-of-round marker, waits for

@@ -162,6 +162,7 @@ public final class SourceMigration: Sendable {
             }
             stats.status = .completed
             finishStats(&stats, start: start)
+            stats.sendMechanism = transports.first?.mechanism
             if let (sends, copied) = zeroCopyReport() {
                 stats.zeroCopySends = sends
                 stats.zeroCopyCopied = copied
@@ -209,6 +210,7 @@ public final class SourceMigration: Sendable {
             {
                 // The lease also bounds the throttle: a guest whose source
                 // vanished drops it (see StressGuest).
+                g.renewLease()
                 lease.start()
                 g.throttlePercent = p
             }
@@ -363,11 +365,12 @@ public final class SourceMigration: Sendable {
 
     private func awaitConfirmation(_ completed: DispatchSemaphore) throws(MigrationError) {
         completed.wait()
+        // Acquire: pairs with the store-release in `readDestination`. Once
+        // the destination confirmed, it holds the guest: a failure racing in
+        // now (a late SIGINT) must not resume the source copy too.
+        if confirmed.load(ordering: .acquiring) { return }
         try latch.check()
-        // Acquire: pairs with the store-release in `readDestination`.
-        guard confirmed.load(ordering: .acquiring) else {
-            throw MigrationError(.peer, "the destination did not confirm completion")
-        }
+        throw MigrationError(.peer, "the destination did not confirm completion")
     }
 
     // MARK: - setup

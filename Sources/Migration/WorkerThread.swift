@@ -5,7 +5,7 @@ import CShims
 #endif
 
 /// A joinable OS thread. The body is a `@Sendable` closure run by a C entry
-/// point, so it never inherits an actor's isolation (see DEVELOPERS.md's trap).
+/// point, so it never inherits an actor's isolation (a closure formed in a @MainActor context would assert that actor at run time).
 public final class WorkerThread: Sendable {
     private final class Start {
         let name: String

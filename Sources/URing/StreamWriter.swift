@@ -44,12 +44,16 @@ public func makeStreamWriter(for socket: Socket, useRing: Bool = true, zeroCopy:
 /// The ring is created on the first write, in the sender thread that owns
 /// it, with `SINGLE_ISSUER | DEFER_TASKRUN`: completion work then runs only
 /// when that thread waits, with no wake-ups from other CPUs. Measured on
-/// kernel 6.18 with a guest running beside the migration: a round of mostly
-/// zero pages (small packets) took 1.5 s with a default ring and 0.13 s with
-/// plain sendmsg (tools/bench-core.py and the live benchmark show it). `init`
-/// only probes that this process may have a ring at all.
+/// kernel 6.18 with a guest running beside the migration: a 1 GiB round of
+/// mostly zero pages (small packets) took 1.5 s on a default ring, 0.15 s on
+/// this one and 0.13 s with plain sendmsg (tools/bench-live.py runs a guest
+/// beside the migration). `init` only probes that this process may have a
+/// ring at all.
 public final class URingSendWriter: StreamWriter {
-    public let mechanism = "io_uring"
+    /// "io_uring", or "plain sendmsg" if the sender thread could not get a
+    /// ring after all (the probe in `init` passed, the real one failed).
+    public var mechanism: String { fallback == nil ? "io_uring" : "plain sendmsg" }
+    private var fallback: PlainSendWriter?
     private let socket: Socket
     private let entries: UInt32
     private var ring: OpaquePointer?
@@ -99,7 +103,15 @@ public final class URingSendWriter: StreamWriter {
     }
 
     public func writeAll(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int) throws(SocketError) {
-        let ring = try ownRing()
+        if let fallback { return try fallback.writeAll(iov, count: count, total: total) }
+        let ring: OpaquePointer
+        do {
+            ring = try ownRing()
+        } catch {
+            let plain = PlainSendWriter(socket: socket)
+            fallback = plain
+            return try plain.writeAll(iov, count: count, total: total)
+        }
         var cursor = IOVecCursor(iov, count: count)
         var done = 0
         while done < total {

@@ -82,6 +82,17 @@ public final class StressGuest: Sendable {
             options.pattern = loaded.pattern
             options.threads = loaded.threads
         } else {
+            switch control.runState {
+            case .incoming:
+                throw GuestMemoryError(
+                    "\(control.path) holds a migrated-in guest; continue it with --resume (or remove the file to start a new guest)")
+            case .pauseRequested where !control.pauseHolderVanished:
+                throw GuestMemoryError(
+                    "the guest in \(control.path) is held paused by a running migration (source pid \(control.sourcePID))")
+            case .running where control.guestThreads > 0 && control.guestPID > 0 && kill(control.guestPID, 0) == 0:
+                throw GuestMemoryError("another guest (pid \(control.guestPID)) is running on \(control.path)")
+            default: break
+            }
             guard options.threads >= 1, options.threads <= ram.block.pageCount else {
                 throw GuestMemoryError("\(options.threads) threads need at least as many pages; \(ram.path) has \(ram.block.pageCount)")
             }
@@ -231,9 +242,9 @@ public final class StressGuest: Sendable {
             let now = monotonicNanoseconds()
             var percent = control.throttlePercent
             if percent > 0, now - busySince >= 10_000_000, control.pauseHolderVanished {
-                // The source that throttled us is gone: run at full speed.
-                control.throttlePercent = 0
-                percent = 0
+                // The source that throttled us is gone: run at full speed
+                // (unless a newer source set a new throttle meanwhile).
+                if control.exchangeThrottle(from: percent, to: 0) { percent = 0 }
             }
             if percent > 0, now - busySince >= 10_000_000 {
                 let busy = Double(now - busySince)

@@ -51,7 +51,7 @@ struct SendCommand: ParsableCommand {
     @Option(help: "Fail when not converged after this long (e.g. 30s).")
     var timeout: String?
 
-    @Option(help: "Append one JSON line per round to this file.")
+    @Option(help: "Write one JSON line per round to this file (emptied first).")
     var events: String?
 
     func validate() throws {
@@ -118,9 +118,7 @@ struct SendCommand: ParsableCommand {
         signals.end()
         for w in source.warnings.withLock({ $0 }) { FileHandleStderr.write("livemig: warning: \(w)\n") }
         switch result {
-        case .success(var stats):
-            stats.sendMechanism =
-                config.useRing ? (source.warnings.withLock { $0.isEmpty } ? "io_uring" : "plain sendmsg") : "plain sendmsg"
+        case .success(let stats):
             printStats(stats, format: common.format, role: "send")
         case .failure(let e):
             let kept =

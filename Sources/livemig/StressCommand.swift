@@ -148,7 +148,7 @@ func parseRate(_ text: String) -> UInt64? {
 /// Parses durations: 300ms, 2s, 1.5s, 2m.
 func parseDuration(_ text: String) -> Double? {
     for (suffix, mult) in [("ms", 0.001), ("s", 1.0), ("m", 60.0)] where text.hasSuffix(suffix) {
-        guard let v = Double(text.dropLast(suffix.count)), v >= 0 else { return nil }
+        guard let v = Double(text.dropLast(suffix.count)), v >= 0, v.isFinite, v * mult <= 1e7 else { return nil }
         return v * mult
     }
     return nil

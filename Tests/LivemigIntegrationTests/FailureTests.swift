@@ -167,6 +167,41 @@ struct FailureTests {
         #expect(r.stderr.contains("source failed: disk on fire"), "\(r.stderr)")
     }
 
+    @Test("end-of-round on main before the channels are accepted is kept, not refused")
+    func earlyEndOfRound() throws {
+        let scratch = try Scratch()
+        let dst = scratch.path("dst.ram")
+        try writeFilled(dst, bytes: 4096, value: 0x42)
+        let addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr.description, "--channels", "1"])
+        #expect(receiver.waitForStderr("listening"))
+        let session = SessionID.random()
+        let main = try Socket.connect(to: addr, timeout: 5)
+        try main.sendAll(ChannelHello(session: session, kind: .main, channelID: 0, channelCount: 1).encoded())
+        let ctl = MainReader(main)
+        #expect(try ctl.next() == .helloAccepted)
+        try main.sendAll(MainMessage.ramLayout([RAMBlockLayout(name: "pc.ram", size: 4096, pageSize: 4096)]).encoded())
+        #expect(try ctl.next() == .layoutAccepted)
+        // The whole (one-page) round is written before the destination gets
+        // to accept the channel: the marker is on main first.
+        try main.sendAll(MainMessage.endOfRound(round: 1).encoded())
+        usleep(100_000)
+        let ch = try Socket.connect(to: addr, timeout: 5)
+        try ch.sendAll(ChannelHello(session: session, kind: .multifd, channelID: 0, channelCount: 1).encoded())
+        try ch.sendAll(header(normal: 0, zero: 1, payload: 0, number: 0, offsets: [0]))
+        var sync = [UInt8](repeating: 0, count: MultiFDPacketHeader.size)
+        sync.withUnsafeMutableBytes { b in
+            MultiFDPacketHeader(flags: .sync, normalCount: 0, zeroCount: 0, payloadSize: 0, packetNumber: 1, blockID: 0)
+                .encode(to: b.baseAddress!)
+        }
+        try ch.sendAll(sync)
+        try main.sendAll(MainMessage.complete(CompletionSummary(rounds: 1, normalPages: 0, zeroPages: 1, packets: 1)).encoded())
+        #expect(try ctl.next() == .completed)
+        let r = receiver.wait(timeout: 15)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: dst)) == Data(count: 4096), "the zero page made the destination zero")
+    }
+
     @Test("RAM size mismatch: both sides fail with the sizes")
     func sizeMismatch() throws {
         let scratch = try Scratch()
