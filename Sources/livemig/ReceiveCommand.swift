@@ -48,8 +48,10 @@ struct ReceiveCommand: ParsableCommand {
         } catch {
             throw CommandFailure(message: error.description)
         }
-        FileHandleStderr.write("livemig: listening on \(address)\n")
+        // Watch signals before saying we listen: a script that signals us
+        // once it reads that line must find the watch in place.
         let signals = SignalWatch { destination.cancel($0) }
+        FileHandleStderr.write("livemig: listening on \(address)\n")
         let progress = ProgressLine.start(
             role: "receive", total: { destination.ram?.block.size ?? 0 }, counters: destination.counters, live: nil)
         let result: Result<MigrationStats, MigrationError>

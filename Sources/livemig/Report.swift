@@ -107,14 +107,19 @@ final class SignalWatch {
     private let sources: [DispatchSourceSignal]
 
     init(_ cancel: @escaping @Sendable (String) -> Void) {
+        let armed = DispatchSemaphore(value: 0)
         sources = [SIGINT, SIGTERM].map { sig in
             signal(sig, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
             let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
             source.setEventHandler { cancel("cancelled by \(name)") }
+            source.setRegistrationHandler { armed.signal() }
             source.resume()
             return source
         }
+        // Registration is asynchronous: return only once both sources are
+        // armed, so a signal sent right after we announce readiness is seen.
+        for _ in sources { _ = armed.wait(timeout: .now() + .seconds(2)) }
     }
 
     /// Stops watching; the signals' default action applies again.
