@@ -111,26 +111,14 @@ void lm_ring_destroy(lm_ring *r) {
 
 unsigned lm_ring_entries(const lm_ring *r) { return r->entries; }
 
-int lm_ring_prep_sendv(lm_ring *r, unsigned slot, int fd, const void *iov, unsigned iovcnt,
-                       unsigned msg_flags, uint64_t user_data) {
-    if (slot >= r->entries) return -EINVAL;
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
-    if (!sqe) return -EBUSY;
-    struct msghdr *m = &r->msgs[slot];
-    memset(m, 0, sizeof(*m));
-    m->msg_iov = (struct iovec *)iov;
-    m->msg_iovlen = iovcnt;
-    io_uring_prep_sendmsg(sqe, fd, m, msg_flags);
-    io_uring_sqe_set_data64(sqe, user_data);
-    return 0;
-}
-
 #ifndef IORING_SEND_ZC_REPORT_USAGE
 #define IORING_SEND_ZC_REPORT_USAGE (1U << 3)
 #endif
 
-int lm_ring_prep_sendv_zc(lm_ring *r, unsigned slot, int fd, const void *iov, unsigned iovcnt,
-                          unsigned msg_flags, bool report_usage, uint64_t user_data) {
+// One SENDMSG or SENDMSG_ZC submission; the msghdr lives in the ring's slot
+// until its completion.
+static int prep_sendv(lm_ring *r, unsigned slot, int fd, const void *iov, unsigned iovcnt,
+                      unsigned msg_flags, bool zero_copy, bool report_usage, uint64_t user_data) {
     if (slot >= r->entries) return -EINVAL;
     struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
     if (!sqe) return -EBUSY;
@@ -138,10 +126,24 @@ int lm_ring_prep_sendv_zc(lm_ring *r, unsigned slot, int fd, const void *iov, un
     memset(m, 0, sizeof(*m));
     m->msg_iov = (struct iovec *)iov;
     m->msg_iovlen = iovcnt;
-    io_uring_prep_sendmsg_zc(sqe, fd, m, msg_flags);
-    if (report_usage) sqe->ioprio |= IORING_SEND_ZC_REPORT_USAGE;
+    if (zero_copy) {
+        io_uring_prep_sendmsg_zc(sqe, fd, m, msg_flags);
+        if (report_usage) sqe->ioprio |= IORING_SEND_ZC_REPORT_USAGE;
+    } else {
+        io_uring_prep_sendmsg(sqe, fd, m, msg_flags);
+    }
     io_uring_sqe_set_data64(sqe, user_data);
     return 0;
+}
+
+int lm_ring_prep_sendv(lm_ring *r, unsigned slot, int fd, const void *iov, unsigned iovcnt,
+                       unsigned msg_flags, uint64_t user_data) {
+    return prep_sendv(r, slot, fd, iov, iovcnt, msg_flags, false, false, user_data);
+}
+
+int lm_ring_prep_sendv_zc(lm_ring *r, unsigned slot, int fd, const void *iov, unsigned iovcnt,
+                          unsigned msg_flags, bool report_usage, uint64_t user_data) {
+    return prep_sendv(r, slot, fd, iov, iovcnt, msg_flags, true, report_usage, user_data);
 }
 
 int lm_ring_submit_and_wait(lm_ring *r, unsigned wait_nr) {

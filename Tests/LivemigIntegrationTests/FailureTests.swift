@@ -67,32 +67,55 @@ struct FailureTests {
         #expect(r.stderr.contains("magic"), "\(r.stderr)")
     }
 
+    /// A receiver, and a fake source that completed the handshake with it
+    /// (hello and RAM layout accepted) and holds the main channel.
+    struct FakeSource {
+        let scratch: Scratch
+        let dst: String
+        let addr: SocketAddress
+        let receiver: LivemigProcess
+        let session: SessionID
+        let main: Socket
+        let ctl: MainReader
+
+        /// Opens multifd channel `id` and says its hello.
+        func channel(_ id: UInt16, of count: UInt16) throws -> Socket {
+            let ch = try Socket.connect(to: addr, timeout: 5)
+            try ch.sendAll(ChannelHello(session: session, kind: .multifd, channelID: id, channelCount: count).encoded())
+            return ch
+        }
+    }
+
+    func handshake(dstSize: Int, fill: UInt8 = 0x77, channels: Int) throws -> FakeSource {
+        let scratch = try Scratch()
+        let dst = scratch.path("dst.ram")
+        try writeFilled(dst, bytes: dstSize, value: fill)
+        let addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr.description, "--channels", "\(channels)"])
+        #expect(receiver.waitForStderr("listening"))
+        let session = SessionID.random()
+        let main = try Socket.connect(to: addr, timeout: 5)
+        try main.sendAll(ChannelHello(session: session, kind: .main, channelID: 0, channelCount: UInt16(channels)).encoded())
+        let ctl = MainReader(main)
+        #expect(try ctl.next() == .helloAccepted)
+        try main.sendAll(MainMessage.ramLayout([RAMBlockLayout(name: "pc.ram", size: UInt64(dstSize), pageSize: 4096)]).encoded())
+        #expect(try ctl.next() == .layoutAccepted)
+        return FakeSource(scratch: scratch, dst: dst, addr: addr, receiver: receiver, session: session, main: main, ctl: ctl)
+    }
+
     /// A fake source that does a valid handshake, then writes `packet` on
     /// multifd channel 0. Returns the receiver's result and what it said on
     /// the main channel.
     func fakeSource(dstSize: Int, packet: [UInt8], thenClose: Bool = false) throws -> (
         status: Int32, stderr: String, mainReply: MainMessage?, dst: Data
     ) {
-        let scratch = try Scratch()
-        let dst = scratch.path("dst.ram")
-        try writeFilled(dst, bytes: dstSize, value: 0x77)
-        let addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
-        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr.description, "--channels", "1"])
-        #expect(receiver.waitForStderr("listening"))
-        let session = SessionID.random()
-        let main = try Socket.connect(to: addr, timeout: 5)
-        try main.sendAll(ChannelHello(session: session, kind: .main, channelID: 0, channelCount: 1).encoded())
-        let ctl = MainReader(main)
-        #expect(try ctl.next() == .helloAccepted)
-        try main.sendAll(MainMessage.ramLayout([RAMBlockLayout(name: "pc.ram", size: UInt64(dstSize), pageSize: 4096)]).encoded())
-        #expect(try ctl.next() == .layoutAccepted)
-        let ch = try Socket.connect(to: addr, timeout: 5)
-        try ch.sendAll(ChannelHello(session: session, kind: .multifd, channelID: 0, channelCount: 1).encoded())
+        let f = try handshake(dstSize: dstSize, channels: 1)
+        let ch = try f.channel(0, of: 1)
         try ch.sendAll(packet)
         if thenClose { ch.shutdown() }
-        let reply = try? ctl.next()
-        let r = receiver.wait(timeout: 15)
-        return (r.status, r.stderr, reply, try Data(contentsOf: URL(fileURLWithPath: dst)))
+        let reply = try? f.ctl.next()
+        let r = f.receiver.wait(timeout: 15)
+        return (r.status, r.stderr, reply, try Data(contentsOf: URL(fileURLWithPath: f.dst)))
     }
 
     func header(normal: UInt32, zero: UInt32, payload: UInt32, number: UInt64 = 0, offsets: [UInt64]) -> [UInt8] {
@@ -148,18 +171,8 @@ struct FailureTests {
 
     @Test("the source fails while the destination waits for its channels: its reason arrives at once")
     func sourceFailsBeforeChannels() throws {
-        let scratch = try Scratch()
-        let dst = scratch.path("dst.ram")
-        try writeFilled(dst, bytes: 1 << 20, value: 0)
-        let addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
-        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr.description, "--channels", "2"])
-        #expect(receiver.waitForStderr("listening"))
-        let main = try Socket.connect(to: addr, timeout: 5)
-        try main.sendAll(ChannelHello(session: .random(), kind: .main, channelID: 0, channelCount: 2).encoded())
-        let ctl = MainReader(main)
-        #expect(try ctl.next() == .helloAccepted)
-        try main.sendAll(MainMessage.ramLayout([RAMBlockLayout(name: "pc.ram", size: 1 << 20, pageSize: 4096)]).encoded())
-        #expect(try ctl.next() == .layoutAccepted)
+        let f = try handshake(dstSize: 1 << 20, fill: 0, channels: 2)
+        let receiver = f.receiver, main = f.main
         try main.sendAll(MainMessage.error("disk on fire").encoded())
         let r = receiver.wait(timeout: 20)
         #expect(r.status == 1)
@@ -169,25 +182,13 @@ struct FailureTests {
 
     @Test("end-of-round on main before the channels are accepted is kept, not refused")
     func earlyEndOfRound() throws {
-        let scratch = try Scratch()
-        let dst = scratch.path("dst.ram")
-        try writeFilled(dst, bytes: 4096, value: 0x42)
-        let addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
-        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr.description, "--channels", "1"])
-        #expect(receiver.waitForStderr("listening"))
-        let session = SessionID.random()
-        let main = try Socket.connect(to: addr, timeout: 5)
-        try main.sendAll(ChannelHello(session: session, kind: .main, channelID: 0, channelCount: 1).encoded())
-        let ctl = MainReader(main)
-        #expect(try ctl.next() == .helloAccepted)
-        try main.sendAll(MainMessage.ramLayout([RAMBlockLayout(name: "pc.ram", size: 4096, pageSize: 4096)]).encoded())
-        #expect(try ctl.next() == .layoutAccepted)
+        let f = try handshake(dstSize: 4096, fill: 0x42, channels: 1)
+        let receiver = f.receiver, main = f.main, ctl = f.ctl, dst = f.dst
         // The whole (one-page) round is written before the destination gets
         // to accept the channel: the marker is on main first.
         try main.sendAll(MainMessage.endOfRound(round: 1).encoded())
         usleep(100_000)
-        let ch = try Socket.connect(to: addr, timeout: 5)
-        try ch.sendAll(ChannelHello(session: session, kind: .multifd, channelID: 0, channelCount: 1).encoded())
+        let ch = try f.channel(0, of: 1)
         try ch.sendAll(header(normal: 0, zero: 1, payload: 0, number: 0, offsets: [0]))
         var sync = [UInt8](repeating: 0, count: MultiFDPacketHeader.size)
         sync.withUnsafeMutableBytes { b in
