@@ -11,7 +11,7 @@ let package = Package(
     products: [
         .executable(name: "livemig", targets: ["livemig"]),
         // For the nested Benchmarks/ package (a path dependency sees products only).
-        .library(name: "LivemigCore", targets: ["CShims", "GuestMemory", "MigrationWire", "URing", "Migration"]),
+        .library(name: "LivemigCore", targets: ["CShims", "GuestMemory", "MigrationWire", "URing", "WorkerThreads", "Migration"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -25,6 +25,8 @@ let package = Package(
             path: "CShims",
             linkerSettings: [.linkedLibrary("uring")]
         ),
+        // Joinable OS threads whose bodies never inherit an actor's isolation.
+        .target(name: "WorkerThreads", dependencies: ["CShims"], swiftSettings: strict),
         // The guest's RAM file, page geometry and the dirty bitmap. No network.
         .target(
             name: "GuestMemory",
@@ -43,18 +45,18 @@ let package = Package(
         .target(
             name: "Migration",
             dependencies: [
-                "CShims", "GuestMemory", "MigrationWire", "URing",
+                "CShims", "GuestMemory", "MigrationWire", "URing", "WorkerThreads",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict
         ),
         // The stress guest (patterns, rates, counter workload) and its verifier.
-        .target(name: "Workload", dependencies: ["CShims", "GuestMemory"], swiftSettings: strict),
+        .target(name: "Workload", dependencies: ["CShims", "GuestMemory", "WorkerThreads"], swiftSettings: strict),
         // The command line: parsing, output formatting, exit codes.
         .executableTarget(
             name: "livemig",
             dependencies: [
-                "CShims", "GuestMemory", "MigrationWire", "URing", "Migration", "Workload",
+                "CShims", "GuestMemory", "MigrationWire", "URing", "Migration", "Workload", "WorkerThreads",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

@@ -3,6 +3,7 @@ import MigrationWire
 import Synchronization
 import SystemPackage
 import URing
+import WorkerThreads
 
 #if canImport(Glibc)
     import Glibc

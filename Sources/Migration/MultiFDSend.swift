@@ -1,5 +1,6 @@
 import Dispatch
 import Synchronization
+import WorkerThreads
 
 /// What a sender thread does with work: the real one writes packets to its
 /// socket; tests plug in recorders. Each channel has its own instance, used

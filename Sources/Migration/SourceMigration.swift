@@ -3,6 +3,7 @@ import GuestMemory
 import MigrationWire
 import Synchronization
 import URing
+import WorkerThreads
 
 #if canImport(Glibc)
     import Glibc

@@ -1,6 +1,7 @@
 import CShims
 import GuestMemory
 import Synchronization
+import WorkerThreads
 
 #if canImport(Glibc)
     import Glibc
@@ -127,7 +128,7 @@ public final class StressGuest: Sendable {
         let start = monotonicNanoseconds()
         let ends = Mutex<[StressEnd]>([])
         let threads = (0..<options.threads).map { t in
-            WorkerThreadHandle(name: "guest/\(t)") { [self] in
+            WorkerThread(name: "guest/\(t)") { [self] in
                 let end = runThread(t, start: start)
                 ends.withLock { $0.append(end) }
             }
@@ -269,39 +270,4 @@ public final class StressGuest: Sendable {
         guard ns >= 1000 else { return }
         control.waitWhile(.running, timeout: ns / 1e9)
     }
-}
-
-/// A joinable thread whose body never inherits an actor's isolation.
-final class WorkerThreadHandle: Sendable {
-    private final class Start {
-        let body: @Sendable () -> Void
-        let name: String
-        init(_ name: String, _ body: @escaping @Sendable () -> Void) {
-            self.body = body
-            self.name = name
-        }
-    }
-
-    private let handle: pthread_t
-
-    init(name: String, _ body: @escaping @Sendable () -> Void) {
-        var t = pthread_t()
-        let start = Unmanaged.passRetained(Start(name, body)).toOpaque()
-        let rc = pthread_create(&t, nil, workloadThreadEntry, start)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
-        handle = t
-    }
-
-    func join() { pthread_join(handle, nil) }
-
-    fileprivate static func run(_ raw: UnsafeMutableRawPointer) {
-        let start = Unmanaged<Start>.fromOpaque(raw).takeRetainedValue()
-        lm_set_thread_name(start.name)
-        start.body()
-    }
-}
-
-private func workloadThreadEntry(_ raw: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
-    WorkerThreadHandle.run(raw!)
-    return nil
 }

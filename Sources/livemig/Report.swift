@@ -3,6 +3,7 @@ import Foundation
 import Migration
 import Synchronization
 import URing
+import WorkerThreads
 
 #if canImport(Glibc)
     import Glibc
