@@ -30,7 +30,7 @@ let package = Package(
         // The guest's RAM file, page geometry and the dirty bitmap. No network.
         .target(
             name: "GuestMemory",
-            dependencies: ["CShims", .product(name: "SystemPackage", package: "swift-system")],
+            dependencies: ["CShims", "WorkerThreads", .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: strict
         ),
         // Wire formats: encode, decode, validate. Pure: no sockets, no files.

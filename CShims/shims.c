@@ -59,6 +59,17 @@ bool lm_buffer_is_zero(const void *p, size_t length) {
     return true;
 }
 
+void lm_fault_in_windows(const void *base, const uint64_t *offsets, size_t count, uint64_t window) {
+    const volatile uint8_t *b = (const volatile uint8_t *)base;
+    uint64_t last = UINT64_MAX;
+    for (size_t i = 0; i < count; i++) {
+        uint64_t w = offsets[i] / window;
+        if (w == last) continue;
+        last = w;
+        (void)b[offsets[i]];
+    }
+}
+
 int lm_deny_io_uring(void) {
     struct sock_filter filter[] = {
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),

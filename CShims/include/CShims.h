@@ -119,6 +119,13 @@ int lm_futex_wake(uint32_t *word, int count);
 /// `length` a multiple of 64 (a page). Reads until the first non-zero block.
 bool lm_buffer_is_zero(const void *p, size_t length);
 
+/// Reads one byte of each page at `base + offsets[i]` that starts a new
+/// `window`-byte aligned window (the kernel's fault-around unit, 64 KiB), so
+/// the page faults of a batch happen back to back before its pages are
+/// scanned. Measured on 1 GiB of /dev/shm: first-touch zero checks take
+/// 110 ms when the faults interleave with the scan, 69 ms this way.
+void lm_fault_in_windows(const void *base, const uint64_t *offsets, size_t count, uint64_t window);
+
 // ---- threads -----------------------------------------------------------
 
 /// Names the calling thread (first 15 bytes), as `ps -L` and `top -H` show.

@@ -1,5 +1,6 @@
 import CShims
 import SystemPackage
+import WorkerThreads
 
 #if canImport(Glibc)
     import Glibc
@@ -110,6 +111,34 @@ public final class RAMFile: @unchecked Sendable {
             let e = Errno(rawValue: Glibc.errno)
             throw GuestMemoryError("cannot pre-fault RAM file \(path): madvise: \(e)", errno: e)
         }
+    }
+
+    /// Drops this process's page-table entries for the whole mapping with
+    /// `MADV_DONTNEED`, in `threads` slices on as many threads, and waits.
+    ///
+    /// Why: the kernel tears down a touched mapping's page tables on one CPU
+    /// at munmap or exit, 34 ms per GiB of 4 KiB pages here, and `send` and
+    /// `receive` cannot finish before that; two threads do it in 18 ms. The
+    /// data is untouched: on a `MAP_SHARED` mapping the pages stay in the file
+    /// (dirty ones are marked so), and a later access faults them back in.
+    /// Small mappings are left to munmap (a thread costs more than it saves).
+    public func dropPageTables(threads: Int) {
+        let minimumSize: UInt64 = 64 << 20
+        guard threads > 1, block.size >= minimumSize else { return }
+        let pageSize = Int(block.pageSize)
+        let pages = Int(block.size) / pageSize
+        let per = (pages + threads - 1) / threads
+        let base = UInt(bitPattern: self.base)
+        let workers = (0..<threads).compactMap { i -> WorkerThread? in
+            let first = i * per
+            let count = min(per, pages - first)
+            guard count > 0 else { return nil }
+            return WorkerThread(name: "ram/drop/\(i)") {
+                // Best effort: on failure munmap does the work instead.
+                _ = madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(first * pageSize)), count * pageSize, MADV_DONTNEED)
+            }
+        }
+        for w in workers { w.join() }
     }
 
     /// Pointer to byte `offset` of the block.

@@ -6,8 +6,12 @@ import WorkerThreads
 /// socket; tests plug in recorders. Each channel has its own instance, used
 /// only by that channel's thread.
 public protocol ChannelTransport: AnyObject {
-    /// Sends one batch. The batch is read-only here and reset afterwards.
-    func sendPages(_ pages: MultiFDPages) throws(MigrationError)
+    /// Sends the job's batches in order, one packet each, and calls
+    /// `release` exactly once, as soon as it no longer reads the job (before
+    /// the write when it can): the migration thread may then queue this
+    /// channel's next job while the write runs. The job is read-only here.
+    /// A transport that throws before releasing does not release.
+    func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError)
     /// Sends this channel's SYNC for the current round.
     func sendSync() throws(MigrationError)
 }
@@ -15,13 +19,13 @@ public protocol ChannelTransport: AnyObject {
 /// One sender channel's hand-off state (QEMU's `MultiFDSendParams`).
 ///
 /// Who may touch what:
-/// - `pages`: the migration thread while `pendingJob` is false (it swaps a
-///   full batch in), the sender thread while `pendingJob` is true.
+/// - `job`: the migration thread while `pendingJob` is false (it moves its
+///   filled batches in), the sender thread while `pendingJob` is true.
 /// - `pendingJob`: set to true only by the migration thread (release), set to
-///   false only by the sender thread (release) once it is done with `pages`.
+///   false only by the sender thread (release) once it is done with `job`.
 /// - `pendingSync`: set by the migration thread, cleared by the sender.
 final class SendChannel: @unchecked Sendable {
-    // @unchecked: `pages` is a plain var handed over through `pendingJob`'s
+    // @unchecked: `job` is a plain object handed over through `pendingJob`'s
     // release/acquire pairs, which Swift cannot check; every other field is
     // an atomic or a semaphore.
     let id: Int
@@ -31,21 +35,30 @@ final class SendChannel: @unchecked Sendable {
     let sem = DispatchSemaphore(value: 0)
     /// Sync done: posted by the sender after its SYNC packet is written.
     let semSync = DispatchSemaphore(value: 0)
-    var pages = MultiFDPages()
+    let job: MultiFDJob
 
-    init(id: Int) { self.id = id }
+    init(id: Int, jobCapacity: Int) {
+        self.id = id
+        job = MultiFDJob(capacity: jobCapacity)
+    }
 }
 
 /// The lockless hand-off between the migration thread and N sender threads,
 /// after QEMU's multifd (docs/ARCHITECTURE.md). One migration thread calls `send` and
 /// `sync`; each sender thread runs `senderLoop`.
 ///
-/// Counting on `channelsReady`: every sender posts it once per loop turn
-/// (once idle at start, then after each batch or sync); the migration thread
-/// waits once per batch it hands out and once per channel per sync. So a
-/// successful wait guarantees at least one channel has `pendingJob == false`.
+/// Batches are handed out a job at a time (`MultiFDJob`, several packets per
+/// gather write); `send` fills the migration thread's staging job and hands
+/// it over when full, `sync` hands over the partial one first.
+///
+/// Counting on `channelsReady`: every sender posts it once idle at start,
+/// then once per job it releases and once per SYNC it wrote; the migration
+/// thread waits once per job it hands out and once per channel per sync. So
+/// a successful wait guarantees at least one channel has `pendingJob == false`.
 public final class MultiFDSend: Sendable {
     let channels: [SendChannel]
+    /// The job being filled; migration thread only.
+    private let staging: MultiFDJob
     private let channelsReady = DispatchSemaphore(value: 0)
     private let quitting = Atomic<Bool>(false)
     /// Round-robin start for the next search; migration thread only.
@@ -55,10 +68,12 @@ public final class MultiFDSend: Sendable {
 
     public var channelCount: Int { channels.count }
 
-    /// Starts one sender thread per transport.
-    public init(transports: [any ChannelTransport], latch: FailureLatch) {
+    /// Starts one sender thread per transport. `batchesPerJob` is how many
+    /// 128-page batches go out in one gather write (1...7).
+    public init(transports: [any ChannelTransport], latch: FailureLatch, batchesPerJob: Int = MultiFDJob.defaultCapacity) {
         self.latch = latch
-        channels = transports.indices.map { SendChannel(id: $0) }
+        staging = MultiFDJob(capacity: batchesPerJob)
+        channels = transports.indices.map { SendChannel(id: $0, jobCapacity: batchesPerJob) }
         // Waking everything on failure: each waiter re-checks the latch after
         // every wait, so one extra post per semaphore is enough.
         let channels = self.channels, ready = channelsReady
@@ -79,10 +94,18 @@ public final class MultiFDSend: Sendable {
         }
     }
 
-    /// Hands a full (or final partial) batch to an idle channel. On return
-    /// `pages` is an empty batch the caller may fill again.
-    /// Migration thread only.
+    /// Queues a full (or final partial) batch; hands the staging job to an
+    /// idle channel once it is full. On return `pages` is an empty batch the
+    /// caller may fill again. Migration thread only.
     public func send(_ pages: inout MultiFDPages) throws(MigrationError) {
+        try latch.check()
+        staging.take(&pages)
+        if staging.isFull { try handOff() }
+    }
+
+    /// Hands the staging job to an idle channel (QEMU's
+    /// `multifd_send_pages`). Migration thread only.
+    private func handOff() throws(MigrationError) {
         channelsReady.wait()
         try latch.check()
         let n = channels.count
@@ -102,14 +125,14 @@ public final class MultiFDSend: Sendable {
             preconditionFailure("channels_ready was posted but no channel is idle")
         }
         nextChannel.store((i + 1) % n, ordering: .relaxed)
-        // Acquire: we may touch p.pages only after the sender's last use of
+        // Acquire: we may touch p.job only after the sender's last use of
         // it. Pairs with the store-release of `pendingJob = false` in
         // `senderLoop`. (QEMU uses a fence after a relaxed scan; an acquiring
         // load of the chosen channel is the same on x86 and ThreadSanitizer
         // understands it, which it does not for standalone fences.)
         _ = p.pendingJob.load(ordering: .acquiring)
-        swap(&pages, &p.pages)
-        // Release: the batch's contents are visible before the sender sees
+        staging.move(to: p.job)
+        // Release: the batches' contents are visible before the sender sees
         // the job. Pairs with the load-acquire of `pendingJob` in `senderLoop`.
         p.pendingJob.store(true, ordering: .releasing)
         p.sem.signal()
@@ -119,6 +142,7 @@ public final class MultiFDSend: Sendable {
     /// packet after all the batches handed to it. Returns when all have.
     /// Migration thread only; flush the partial batch with `send` first.
     public func sync() throws(MigrationError) {
+        if !staging.isEmpty { try handOff() }
         for c in channels {
             try latch.check()
             precondition(!c.pendingSync.load(ordering: .relaxed), "a sync is already pending")
@@ -149,24 +173,34 @@ public final class MultiFDSend: Sendable {
     }
 
     /// One sender thread's life.
+    ///
+    /// The job is released (`pendingJob = false`, then `channelsReady`) as
+    /// soon as the transport has encoded it, before its write completes: the
+    /// migration thread can queue this channel's next job meanwhile, so the
+    /// sender finds work waiting instead of sleeping on `sem` after every
+    /// write. A channel's packets still leave in hand-off order: this one
+    /// thread writes them one job after the other.
     func senderLoop(_ p: SendChannel, _ transport: any ChannelTransport) {
+        channelsReady.signal()
         while true {
-            channelsReady.signal()
             p.sem.wait()
             if latch.hasFailed || quitting.load(ordering: .acquiring) { return }
             // Acquire: pairs with the store-release of `pendingJob = true` in
-            // `send`, so the batch's offsets are visible here.
+            // `handOff`, so the batches' offsets are visible here.
             if p.pendingJob.load(ordering: .acquiring) {
                 do {
-                    try transport.sendPages(p.pages)
+                    try transport.sendJob(p.job) { [channelsReady] in
+                        p.job.reset()
+                        // Release: our reads of the job happen before the
+                        // migration thread reuses it. Pairs with the
+                        // acquiring load in `handOff`.
+                        p.pendingJob.store(false, ordering: .releasing)
+                        channelsReady.signal()
+                    }
                 } catch {
                     latch.failDeferringToPeer(error)
                     return
                 }
-                p.pages.reset()
-                // Release: our reads of the batch happen before the migration
-                // thread reuses it. Pairs with the acquiring load in `send`.
-                p.pendingJob.store(false, ordering: .releasing)
             } else if p.pendingSync.load(ordering: .relaxed) {
                 do {
                     try transport.sendSync()
@@ -178,6 +212,7 @@ public final class MultiFDSend: Sendable {
                 // The SYNC packet is written after every batch of this
                 // channel: the semaphore orders it before `sync()` resumes.
                 p.semSync.signal()
+                channelsReady.signal()
             } else {
                 preconditionFailure("sender \(p.id) woke with neither a job nor a sync")
             }

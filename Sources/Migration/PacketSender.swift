@@ -7,20 +7,21 @@ import URing
     import Glibc
 #endif
 
-/// A sender channel's transport: turns a batch into one multifd packet and
-/// writes it with a single gather write whose iovecs point into the guest
-/// mapping.
+/// A sender channel's transport: turns each batch of a job into one multifd
+/// packet and writes the job's packets with a single gather write whose
+/// iovecs point into the guest mapping.
 ///
-/// Hot path: no allocation and no user-space copy of page data. The header,
-/// offset array, zero-page scratch and iovec array are allocated once here.
+/// Hot path: no allocation and no user-space copy of page data. The headers,
+/// offset arrays, zero-page scratch and iovec array are allocated once here.
 /// Zero-page detection reads each page (until its first non-zero bytes).
 public final class PacketSender: ChannelTransport {
     private let ram: RAMFile
     private let writer: any StreamWriter
     private let counters: TransferCounters
     private let pageSize: Int
-    /// Header + offsets, encoded in place.
-    private let prefix: UnsafeMutableRawPointer
+    /// Header + offsets of each packet of a job, encoded in place.
+    private let prefixes: UnsafeMutableRawPointer
+    private let jobCapacity: Int
     private let zeroScratch: UnsafeMutablePointer<UInt64>
     private let iov: UnsafeMutablePointer<iovec>
     private var packetNumber: UInt64 = 0
@@ -29,75 +30,108 @@ public final class PacketSender: ChannelTransport {
     public var mechanism: String { writer.mechanism }
     public var zeroCopyReport: (sends: UInt64, copied: UInt64) { writer.zeroCopyReport }
 
-    public init(channelID: Int, ram: RAMFile, writer: any StreamWriter, counters: TransferCounters) {
+    public init(
+        channelID: Int, ram: RAMFile, writer: any StreamWriter, counters: TransferCounters,
+        jobCapacity: Int = MultiFDJob.maxCapacity
+    ) {
         self.channelID = channelID
         self.ram = ram
         self.writer = writer
         self.counters = counters
+        self.jobCapacity = jobCapacity
         pageSize = Int(ram.block.pageSize)
-        prefix = .allocate(byteCount: MultiFDPacketHeader.maxPrefixSize, alignment: 8)
+        prefixes = .allocate(byteCount: jobCapacity * MultiFDPacketHeader.maxPrefixSize, alignment: 8)
         zeroScratch = .allocate(capacity: MultiFDPages.capacity)
-        iov = .allocate(capacity: MultiFDPages.capacity + 1)
+        // Per packet: its prefix and at most one iovec per page.
+        iov = .allocate(capacity: jobCapacity * (MultiFDPages.capacity + 1))
     }
 
     deinit {
-        prefix.deallocate()
+        prefixes.deallocate()
         zeroScratch.deallocate()
         iov.deallocate()
     }
 
-    public func sendPages(_ pages: MultiFDPages) throws(MigrationError) {
-        var normal = 0, zero = 0
-        var iovCount = 1
-        var payload = 0
-        for i in 0..<pages.count {
-            let off = pages.offsets[i]
-            let page = ram.base + Int(off)
-            if lm_buffer_is_zero(page, pageSize) {
-                zeroScratch[zero] = off
-                zero += 1
-                continue
+    /// The kernel's fault-around unit (`fault_around_bytes`, 64 KiB by
+    /// default): one read fault maps the window's cached pages.
+    static let faultAroundBytes: UInt64 = 64 << 10
+
+    public func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError) {
+        precondition(job.count <= jobCapacity, "a job of \(job.count) batches exceeds this sender's \(jobCapacity)")
+        var iovCount = 0, total = 0
+        var normalPages = 0, zeroPages = 0
+        for b in 0..<job.count {
+            let pages = job.batches[b]
+            // Fault the batch in first: faults interleaved with the scan
+            // below cost it 1.6x (see lm_fault_in_windows).
+            lm_fault_in_windows(ram.base, pages.offsets, pages.count, Self.faultAroundBytes)
+            let prefix = prefixes + b * MultiFDPacketHeader.maxPrefixSize
+            let prefixSlot = iovCount
+            iovCount += 1
+            var normal = 0, zero = 0, payload = 0
+            for i in 0..<pages.count {
+                let off = pages.offsets[i]
+                let page = ram.base + Int(off)
+                if lm_buffer_is_zero(page, pageSize) {
+                    zeroScratch[zero] = off
+                    zero += 1
+                    continue
+                }
+                MultiFDPacketHeader.encodeOffset(off, index: normal, to: prefix)
+                // Adjacent pages share one iovec: fewer segments for the kernel.
+                let last = iov + (iovCount - 1)
+                if iovCount > prefixSlot + 1, last.pointee.iov_base! + last.pointee.iov_len == UnsafeMutableRawPointer(page) {
+                    last.pointee.iov_len += pageSize
+                } else {
+                    iov[iovCount] = iovec(iov_base: page, iov_len: pageSize)
+                    iovCount += 1
+                }
+                normal += 1
+                payload += pageSize
             }
-            MultiFDPacketHeader.encodeOffset(off, index: normal, to: prefix)
-            // Adjacent pages share one iovec: fewer segments for the kernel.
-            let last = iov + (iovCount - 1)
-            if iovCount > 1, last.pointee.iov_base! + last.pointee.iov_len == UnsafeMutableRawPointer(page) {
-                last.pointee.iov_len += pageSize
-            } else {
-                iov[iovCount] = iovec(iov_base: page, iov_len: pageSize)
-                iovCount += 1
+            for z in 0..<zero {
+                MultiFDPacketHeader.encodeOffset(zeroScratch[z], index: normal + z, to: prefix)
             }
-            normal += 1
-            payload += pageSize
+            let header = MultiFDPacketHeader(
+                flags: [], normalCount: UInt32(normal), zeroCount: UInt32(zero),
+                payloadSize: UInt32(payload), packetNumber: packetNumber, blockID: pages.blockID)
+            let prefixSize = encodePrefix(header, at: prefix)
+            iov[prefixSlot] = iovec(iov_base: prefix, iov_len: prefixSize)
+            total += prefixSize + payload
+            normalPages += normal
+            zeroPages += zero
         }
-        for z in 0..<zero {
-            MultiFDPacketHeader.encodeOffset(zeroScratch[z], index: normal + z, to: prefix)
-        }
-        let header = MultiFDPacketHeader(
-            flags: [], normalCount: UInt32(normal), zeroCount: UInt32(zero),
-            payloadSize: UInt32(payload), packetNumber: packetNumber, blockID: pages.blockID)
-        try write(header, iovCount: iovCount, payload: payload)
-        counters.add(counters.normalPages, UInt64(normal))
-        counters.add(counters.zeroPages, UInt64(zero))
-        counters.add(counters.packets, 1)
+        // Everything the write needs is in our own prefixes and iovecs now.
+        let packets = job.count
+        release()
+        try write(iovCount: iovCount, total: total)
+        counters.add(counters.normalPages, UInt64(normalPages))
+        counters.add(counters.zeroPages, UInt64(zeroPages))
+        counters.add(counters.packets, UInt64(packets))
     }
 
     public func sendSync() throws(MigrationError) {
         let header = MultiFDPacketHeader(
             flags: .sync, normalCount: 0, zeroCount: 0, payloadSize: 0, packetNumber: packetNumber, blockID: 0)
-        try write(header, iovCount: 1, payload: 0)
+        let prefixSize = encodePrefix(header, at: prefixes)
+        iov[0] = iovec(iov_base: prefixes, iov_len: prefixSize)
+        try write(iovCount: 1, total: prefixSize)
     }
 
-    private func write(_ header: MultiFDPacketHeader, iovCount: Int, payload: Int) throws(MigrationError) {
+    /// Encodes a header (its offsets are already in place) and numbers the
+    /// packet. Returns the prefix size (header + offsets).
+    private func encodePrefix(_ header: MultiFDPacketHeader, at prefix: UnsafeMutableRawPointer) -> Int {
         header.encode(to: prefix)
-        let prefixSize = MultiFDPacketHeader.size + header.offsetsSize
-        iov[0] = iovec(iov_base: prefix, iov_len: prefixSize)
+        packetNumber += 1
+        return MultiFDPacketHeader.size + header.offsetsSize
+    }
+
+    private func write(iovCount: Int, total: Int) throws(MigrationError) {
         do {
-            try writer.writeAll(iov, count: iovCount, total: prefixSize + payload)
+            try writer.writeAll(iov, count: iovCount, total: total)
         } catch {
             throw MigrationError(error)
         }
-        packetNumber += 1
-        counters.add(counters.multifdBytes, UInt64(prefixSize + payload))
+        counters.add(counters.multifdBytes, UInt64(total))
     }
 }

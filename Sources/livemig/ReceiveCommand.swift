@@ -65,6 +65,7 @@ struct ReceiveCommand: ParsableCommand {
         switch result {
         case .success(let stats):
             printStats(stats, format: common.format, role: "receive")
+            dropPageTablesBeforeExit(destination.ram)
         case .failure(let e):
             throw CommandFailure(message: "receiving on \(address) failed: \(e.description)")
         }

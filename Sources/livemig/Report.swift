@@ -1,5 +1,6 @@
 import Dispatch
 import Foundation
+import GuestMemory
 import Migration
 import Synchronization
 import URing
@@ -151,4 +152,12 @@ final class EventLog: Sendable {
         guard let data = try? encoder.encode(r) else { return }
         handle.write(data + Data("\n".utf8))
     }
+}
+
+/// Tears the RAM mapping's page tables down on every core before the
+/// process exits, instead of on one core inside exit (see
+/// `RAMFile.dropPageTables`): `send` and `receive` return sooner.
+func dropPageTablesBeforeExit(_ file: RAMFile?) {
+    let cpus = sysconf(Int32(_SC_NPROCESSORS_ONLN))
+    file?.dropPageTables(threads: min(8, max(1, cpus)))
 }

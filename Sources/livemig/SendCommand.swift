@@ -120,6 +120,7 @@ struct SendCommand: ParsableCommand {
         switch result {
         case .success(let stats):
             printStats(stats, format: common.format, role: "send")
+            dropPageTablesBeforeExit(file)
         case .failure(let e):
             let kept =
                 control == nil

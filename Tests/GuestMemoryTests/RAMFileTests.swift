@@ -1,3 +1,4 @@
+import CShims
 import Foundation
 import GuestMemory
 import SystemPackage
@@ -242,6 +243,59 @@ struct RAMFileTests {
             let error = #expect(throws: GuestMemoryError.self) { try reader.populate(forWriting: true) }
             #expect(error?.description.contains("madvise") == true, "\(String(describing: error))")
             #expect(error?.errno != nil)
+        }
+    }
+
+    // MARK: - page tables
+
+    /// Whether this process's page table maps the page at `address`
+    /// (/proc/self/pagemap bit 63, "present").
+    static func isMapped(_ address: UnsafeRawPointer) throws -> Bool {
+        let fd = open("/proc/self/pagemap", O_RDONLY)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var entry: UInt64 = 0
+        let at = off_t(UInt(bitPattern: address) / 4096 * 8)
+        try #require(pread(fd, &entry, 8, at) == 8)
+        return entry >> 63 == 1
+    }
+
+    @Test func dropPageTablesUnmapsPagesAndKeepsTheirData() throws {
+        try Self.withTempDir { dir in
+            let size: UInt64 = 64 << 20
+            let ram = try RAMFile.create(path: Self.path(dir.appendingPathComponent("ram")), size: size, pageSize: Self.pageSize)
+            let touched = [0, 4097, Int(size / 2) + 5, Int(size) - 1]
+            for (i, o) in touched.enumerated() { ram.base.storeBytes(of: UInt8(0xA0 + i), toByteOffset: o, as: UInt8.self) }
+            for o in touched { #expect(try Self.isMapped(ram.base + o)) }
+            ram.dropPageTables(threads: 3)
+            for o in touched { #expect(try !Self.isMapped(ram.base + o), "page at \(o) still mapped") }
+            // The bytes are in the file, and the mapping still works.
+            for (i, o) in touched.enumerated() { #expect(ram.base.load(fromByteOffset: o, as: UInt8.self) == UInt8(0xA0 + i)) }
+        }
+    }
+
+    @Test func dropPageTablesLeavesSmallMappingsToMunmap() throws {
+        try Self.withTempDir { dir in
+            let ram = try RAMFile.create(path: Self.path(dir.appendingPathComponent("ram")), size: Self.oneMiB, pageSize: Self.pageSize)
+            ram.base.storeBytes(of: 1, as: UInt8.self)
+            ram.dropPageTables(threads: 2)
+            #expect(try Self.isMapped(ram.base))
+        }
+    }
+
+    @Test func faultInWindowsMapsTheFirstPageOfEachWindowOnly() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            try Self.writeFile(url, bytes: 1 << 20)
+            let ram = try RAMFile(path: Self.path(url), access: .readOnly, pageSize: Self.pageSize)
+            // Pages 1..5 share the first 64 KiB window, 40 is in the third.
+            let pages: [UInt64] = [1, 2, 3, 4, 5, 40]
+            let offsets = pages.map { $0 * Self.pageSize }
+            lm_fault_in_windows(ram.base, offsets, offsets.count, 64 << 10)
+            #expect(try Self.isMapped(ram.base + 4096))
+            #expect(try Self.isMapped(ram.base + 40 * 4096))
+            // Nothing in the untouched second window (pages 16..31).
+            #expect(try !Self.isMapped(ram.base + 20 * 4096))
         }
     }
 }

@@ -24,11 +24,16 @@ final class RecordingTransport: ChannelTransport, @unchecked Sendable {
         rng = seed | 1
     }
 
-    func sendPages(_ pages: MultiFDPages) throws(MigrationError) {
-        if let n = failAfter, events.count >= n {
-            throw MigrationError(.peer, "test transport fails after \(n) events")
+    func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError) {
+        for b in 0..<job.count {
+            if let n = failAfter, events.count >= n {
+                throw MigrationError(.peer, "test transport fails after \(n) events")
+            }
+            let pages = job.batches[b]
+            events.append(.batch(Array(UnsafeBufferPointer(start: pages.offsets, count: pages.count))))
         }
-        events.append(.batch(Array(UnsafeBufferPointer(start: pages.offsets, count: pages.count))))
+        release()
+        // Stalling after the release lets the next job queue behind this one.
         maybeStall()
     }
 
@@ -51,11 +56,14 @@ final class RecordingTransport: ChannelTransport, @unchecked Sendable {
 struct MultiFDSendTests {
     /// Hands `rounds` × `batchesPerRound` batches of distinct pages to
     /// `channels` senders with a sync after each round; checks every page
-    /// is handed over exactly once and in-round ordering holds.
-    func runStress(channels: Int, rounds: Int, batchesPerRound: Int, partialLast: Bool) throws {
+    /// is handed over exactly once, in-round ordering holds and each channel
+    /// writes its batches in the order they were handed out.
+    func runStress(
+        channels: Int, rounds: Int, batchesPerRound: Int, partialLast: Bool, batchesPerJob: Int = MultiFDJob.defaultCapacity
+    ) throws {
         let transports = (0..<channels).map { RecordingTransport(seed: UInt64($0 + 1) * 0x9E37_79B9) }
         let latch = FailureLatch()
-        let pool = MultiFDSend(transports: transports, latch: latch)
+        let pool = MultiFDSend(transports: transports, latch: latch, batchesPerJob: batchesPerJob)
         var pages = MultiFDPages()
         var next: UInt64 = 0
         var expected = Set<UInt64>()
@@ -78,10 +86,15 @@ struct MultiFDSendTests {
         var seen = [UInt64: Int]()
         for t in transports {
             var round = 0
+            var previous: UInt64?
             for e in t.events {
                 switch e {
                 case .batch(let offsets):
                     #expect(!offsets.isEmpty)
+                    // Offsets grow in hand-off order, so a channel that wrote
+                    // a job out of order shows a step back.
+                    if let p = previous, let first = offsets.first { #expect(first > p, "channel order kept") }
+                    previous = offsets.last
                     for o in offsets {
                         seen[o, default: 0] += 1
                         // Pages of round r are numbered in [r*per, (r+1)*per):
@@ -99,14 +112,23 @@ struct MultiFDSendTests {
         #expect(seen.values.allSatisfy { $0 == 1 }, "no page handed over twice")
     }
 
-    @Test("many batches, one channel")
-    func oneChannel() throws { try runStress(channels: 1, rounds: 20, batchesPerRound: 50, partialLast: false) }
+    @Test("many batches, one channel", arguments: [1, MultiFDJob.defaultCapacity])
+    func oneChannel(batchesPerJob: Int) throws {
+        try runStress(channels: 1, rounds: 20, batchesPerRound: 50, partialLast: false, batchesPerJob: batchesPerJob)
+    }
 
-    @Test("many batches, two channels")
-    func twoChannels() throws { try runStress(channels: 2, rounds: 30, batchesPerRound: 64, partialLast: false) }
+    @Test("many batches, two channels", arguments: [1, MultiFDJob.defaultCapacity, MultiFDJob.maxCapacity])
+    func twoChannels(batchesPerJob: Int) throws {
+        try runStress(channels: 2, rounds: 30, batchesPerRound: 64, partialLast: false, batchesPerJob: batchesPerJob)
+    }
 
-    @Test("many batches, eight channels, partial final batches")
-    func eightChannels() throws { try runStress(channels: 8, rounds: 25, batchesPerRound: 40, partialLast: true) }
+    @Test("many batches, eight channels, partial final batches", arguments: [1, 3])
+    func eightChannels(batchesPerJob: Int) throws {
+        try runStress(channels: 8, rounds: 25, batchesPerRound: 40, partialLast: true, batchesPerJob: batchesPerJob)
+    }
+
+    @Test("rounds shorter than a job still reach every channel's SYNC")
+    func shortRounds() throws { try runStress(channels: 2, rounds: 40, batchesPerRound: 3, partialLast: true) }
 
     @Test("a sync with nothing sent still completes on every channel")
     func emptyRounds() throws { try runStress(channels: 4, rounds: 10, batchesPerRound: 0, partialLast: false) }
@@ -131,5 +153,24 @@ struct MultiFDSendTests {
         #expect(thrown != nil, "the failure reaches the migration thread")
         #expect(thrown?.description.contains("fails after 3") == true)
         #expect(latch.hasFailed)
+    }
+
+    @Test("a job takes batches in order and moves them whole")
+    func jobTakeAndMove() {
+        let job = MultiFDJob(capacity: 3)
+        var pages = MultiFDPages()
+        for b in 0..<3 {
+            for i in 0..<(b + 1) { pages.append(offset: UInt64(b * 10 + i) * 4096, block: 7) }
+            job.take(&pages)
+            #expect(pages.isEmpty)
+        }
+        #expect(job.isFull)
+        let other = MultiFDJob(capacity: 3)
+        job.move(to: other)
+        #expect(job.isEmpty && other.count == 3)
+        #expect((0..<3).map { other.batches[$0].count } == [1, 2, 3])
+        #expect(other.batches[2].offsets[1] == 21 * 4096 && other.batches[2].blockID == 7)
+        other.reset()
+        #expect(other.isEmpty && other.batches.allSatisfy(\.isEmpty))
     }
 }

@@ -139,7 +139,10 @@ final class PageBuffer {
 final class NoOpTransport: ChannelTransport, @unchecked Sendable {
     var pagesSeen = 0
     var syncs = 0
-    func sendPages(_ pages: MultiFDPages) throws(MigrationError) { pagesSeen &+= pages.count }
+    func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError) {
+        for b in 0..<job.count { pagesSeen &+= job.batches[b].count }
+        release()
+    }
     func sendSync() throws(MigrationError) { syncs &+= 1 }
 }
 
