@@ -1,5 +1,5 @@
 import Dispatch
-import Foundation
+import FoundationEssentials
 import GuestMemory
 import Migration
 import Synchronization
@@ -23,9 +23,9 @@ func printStats(_ s: MigrationStats, format: OutputFormat, role: String) {
         let secs = Double(s.totalTime) / 1000
         let gbps = secs > 0 ? Double(s.ram.transferred) / secs / 1e9 : 0
         print(
-            "\(role): \(s.status.rawValue) in \(String(format: "%.3f", secs)) s (setup \(s.setupTime) ms): "
+            "\(role): \(s.status.rawValue) in \(fixed(secs, 3)) s (setup \(s.setupTime) ms): "
                 + "\(formatBytes(s.ram.total)) of RAM, \(s.ram.normal) normal + \(s.ram.duplicate) zero pages, "
-                + "\(formatBytes(s.ram.transferred)) on the wire at \(String(format: "%.2f", gbps)) GB/s "
+                + "\(formatBytes(s.ram.transferred)) on the wire at \(fixed(gbps, 2)) GB/s "
                 + "over \(s.channels) channel(s)"
                 + (s.sendMechanism.map { " (\($0))" } ?? ""))
         if let sends = s.zeroCopySends, let copied = s.zeroCopyCopied {
@@ -42,9 +42,9 @@ func printStats(_ s: MigrationStats, format: OutputFormat, role: String) {
 
 func formatBytes(_ n: UInt64) -> String {
     let d = Double(n)
-    if n >= 1 << 30 { return String(format: "%.2f GiB", d / Double(1 << 30)) }
-    if n >= 1 << 20 { return String(format: "%.1f MiB", d / Double(1 << 20)) }
-    if n >= 1 << 10 { return String(format: "%.1f KiB", d / Double(1 << 10)) }
+    if n >= 1 << 30 { return fixed(d / Double(1 << 30), 2) + " GiB" }
+    if n >= 1 << 20 { return fixed(d / Double(1 << 20), 1) + " MiB" }
+    if n >= 1 << 10 { return fixed(d / Double(1 << 10), 1) + " KiB" }
     return "\(n) B"
 }
 
@@ -72,7 +72,7 @@ final class ProgressLine: Sendable {
                 let bytes = counters.read(counters.multifdBytes)
                 let t = Monotonic.now - started
                 let rate = t > 0 ? Double(bytes) / t / 1e9 : 0
-                var line = "\r\(role): \(formatBytes(pages &* 4096)) of \(formatBytes(total())) sent, \(String(format: "%.2f", rate)) GB/s"
+                var line = "\r\(role): \(formatBytes(pages &* 4096)) of \(formatBytes(total())) sent, \(fixed(rate, 2)) GB/s"
                 if let live {
                     line +=
                         ", round \(live.round.load(ordering: .relaxed)), remaining \(formatBytes(live.remainingBytes.load(ordering: .relaxed)))"
@@ -134,24 +134,38 @@ final class SignalWatch {
 
 /// `--events FILE`: one JSON line per round, flushed as it happens.
 final class EventLog: Sendable {
-    private let handle: FileHandle
+    private let fd: Int32
 
     init(path: String) throws {
-        guard FileManager.default.createFile(atPath: path, contents: nil) || FileManager.default.isWritableFile(atPath: path),
-            let h = FileHandle(forWritingAtPath: path)
-        else {
-            throw CommandFailure(message: "cannot write the events file \(path)")
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_APPEND, 0o644)
+        guard fd >= 0 else {
+            throw CommandFailure(message: "cannot write the events file \(path): \(String(cString: strerror(errno)))")
         }
-        h.truncateFile(atOffset: 0)
-        handle = h
+        self.fd = fd
     }
+
+    deinit { close(fd) }
 
     func append(_ r: RoundRecord) {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         guard let data = try? encoder.encode(r) else { return }
-        handle.write(data + Data("\n".utf8))
+        // One write per line (O_APPEND): a reader never sees half a record.
+        (data + Data("\n".utf8)).withUnsafeBytes { b in _ = write(fd, b.baseAddress, b.count) }
     }
+}
+
+/// `x` with `digits` decimals, as "%.Nf" prints it (without Foundation,
+/// whose loading costs `send` a few milliseconds of start-up).
+func fixed(_ x: Double, _ digits: Int) -> String {
+    guard x.isFinite, abs(x) < 1e15 else { return "\(x)" }
+    var scale: Int64 = 1
+    for _ in 0..<digits { scale *= 10 }
+    let n = Int64((abs(x) * Double(scale)).rounded())
+    let sign = x < 0 && n != 0 ? "-" : ""
+    guard digits > 0 else { return sign + String(n) }
+    let frac = String(n % scale)
+    return sign + String(n / scale) + "." + String(repeating: "0", count: digits - frac.count) + frac
 }
 
 /// Tears the RAM mapping's page tables down on every core before the

@@ -1,9 +1,13 @@
 import ArgumentParser
 import Dispatch
-import Foundation
+import FoundationEssentials
 import GuestMemory
 import SystemPackage
 import Workload
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// `livemig stress`: the guest — a process that keeps writing its RAM.
 struct StressCommand: ParsableCommand {
@@ -78,7 +82,7 @@ struct StressCommand: ParsableCommand {
         signals.end()
         let rateText = formatBytes(UInt64(outcome.bytesPerSecond)) + "/s"
         var line =
-            "stress: wrote \(outcome.pagesWritten) pages in \(String(format: "%.2f", outcome.seconds)) s: dirty rate achieved \(rateText)"
+            "stress: wrote \(outcome.pagesWritten) pages in \(fixed(outcome.seconds, 2)) s: dirty rate achieved \(rateText)"
         if let r = options.rate { line += " (target \(formatBytes(r))/s)" }
         print(line)
         if outcome.selfResumes > 0 {
