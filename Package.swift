@@ -18,12 +18,13 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
     ],
     targets: [
-        // Linux and liburing pieces Swift cannot import directly: atomics on raw
-        // memory, futex, seccomp, uapi constants newer than Debian 12's headers.
+        // Linux, liburing and libzstd pieces Swift cannot import directly:
+        // atomics on raw memory, futex, seccomp, uapi constants newer than
+        // Debian 12's headers, opaque ring and zstd contexts.
         .target(
             name: "CShims",
             path: "CShims",
-            linkerSettings: [.linkedLibrary("uring")]
+            linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("zstd")]
         ),
         // Joinable OS threads whose bodies never inherit an actor's isolation.
         .target(name: "WorkerThreads", dependencies: ["CShims"], swiftSettings: strict),
