@@ -28,6 +28,12 @@ func printStats(_ s: MigrationStats, format: OutputFormat, role: String) {
                 + "\(formatBytes(s.ram.transferred)) on the wire at \(String(format: "%.2f", gbps)) GB/s "
                 + "over \(s.channels) channel(s)"
                 + (s.sendMechanism.map { " (\($0))" } ?? ""))
+        if let c = s.compression {
+            let raw = c.pages * s.ram.pageSize
+            print(
+                "\(role): \(c.method)\(c.level.map { " level \($0)" } ?? ""): \(c.pages) pages (\(formatBytes(raw))) took "
+                    + "\(formatBytes(c.compressedSize)) on the wire (\(String(format: "%.2f", c.compressionRate))x)")
+        }
         if let sends = s.zeroCopySends, let copied = s.zeroCopyCopied {
             print("\(role): zero copy: \(sends) sends, \(copied) of them copied by the kernel anyway")
         }
