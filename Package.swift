@@ -69,7 +69,12 @@ let package = Package(
         ),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
-        .testTarget(name: "MigrationTests", dependencies: ["Migration", "GuestMemory", "MigrationWire", "URing"]),
+        .testTarget(
+            name: "MigrationTests",
+            dependencies: [
+                "Migration", "GuestMemory", "MigrationWire", "URing", .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .testTarget(name: "LivemigIntegrationTests", dependencies: ["MigrationWire", "URing"]),
     ]
 )

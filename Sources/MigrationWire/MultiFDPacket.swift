@@ -109,6 +109,9 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         if compressed, limits.compression == .none {
             throw bad("flags", hex(flags.rawValue), "a COMPRESSED packet, but the main hello negotiated no compression")
         }
+        if compressed, flags.contains(.sync) {
+            throw bad("flags", hex(flags.rawValue), "a SYNC packet carries no pages to compress")
+        }
         let normal = be32(12), zero = be32(16), payload = be32(20)
         let number = UInt64(bigEndian: p.loadUnaligned(fromByteOffset: 24, as: UInt64.self))
         let block = be32(32)
@@ -143,7 +146,6 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
             guard normal == 0, zero == 0 else {
                 throw bad("normal-count + zero-count", "\(normal + zero)", "a SYNC packet carries no pages")
             }
-            guard !compressed else { throw bad("flags", hex(flags.rawValue), "a SYNC packet carries no pages to compress") }
         } else {
             guard normal + zero > 0 else { throw bad("normal-count + zero-count", "0", "a page packet carries at least one page") }
             guard Int(block) < limits.blockSizes.count else {
