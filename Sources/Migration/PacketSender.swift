@@ -89,11 +89,13 @@ public final class PacketSender: ChannelTransport {
                     continue
                 }
                 MultiFDPacketHeader.encodeOffset(off, index: normal, to: prefix)
-                normal += 1
                 if let compressor {
-                    compressor.stage(page, index: normal - 1)
+                    // Copied, never compressed in place (see `stage`).
+                    compressor.stage(page, index: normal)
+                    normal += 1
                     continue
                 }
+                normal += 1
                 // Adjacent pages share one iovec: fewer segments for the kernel.
                 let last = iov + (iovCount - 1)
                 if iovCount > prefixSlot + 1, last.pointee.iov_base! + last.pointee.iov_len == UnsafeMutableRawPointer(page) {
