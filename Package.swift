@@ -18,12 +18,13 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
     ],
     targets: [
-        // Linux and liburing pieces Swift cannot import directly: atomics on raw
-        // memory, futex, seccomp, uapi constants newer than Debian 12's headers.
+        // Linux, liburing and libzstd pieces Swift cannot import directly:
+        // atomics on raw memory, futex, seccomp, uapi constants newer than
+        // Debian 12's headers, opaque ring and zstd contexts.
         .target(
             name: "CShims",
             path: "CShims",
-            linkerSettings: [.linkedLibrary("uring")]
+            linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("zstd")]
         ),
         // Joinable OS threads whose bodies never inherit an actor's isolation.
         .target(name: "WorkerThreads", dependencies: ["CShims"], swiftSettings: strict),
@@ -68,7 +69,12 @@ let package = Package(
         ),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
-        .testTarget(name: "MigrationTests", dependencies: ["Migration", "GuestMemory", "MigrationWire", "URing"]),
+        .testTarget(
+            name: "MigrationTests",
+            dependencies: [
+                "Migration", "GuestMemory", "MigrationWire", "URing", .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .testTarget(name: "LivemigIntegrationTests", dependencies: ["MigrationWire", "URing"]),
     ]
 )

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what livemig needs to build and is missing on a fresh Debian/Ubuntu
-# machine: liburing's headers. Needs root or sudo.
+# machine: liburing's and libzstd's headers. Needs root or sudo.
 set -euo pipefail
 need=()
 [ -f /usr/include/liburing.h ] || need+=(liburing-dev)
+[ -f /usr/include/zstd.h ] || need+=(libzstd-dev)
 command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

@@ -14,6 +14,8 @@
 //     Swift's Atomic<T> cannot own),
 //   - futex calls (syscall(2) is variadic),
 //   - zero-page detection written for the vectoriser,
+//   - libzstd behind opaque contexts (zstd.c; <zstd.h> stays out of this
+//     header like liburing's),
 //   - a seccomp filter tests use to take io_uring away from a process.
 #ifndef LIVEMIG_CSHIMS_H
 #define LIVEMIG_CSHIMS_H
@@ -125,6 +127,53 @@ bool lm_buffer_is_zero(const void *p, size_t length);
 /// scanned. Measured on 1 GiB of /dev/shm: first-touch zero checks take
 /// 110 ms when the faults interleave with the scan, 69 ms this way.
 void lm_fault_in_windows(const void *base, const uint64_t *offsets, size_t count, uint64_t window);
+
+// ---- zstd (zstd.c; links libzstd) ---------------------------------------
+// One context per channel, made once and reused for every packet: libzstd
+// keeps its workspace between calls, so the hot path allocates nothing.
+// Sizes and results are libzstd's: a result is an error code when
+// lm_zstd_is_error says so, and lm_zstd_error_name names it.
+
+/// A compression context (ZSTD_CCtx) with its level set.
+typedef struct lm_zstd_cctx lm_zstd_cctx;
+/// A decompression context (ZSTD_DCtx).
+typedef struct lm_zstd_dctx lm_zstd_dctx;
+
+/// The level range this libzstd accepts (ZSTD_minCLevel, ZSTD_maxCLevel).
+int lm_zstd_min_level(void);
+int lm_zstd_max_level(void);
+/// ZSTD_compressBound: the largest frame `size` input bytes can become.
+size_t lm_zstd_compress_bound(size_t size);
+/// The libzstd version in use, e.g. "1.5.4".
+const char *lm_zstd_version(void);
+bool lm_zstd_is_error(size_t result);
+/// A static text for an error result.
+const char *lm_zstd_error_name(size_t result);
+
+/// ZSTD_createCCtx and ZSTD_c_compressionLevel. NULL when out of memory or
+/// the level is refused.
+lm_zstd_cctx *lm_zstd_cctx_create(int level);
+void lm_zstd_cctx_destroy(lm_zstd_cctx *cctx);
+/// Compresses `src_len` bytes at `src` into one frame at `dst` that records
+/// its content size (ZSTD_compress2). Returns the frame's size or an error.
+size_t lm_zstd_compress(lm_zstd_cctx *cctx, void *dst, size_t dst_cap, const void *src, size_t src_len);
+/// ZSTD_sizeof_CCtx: the context's memory, for tests that check reuse.
+size_t lm_zstd_cctx_size(const lm_zstd_cctx *cctx);
+
+lm_zstd_dctx *lm_zstd_dctx_create(void);
+void lm_zstd_dctx_destroy(lm_zstd_dctx *dctx);
+/// ZSTD_findFrameCompressedSize: bytes of the first frame at `src`, or an error.
+size_t lm_zstd_frame_size(const void *src, size_t src_len);
+/// ZSTD_getFrameContentSize: the content size the frame header records;
+/// LM_ZSTD_CONTENTSIZE_UNKNOWN when it records none, _ERROR when the header
+/// is not a zstd frame header.
+uint64_t lm_zstd_frame_content_size(const void *src, size_t src_len);
+static const uint64_t LM_ZSTD_CONTENTSIZE_UNKNOWN = UINT64_MAX;
+static const uint64_t LM_ZSTD_CONTENTSIZE_ERROR = UINT64_MAX - 1;
+/// ZSTD_decompressDCtx: decodes the frames at `src` into at most `dst_cap`
+/// bytes at `dst`. Returns the bytes written or an error (a larger result
+/// than dst_cap is the error "Destination buffer is too small").
+size_t lm_zstd_decompress(lm_zstd_dctx *dctx, void *dst, size_t dst_cap, const void *src, size_t src_len);
 
 // ---- threads -----------------------------------------------------------
 

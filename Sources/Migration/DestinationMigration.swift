@@ -99,12 +99,14 @@ public final class DestinationMigration: Sendable {
             let limits = { (id: Int) in
                 PacketLimits(
                     channelID: id, pageSize: ram.block.pageSize,
-                    blocks: [RAMBlockLayout(name: ram.block.name, size: ram.block.size, pageSize: ram.block.pageSize)])
+                    blocks: [RAMBlockLayout(name: ram.block.name, size: ram.block.size, pageSize: ram.block.pageSize)],
+                    compression: hello.compression)
             }
             let arrived = DirtyBitmap(pageCount: ram.block.pageCount)
             let (sockets, early) = try acceptChannels(session: session, main: ctl)
-            receivers = sockets.enumerated().map { id, s in
-                PacketReceiver(id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived)
+            for (id, s) in sockets.enumerated() {
+                receivers.append(
+                    try PacketReceiver(id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived))
             }
             latch.onFailure { [receivers, barrier] in
                 for r in receivers { r.socket.shutdown() }
@@ -121,6 +123,7 @@ public final class DestinationMigration: Sendable {
             s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
             s.setupTime = UInt64(setupTime * 1000)
             s.ram.dirtySyncCount = rounds
+            s.fillCompression(counters, method: hello.compression, level: nil, pageSize: ram.block.pageSize)
             return s
         } catch {
             latch.fail(error)

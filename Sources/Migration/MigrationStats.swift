@@ -1,4 +1,5 @@
 import GuestMemory
+import MigrationWire
 
 /// Statistics in QEMU `query-migrate` terms (docs/ARCHITECTURE.md). Times are in
 /// milliseconds, sizes in bytes, `mbps` in megabits per second, as QEMU.
@@ -22,6 +23,8 @@ public struct MigrationStats: Encodable, Sendable {
     /// copied anyway (on loopback: all of them).
     public var zeroCopySends: UInt64?
     public var zeroCopyCopied: UInt64?
+    /// With `--compress`: what compression did (QEMU's `compression` names).
+    public var compression: CompressionStats?
     public var errorDesc: String?
 
     public init(status: Status) { self.status = status }
@@ -40,6 +43,16 @@ public struct MigrationStats: Encodable, Sendable {
         ram.computeRates(seconds: elapsed)
     }
 
+    /// Fills `compression` from the counters, when the migration compressed.
+    mutating func fillCompression(_ counters: TransferCounters, method: CompressionMethod, level: Int32?, pageSize: UInt64) {
+        guard method != .none else { return }
+        var c = CompressionStats(method: method.description, level: level.map(Int.init))
+        c.pages = counters.read(counters.compressedPages)
+        c.compressedSize = counters.read(counters.compressedBytes)
+        c.compressionRate = c.compressedSize > 0 ? Double(c.pages * pageSize) / Double(c.compressedSize) : 0
+        compression = c
+    }
+
     enum CodingKeys: String, CodingKey {
         case status, ram, channels, downtime
         case totalTime = "total-time"
@@ -49,6 +62,7 @@ public struct MigrationStats: Encodable, Sendable {
         case sendMechanism = "send-mechanism"
         case zeroCopySends = "zerocopy-sends"
         case zeroCopyCopied = "zerocopy-copied"
+        case compression
         case errorDesc = "error-desc"
     }
 }
@@ -94,5 +108,32 @@ public struct RAMStats: Encodable, Sendable {
         guard seconds > 0 else { return }
         mbps = Double(transferred) * 8 / 1e6 / seconds
         pagesPerSecond = UInt64(Double(normal + duplicate) / seconds)
+    }
+}
+
+/// The `compression` part of the statistics, with the names of QEMU's
+/// `CompressionStats` (`pages`, `compressed-size`, `compression-rate`), plus
+/// the method and, on the source, the level.
+public struct CompressionStats: Encodable, Sendable {
+    /// "zstd".
+    public var method: String
+    /// The zstd level (source only: the destination does not learn it).
+    public var level: Int?
+    /// Normal pages that travelled compressed.
+    public var pages: UInt64 = 0
+    /// Bytes those pages took on the wire (payloads only, no headers).
+    public var compressedSize: UInt64 = 0
+    /// Uncompressed bytes ÷ compressed bytes of those pages.
+    public var compressionRate: Double = 0
+
+    public init(method: String, level: Int?) {
+        self.method = method
+        self.level = level
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case method, level, pages
+        case compressedSize = "compressed-size"
+        case compressionRate = "compression-rate"
     }
 }

@@ -29,7 +29,10 @@ final class RoundBarrier: Sendable {
 
 /// One destination channel: reads packets, validates all of each header and
 /// offset array before touching memory, then receives page data straight
-/// into the destination mapping (no intermediate buffer).
+/// into the destination mapping (no intermediate buffer). A compressed
+/// packet is read into this channel's frame buffer and decoded into its page
+/// buffer first; its pages are copied into the mapping only once the frame
+/// has decoded to exactly the packet's pages (`PacketDecompressor`).
 final class PacketReceiver: @unchecked Sendable {
     // @unchecked: used by its own receiver thread only, after being built on
     // the main thread (thread start orders the two).
@@ -44,9 +47,15 @@ final class PacketReceiver: @unchecked Sendable {
     private let rawOffsets: UnsafeMutableRawPointer
     private let offsets: UnsafeMutablePointer<UInt64>
     private let iov: UnsafeMutablePointer<iovec>
+    /// This channel's zstd context and buffers, when the source compresses.
+    private let decompressor: PacketDecompressor?
     private var expectedPacket: UInt64 = 0
 
-    init(id: Int, socket: Socket, ram: RAMFile, limits: PacketLimits, counters: TransferCounters, arrived: DirtyBitmap) {
+    init(
+        id: Int, socket: Socket, ram: RAMFile, limits: PacketLimits, counters: TransferCounters, arrived: DirtyBitmap
+    ) throws(MigrationError) {
+        decompressor =
+            limits.compression == .none ? nil : try PacketDecompressor(method: limits.compression, pageSize: Int(limits.pageSize))
         self.id = id
         self.socket = socket
         self.ram = ram
@@ -104,20 +113,18 @@ final class PacketReceiver: @unchecked Sendable {
         do {
             try socket.receiveExact(rawOffsets, count: total * 8, what: "reading page offsets on channel \(id)")
             try h.decodeOffsets(rawOffsets, into: offsets, limits: limits)
-            // Every offset is now known to be page-aligned and inside the
-            // block: build the gather list into the mapping.
-            var n = 0
-            for i in 0..<normal {
-                let p = ram.base + Int(offsets[i])
-                if n > 0, iov[n - 1].iov_base! + iov[n - 1].iov_len == p {
-                    iov[n - 1].iov_len += pageSize
-                } else {
-                    iov[n] = iovec(iov_base: p, iov_len: pageSize)
-                    n += 1
+            if h.flags.contains(.compressed), let decompressor {
+                // The header check bounded payload-size by the frame buffer.
+                try socket.receiveExact(decompressor.frame, count: Int(h.payloadSize), what: "reading compressed pages on channel \(id)")
+                try decompressor.decode(h, limits: limits)
+                // Decoded and checked: only now does the mapping change.
+                for i in 0..<normal {
+                    (ram.base + Int(offsets[i])).copyMemory(from: decompressor.page(i), byteCount: pageSize)
                 }
-            }
-            if normal > 0 {
-                try socket.receiveExact(iov, count: n, total: Int(h.payloadSize), what: "reading page data on channel \(id)")
+                counters.add(counters.compressedPages, UInt64(normal))
+                counters.add(counters.compressedBytes, UInt64(h.payloadSize))
+            } else if normal > 0 {
+                try receivePageData(h, normal: normal)
             }
         } catch {
             throw MigrationError(converting: error)
@@ -133,5 +140,23 @@ final class PacketReceiver: @unchecked Sendable {
         counters.add(counters.zeroPages, UInt64(total - normal))
         counters.add(counters.packets, 1)
         counters.add(counters.multifdBytes, UInt64(MultiFDPacketHeader.size + total * 8) + UInt64(h.payloadSize))
+    }
+
+    /// Uncompressed pages: every offset is known to be page-aligned and
+    /// inside the block, so the payload is read straight into the mapping
+    /// through a gather list.
+    private func receivePageData(_ h: MultiFDPacketHeader, normal: Int) throws(SocketError) {
+        let pageSize = Int(limits.pageSize)
+        var n = 0
+        for i in 0..<normal {
+            let p = ram.base + Int(offsets[i])
+            if n > 0, iov[n - 1].iov_base! + iov[n - 1].iov_len == p {
+                iov[n - 1].iov_len += pageSize
+            } else {
+                iov[n] = iovec(iov_base: p, iov_len: pageSize)
+                n += 1
+            }
+        }
+        try socket.receiveExact(iov, count: n, total: Int(h.payloadSize), what: "reading page data on channel \(id)")
     }
 }

@@ -9,11 +9,16 @@ import URing
 
 /// A sender channel's transport: turns each batch of a job into one multifd
 /// packet and writes the job's packets with a single gather write whose
-/// iovecs point into the guest mapping.
+/// iovecs point into the guest mapping, or, with compression, into this
+/// channel's frame slots.
 ///
-/// Hot path: no allocation and no user-space copy of page data. The headers,
-/// offset arrays, zero-page scratch and iovec array are allocated once here.
-/// Zero-page detection reads each page (until its first non-zero bytes).
+/// Hot path: no allocation. The headers, offset arrays, zero-page scratch
+/// and iovec array are allocated once here, and so is the compressor's
+/// state (`PacketCompressor`). Without compression no page data is copied
+/// in user space; with it, each normal page is copied once into the
+/// compressor's buffer (it must be: see `PacketCompressor.stage`). Zero-page
+/// detection reads each page (until its first non-zero bytes) in the
+/// mapping; zero pages are never compressed.
 public final class PacketSender: ChannelTransport {
     private let ram: RAMFile
     private let writer: any StreamWriter
@@ -24,6 +29,8 @@ public final class PacketSender: ChannelTransport {
     private let jobCapacity: Int
     private let zeroScratch: UnsafeMutablePointer<UInt64>
     private let iov: UnsafeMutablePointer<iovec>
+    /// This channel's zstd context and buffers, when the migration compresses.
+    private let compressor: PacketCompressor?
     private var packetNumber: UInt64 = 0
     public let channelID: Int
 
@@ -32,14 +39,18 @@ public final class PacketSender: ChannelTransport {
 
     public init(
         channelID: Int, ram: RAMFile, writer: any StreamWriter, counters: TransferCounters,
-        jobCapacity: Int = MultiFDJob.maxCapacity
-    ) {
+        jobCapacity: Int = MultiFDJob.maxCapacity, compression: CompressionSetting = .none
+    ) throws(MigrationError) {
         self.channelID = channelID
         self.ram = ram
         self.writer = writer
         self.counters = counters
         self.jobCapacity = jobCapacity
         pageSize = Int(ram.block.pageSize)
+        switch compression.method {
+        case .none: compressor = nil
+        case .zstd: compressor = try PacketCompressor(level: compression.level, pageSize: pageSize, jobCapacity: jobCapacity)
+        }
         prefixes = .allocate(byteCount: jobCapacity * MultiFDPacketHeader.maxPrefixSize, alignment: 8)
         zeroScratch = .allocate(capacity: MultiFDPages.capacity)
         // Per packet: its prefix and at most one iovec per page.
@@ -59,7 +70,7 @@ public final class PacketSender: ChannelTransport {
     public func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError) {
         precondition(job.count <= jobCapacity, "a job of \(job.count) batches exceeds this sender's \(jobCapacity)")
         var iovCount = 0, total = 0
-        var normalPages = 0, zeroPages = 0
+        var normalPages = 0, zeroPages = 0, compressedBytes = 0
         for b in 0..<job.count {
             let pages = job.batches[b]
             // Fault the batch in first: faults interleaved with the scan
@@ -78,6 +89,13 @@ public final class PacketSender: ChannelTransport {
                     continue
                 }
                 MultiFDPacketHeader.encodeOffset(off, index: normal, to: prefix)
+                if let compressor {
+                    // Copied, never compressed in place (see `stage`).
+                    compressor.stage(page, index: normal)
+                    normal += 1
+                    continue
+                }
+                normal += 1
                 // Adjacent pages share one iovec: fewer segments for the kernel.
                 let last = iov + (iovCount - 1)
                 if iovCount > prefixSlot + 1, last.pointee.iov_base! + last.pointee.iov_len == UnsafeMutableRawPointer(page) {
@@ -86,14 +104,24 @@ public final class PacketSender: ChannelTransport {
                     iov[iovCount] = iovec(iov_base: page, iov_len: pageSize)
                     iovCount += 1
                 }
-                normal += 1
                 payload += pageSize
             }
             for z in 0..<zero {
                 MultiFDPacketHeader.encodeOffset(zeroScratch[z], index: normal + z, to: prefix)
             }
+            var flags: MultiFDPacketHeader.Flags = []
+            if let compressor, normal > 0 {
+                // All normal pages of the packet become one frame, in slot b:
+                // the frames of a job live until its gather write is done.
+                let frame = try compressor.compress(count: normal, slot: b)
+                iov[iovCount] = iovec(iov_base: UnsafeMutableRawPointer(mutating: frame.baseAddress), iov_len: frame.count)
+                iovCount += 1
+                payload = frame.count
+                compressedBytes += payload
+                flags = .compressed
+            }
             let header = MultiFDPacketHeader(
-                flags: [], normalCount: UInt32(normal), zeroCount: UInt32(zero),
+                flags: flags, normalCount: UInt32(normal), zeroCount: UInt32(zero),
                 payloadSize: UInt32(payload), packetNumber: packetNumber, blockID: pages.blockID)
             let prefixSize = encodePrefix(header, at: prefix)
             iov[prefixSlot] = iovec(iov_base: prefix, iov_len: prefixSize)
@@ -108,7 +136,14 @@ public final class PacketSender: ChannelTransport {
         counters.add(counters.normalPages, UInt64(normalPages))
         counters.add(counters.zeroPages, UInt64(zeroPages))
         counters.add(counters.packets, UInt64(packets))
+        if compressor != nil {
+            counters.add(counters.compressedPages, UInt64(normalPages))
+            counters.add(counters.compressedBytes, UInt64(compressedBytes))
+        }
     }
+
+    /// The zstd level, when this channel compresses.
+    var compressionLevel: Int32? { compressor?.level }
 
     public func sendSync() throws(MigrationError) {
         let header = MultiFDPacketHeader(

@@ -18,6 +18,8 @@ public struct SourceConfig: Sendable {
     public var useRing = true
     /// Send pages with IORING_OP_SENDMSG_ZC (io_uring only).
     public var zeroCopy = false
+    /// How normal pages travel; the main hello announces the method.
+    public var compression = CompressionSetting.none
     /// How long to retry a refused connection.
     public var connectTimeout = 3.0
     /// How long to wait for each handshake reply (the destination may be
@@ -129,7 +131,7 @@ public final class SourceMigration: Sendable {
                     ChannelHello(session: session, kind: .multifd, channelID: UInt16(id), channelCount: UInt16(config.channels)).encoded(),
                     on: s, counter: counters.multifdBytes)
             }
-            let transports = makeTransports(sockets)
+            let transports = try makeTransports(sockets)
 
             let completed = DispatchSemaphore(value: 0)
             latch.onFailure { completed.signal() }
@@ -164,6 +166,8 @@ public final class SourceMigration: Sendable {
             stats.status = .completed
             finishStats(&stats, start: start)
             stats.sendMechanism = transports.first?.mechanism
+            stats.fillCompression(
+                counters, method: config.compression.method, level: transports.first?.compressionLevel, pageSize: ram.block.pageSize)
             if let (sends, copied) = zeroCopyReport() {
                 stats.zeroCopySends = sends
                 stats.zeroCopyCopied = copied
@@ -398,7 +402,7 @@ public final class SourceMigration: Sendable {
         ctl.socket.setReceiveTimeout(config.handshakeTimeout)
         let hello = ChannelHello(
             session: session, kind: .main, channelID: 0, channelCount: UInt16(config.channels),
-            flags: guest == nil ? [] : .guestState)
+            flags: guest == nil ? [] : .guestState, compression: config.compression.method)
         try send(hello.encoded(), on: ctl.socket, counter: counters.mainBytes)
         try expect(.helloAccepted, on: ctl, while: "waiting for the destination to accept the hello")
         let block = ram.block
@@ -414,12 +418,15 @@ public final class SourceMigration: Sendable {
         throw MigrationError(.protocolViolation, "\(what): got '\(m.name)' instead of '\(wanted.name)'")
     }
 
-    private func makeTransports(_ sockets: [Socket]) -> [PacketSender] {
-        sockets.enumerated().map { id, s in
+    private func makeTransports(_ sockets: [Socket]) throws(MigrationError) -> [PacketSender] {
+        var transports: [PacketSender] = []
+        for (id, s) in sockets.enumerated() {
             let (writer, warning) = makeStreamWriter(for: s, useRing: config.useRing, zeroCopy: config.zeroCopy)
             if let w = warning, id == 0 { warnings.withLock { $0.append(w) } }
-            return PacketSender(channelID: id, ram: ram, writer: writer, counters: counters)
+            transports.append(
+                try PacketSender(channelID: id, ram: ram, writer: writer, counters: counters, compression: config.compression))
         }
+        return transports
     }
 
     /// The main channel's reader thread: the only replies after the

@@ -13,6 +13,10 @@ public final class TransferCounters: Sendable {
     public let packets = Atomic<UInt64>(0)
     /// Bytes on the main channel.
     public let mainBytes = Atomic<UInt64>(0)
+    /// Normal pages that travelled compressed (part of `normalPages`).
+    public let compressedPages = Atomic<UInt64>(0)
+    /// Payload bytes of compressed packets: what those pages took on the wire.
+    public let compressedBytes = Atomic<UInt64>(0)
 
     public init() {}
 

@@ -34,7 +34,7 @@ extension String {
 /// The first bytes on every channel, source to destination.
 ///
 /// Layout (32 bytes, big-endian): magic u32, version u32, session 16 bytes,
-/// kind u8, reserved u8 (0), channel-id u16, channel-count u16, flags u16.
+/// kind u8, compression u8, channel-id u16, channel-count u16, flags u16.
 public struct ChannelHello: Equatable, Sendable {
     /// Which stream this connection carries.
     public enum Kind: UInt8, Sendable {
@@ -65,13 +65,20 @@ public struct ChannelHello: Equatable, Sendable {
     /// How many multifd channels the source opens.
     public var channelCount: UInt16
     public var flags: Flags
+    /// Main channel: how every page packet of this migration carries its
+    /// normal pages. Multifd hellos send `.none`; the main hello decides.
+    public var compression: CompressionMethod
 
-    public init(session: SessionID, kind: Kind, channelID: UInt16, channelCount: UInt16, flags: Flags = []) {
+    public init(
+        session: SessionID, kind: Kind, channelID: UInt16, channelCount: UInt16, flags: Flags = [],
+        compression: CompressionMethod = .none
+    ) {
         self.session = session
         self.kind = kind
         self.channelID = channelID
         self.channelCount = channelCount
         self.flags = flags
+        self.compression = compression
     }
 
     public func encoded() -> [UInt8] {
@@ -81,7 +88,7 @@ public struct ChannelHello: Equatable, Sendable {
         w.u64(session.high)
         w.u64(session.low)
         w.u8(kind.rawValue)
-        w.u8(0)
+        w.u8(compression.rawValue)
         w.u16(channelID)
         w.u16(channelCount)
         w.u16(flags.rawValue)
@@ -110,7 +117,7 @@ public struct ChannelHello: Equatable, Sendable {
         guard let kind = Kind(rawValue: rawKind) else {
             throw WireError(message: what, field: "kind", value: "\(rawKind)", reason: "known kinds are 1 (main) and 2 (multifd)")
         }
-        _ = try r.u8("reserved")
+        let rawCompression = try r.u8("compression")
         let id = try r.u16("channel-id")
         let count = try r.u16("channel-count")
         guard count >= 1 else {
@@ -127,6 +134,15 @@ public struct ChannelHello: Equatable, Sendable {
                 message: what, field: "flags", value: hex(flags.rawValue),
                 reason: "unknown bits \(hex(flags.rawValue & ~Flags.known.rawValue))")
         }
-        return ChannelHello(session: session, kind: kind, channelID: id, channelCount: count, flags: flags)
+        // Checked last so a peer learns of a bad magic or version first.
+        guard let compression = CompressionMethod(rawValue: rawCompression) else {
+            throw WireError(
+                message: what, field: "compression", value: "\(rawCompression)",
+                reason:
+                    "unknown compression method; this livemig knows \(CompressionMethod.knownList): use matching livemig builds or send with --compress none"
+            )
+        }
+        return ChannelHello(
+            session: session, kind: kind, channelID: id, channelCount: count, flags: flags, compression: compression)
     }
 }

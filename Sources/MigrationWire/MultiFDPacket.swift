@@ -2,7 +2,8 @@
 ///
 /// Wire layout (40 bytes, big-endian), then `normal-count + zero-count` page
 /// offsets (u64 each; normal pages first, then zero pages), then the payload
-/// (`normal-count` whole pages, in offset order):
+/// (`normal-count` whole pages, in offset order; with COMPRESSED, one zstd
+/// frame that decodes to those pages):
 ///
 /// | bytes | field          |
 /// |-------|----------------|
@@ -30,8 +31,11 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         public init(rawValue: UInt32) { self.rawValue = rawValue }
         /// End of this channel's share of a round; carries no pages.
         public static let sync = Flags(rawValue: 1 << 0)
+        /// The payload is the normal pages compressed with the method the
+        /// main hello negotiated (one zstd frame).
+        public static let compressed = Flags(rawValue: 1 << 1)
         /// Every flag this version understands.
-        public static let known: Flags = [.sync]
+        public static let known: Flags = [.sync, .compressed]
     }
 
     public var flags: Flags
@@ -101,6 +105,13 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         guard Flags.known.isSuperset(of: flags) else {
             throw bad("flags", hex(flags.rawValue), "unknown bits \(hex(flags.rawValue & ~Flags.known.rawValue))")
         }
+        let compressed = flags.contains(.compressed)
+        if compressed, limits.compression == .none {
+            throw bad("flags", hex(flags.rawValue), "a COMPRESSED packet, but the main hello negotiated no compression")
+        }
+        if compressed, flags.contains(.sync) {
+            throw bad("flags", hex(flags.rawValue), "a SYNC packet carries no pages to compress")
+        }
         let normal = be32(12), zero = be32(16), payload = be32(20)
         let number = UInt64(bigEndian: p.loadUnaligned(fromByteOffset: 24, as: UInt64.self))
         let block = be32(32)
@@ -110,10 +121,23 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         guard normal + zero <= cap else {
             throw bad("normal-count + zero-count", "\(normal + zero)", "a packet holds at most \(cap) pages")
         }
-        guard UInt64(payload) == UInt64(normal) * limits.pageSize else {
-            throw bad(
-                "payload-size", "\(payload)",
-                "\(normal) normal pages of \(limits.pageSize) bytes make \(UInt64(normal) * limits.pageSize)")
+        let pagesSize = UInt64(normal) * limits.pageSize
+        if compressed {
+            // Bounds the read before it happens: never more than the method's
+            // worst case for these pages (and so never more than the
+            // receiver's per-channel buffer).
+            let bound = limits.compression.payloadBound(pagesSize)
+            guard payload > 0, UInt64(payload) <= bound else {
+                throw bad(
+                    "payload-size", "\(payload)",
+                    "\(limits.compression) frames of \(normal) normal pages of \(limits.pageSize) bytes take 1...\(bound) bytes")
+            }
+        } else {
+            guard UInt64(payload) == pagesSize else {
+                throw bad(
+                    "payload-size", "\(payload)",
+                    "\(normal) normal pages of \(limits.pageSize) bytes make \(pagesSize)")
+            }
         }
         guard number == expectedPacketNumber else {
             throw bad("packet-number", "\(number)", "expected \(expectedPacketNumber): packets on a channel are numbered 0, 1, 2, ...")
@@ -126,6 +150,15 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
             guard normal + zero > 0 else { throw bad("normal-count + zero-count", "0", "a page packet carries at least one page") }
             guard Int(block) < limits.blockSizes.count else {
                 throw bad("block-id", "\(block)", "the RAM layout has \(limits.blockSizes.count) block(s)")
+            }
+            // With a method negotiated, exactly the packets that carry page
+            // data are compressed: zero pages never are.
+            if limits.compression != .none, compressed != (normal > 0) {
+                throw bad(
+                    "flags", hex(flags.rawValue),
+                    normal > 0
+                        ? "the migration compresses with \(limits.compression): a packet with normal pages must be COMPRESSED"
+                        : "a packet of zero pages only has no payload to compress")
             }
         }
         return MultiFDPacketHeader(
@@ -150,6 +183,17 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         }
     }
 
+    /// The error for a compressed payload that does not decode to this
+    /// packet's pages (the receiver's checks after the read, see
+    /// docs/PROTOCOL.md §4). Built only on failure.
+    public func payloadError(field: String, value: String, reason: String, limits: PacketLimits) -> WireError {
+        WireError(
+            message: "multifd packet \(packetNumber) on channel \(limits.channelID)", field: field, value: value, reason: reason)
+    }
+
+    /// Bytes of normal pages this packet carries once decompressed.
+    @inlinable public func pagesSize(limits: PacketLimits) -> Int { Int(normalCount) * Int(limits.pageSize) }
+
     @usableFromInline func offsetError(_ off: UInt64, index: Int, blockSize: UInt64, limits: PacketLimits) -> WireError {
         let name = limits.blockNames.indices.contains(Int(blockID)) ? limits.blockNames[Int(blockID)] : "#\(blockID)"
         let reason =
@@ -162,17 +206,22 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
     }
 }
 
-/// What the receiver checks packets against: learnt from the RAM layout.
+/// What the receiver checks packets against: learnt from the main hello
+/// (compression) and the RAM layout.
 public struct PacketLimits: Sendable {
     public var channelID: Int
     public var pageSize: UInt64
     public var blockSizes: [UInt64]
     public var blockNames: [String]
+    /// The method the main hello negotiated: whether COMPRESSED packets are
+    /// allowed (and then required for page data) and their payload bound.
+    public var compression: CompressionMethod
 
-    public init(channelID: Int, pageSize: UInt64, blocks: [RAMBlockLayout]) {
+    public init(channelID: Int, pageSize: UInt64, blocks: [RAMBlockLayout], compression: CompressionMethod = .none) {
         self.channelID = channelID
         self.pageSize = pageSize
         self.blockSizes = blocks.map(\.size)
         self.blockNames = blocks.map(\.name)
+        self.compression = compression
     }
 }

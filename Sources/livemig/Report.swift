@@ -28,6 +28,14 @@ func printStats(_ s: MigrationStats, format: OutputFormat, role: String) {
                 + "\(formatBytes(s.ram.transferred)) on the wire at \(fixed(gbps, 2)) GB/s "
                 + "over \(s.channels) channel(s)"
                 + (s.sendMechanism.map { " (\($0))" } ?? ""))
+        if let c = s.compression {
+            let raw = c.pages * s.ram.pageSize
+            // Two decimals without String(format:), which needs all of Foundation.
+            let rate = (c.compressionRate * 100).rounded() / 100
+            print(
+                "\(role): \(c.method)\(c.level.map { " level \($0)" } ?? ""): \(c.pages) pages (\(formatBytes(raw))) took "
+                    + "\(formatBytes(c.compressedSize)) on the wire (\(rate)x)")
+        }
         if let sends = s.zeroCopySends, let copied = s.zeroCopyCopied {
             print("\(role): zero copy: \(sends) sends, \(copied) of them copied by the kernel anyway")
         }

@@ -27,6 +27,9 @@ struct SendCommand: ParsableCommand {
     @Flag(help: "Send pages with io_uring SENDMSG_ZC and report how many sends the kernel copied anyway.")
     var zerocopy = false
 
+    @Option(help: "Compress normal pages: none, zstd (level 1) or zstd:LEVEL.")
+    var compress: String = "none"
+
     @Option(help: "Migrate a running guest live: its control file (from livemig stress).")
     var guest: String?
 
@@ -65,6 +68,7 @@ struct SendCommand: ParsableCommand {
         if let t = timeout, parseDuration(t) == nil { throw ValidationError("--timeout: '\(t)' is not a duration (e.g. 30s)") }
         if let m = maxRounds, m < 1 { throw ValidationError("--max-rounds must be at least 1") }
         if zerocopy, noIoUring { throw ValidationError("--zerocopy needs io_uring; drop --no-io-uring") }
+        _ = try parseCompression(compress)
         guard (1...99).contains(throttleInitial), (1...99).contains(throttleIncrement) else {
             throw ValidationError("--throttle-initial and --throttle-increment must be from 1 to 99")
         }
@@ -85,6 +89,7 @@ struct SendCommand: ParsableCommand {
         var config = SourceConfig(address: address, channels: common.channels)
         config.useRing = !noIoUring
         config.zeroCopy = zerocopy
+        config.compression = try parseCompression(compress)
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge
@@ -128,5 +133,25 @@ struct SendCommand: ParsableCommand {
                 : "The guest keeps running on the source with its RAM intact."
             throw CommandFailure(message: "migration to \(address) failed: \(e.description). \(kept)")
         }
+    }
+}
+
+/// Parses `--compress`: `none`, `zstd` or `zstd:LEVEL`, LEVEL in the range
+/// the linked libzstd accepts. A usage error otherwise.
+func parseCompression(_ text: String) throws -> CompressionSetting {
+    let parts = text.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+    switch parts[0] {
+    case "none" where parts.count == 1: return .none
+    case "zstd":
+        guard parts.count == 2 else { return CompressionSetting(method: .zstd) }
+        let levels = Zstd.levels
+        guard let level = Int32(parts[1]), levels.contains(level) else {
+            throw ValidationError(
+                "--compress: '\(parts[1])' is not a zstd level; this libzstd (\(Zstd.version)) takes \(levels.lowerBound) to \(levels.upperBound) (default \(Zstd.defaultLevel))"
+            )
+        }
+        return CompressionSetting(method: .zstd, level: level)
+    default:
+        throw ValidationError("--compress: '\(text)' is not a method; use none, zstd or zstd:LEVEL")
     }
 }

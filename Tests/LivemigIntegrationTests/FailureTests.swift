@@ -86,7 +86,7 @@ struct FailureTests {
         }
     }
 
-    func handshake(dstSize: Int, fill: UInt8 = 0x77, channels: Int) throws -> FakeSource {
+    func handshake(dstSize: Int, fill: UInt8 = 0x77, channels: Int, compression: CompressionMethod = .none) throws -> FakeSource {
         let scratch = try Scratch()
         let dst = scratch.path("dst.ram")
         try writeFilled(dst, bytes: dstSize, value: fill)
@@ -95,7 +95,8 @@ struct FailureTests {
         #expect(receiver.waitForStderr("listening"))
         let session = SessionID.random()
         let main = try Socket.connect(to: addr, timeout: 5)
-        try main.sendAll(ChannelHello(session: session, kind: .main, channelID: 0, channelCount: UInt16(channels)).encoded())
+        try main.sendAll(
+            ChannelHello(session: session, kind: .main, channelID: 0, channelCount: UInt16(channels), compression: compression).encoded())
         let ctl = MainReader(main)
         #expect(try ctl.next() == .helloAccepted)
         try main.sendAll(MainMessage.ramLayout([RAMBlockLayout(name: "pc.ram", size: UInt64(dstSize), pageSize: 4096)]).encoded())
@@ -106,10 +107,10 @@ struct FailureTests {
     /// A fake source that does a valid handshake, then writes `packet` on
     /// multifd channel 0. Returns the receiver's result and what it said on
     /// the main channel.
-    func fakeSource(dstSize: Int, packet: [UInt8], thenClose: Bool = false) throws -> (
+    func fakeSource(dstSize: Int, packet: [UInt8], thenClose: Bool = false, compression: CompressionMethod = .none) throws -> (
         status: Int32, stderr: String, mainReply: MainMessage?, dst: Data
     ) {
-        let f = try handshake(dstSize: dstSize, channels: 1)
+        let f = try handshake(dstSize: dstSize, channels: 1, compression: compression)
         let ch = try f.channel(0, of: 1)
         try ch.sendAll(packet)
         if thenClose { ch.shutdown() }
@@ -118,10 +119,12 @@ struct FailureTests {
         return (r.status, r.stderr, reply, try Data(contentsOf: URL(fileURLWithPath: f.dst)))
     }
 
-    func header(normal: UInt32, zero: UInt32, payload: UInt32, number: UInt64 = 0, offsets: [UInt64]) -> [UInt8] {
+    func header(
+        normal: UInt32, zero: UInt32, payload: UInt32, number: UInt64 = 0, offsets: [UInt64], flags: MultiFDPacketHeader.Flags = []
+    ) -> [UInt8] {
         var buf = [UInt8](repeating: 0, count: MultiFDPacketHeader.size + offsets.count * 8)
         buf.withUnsafeMutableBytes { b in
-            MultiFDPacketHeader(flags: [], normalCount: normal, zeroCount: zero, payloadSize: payload, packetNumber: number, blockID: 0)
+            MultiFDPacketHeader(flags: flags, normalCount: normal, zeroCount: zero, payloadSize: payload, packetNumber: number, blockID: 0)
                 .encode(to: b.baseAddress!)
             for (i, o) in offsets.enumerated() { MultiFDPacketHeader.encodeOffset(o, index: i, to: b.baseAddress!) }
         }
@@ -316,6 +319,10 @@ struct FailureTests {
             ["receive", "--ram", "x", "--listen", "tcp:127.0.0.1:notaport"],
             ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--channels", "0"],
             ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--size", "lots"],
+            ["send", "--ram", "x", "--to", "unix:/tmp/x", "--compress", "lz4"],
+            ["send", "--ram", "x", "--to", "unix:/tmp/x", "--compress", "zstd:99"],
+            ["send", "--ram", "x", "--to", "unix:/tmp/x", "--compress", "zstd:fast"],
+            ["send", "--ram", "x", "--to", "unix:/tmp/x", "--compress", "none:1"],
         ])
     func usage(_ args: [String]) throws {
         let r = try livemig(args)

@@ -147,6 +147,42 @@ func writeImage(_ path: String, pages: Int, seed: UInt64, isZero: (Int) -> Bool)
     return zeros
 }
 
+/// Writes a RAM image of mixed pages like tools/bench's mixed image: zero,
+/// text-like (words, compressible) and random pages, by `kind(page)`.
+/// Returns how many pages of each kind (zero, text, random) it wrote.
+@discardableResult
+func writeMixedImage(_ path: String, pages: Int, seed: UInt64) throws -> (zero: Int, text: Int, random: Int) {
+    var rng = SplitMix64(state: seed)
+    let words = "guest kernel page cache dirty migrate channel socket buffer inode dentry task the of and to in is"
+        .split(separator: " ").map { Array($0.utf8) + [0x20] }
+    var data = Data(count: pages * pageSize)
+    var counts = (zero: 0, text: 0, random: 0)
+    data.withUnsafeMutableBytes { (b: UnsafeMutableRawBufferPointer) in
+        for p in 0..<pages {
+            let page = UnsafeMutableRawBufferPointer(rebasing: b[p * pageSize..<(p + 1) * pageSize])
+            switch rng.next() % 4 {
+            case 0, 1:
+                counts.zero += 1
+            case 2:
+                counts.text += 1
+                var at = 0
+                while at < pageSize {
+                    for byte in words[Int(rng.next() % UInt64(words.count))] where at < pageSize {
+                        page[at] = byte
+                        at += 1
+                    }
+                }
+            default:
+                counts.random += 1
+                let w = page.bindMemory(to: UInt64.self)
+                for i in 0..<w.count { w[i] = rng.next() }
+            }
+        }
+    }
+    try data.write(to: URL(fileURLWithPath: path))
+    return counts
+}
+
 /// Writes `bytes` of a repeated byte: a destination "with other content".
 func writeFilled(_ path: String, bytes: Int, value: UInt8) throws {
     try Data(repeating: value, count: bytes).write(to: URL(fileURLWithPath: path))

@@ -22,7 +22,7 @@ struct ChannelHelloTests {
             + [0, 0, 0, 1]  // version
             + [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]  // session high
             + [0xFE, 0xDC, 0xBA, 0x98, 0x76, 0x54, 0x32, 0x10]  // session low
-            + [2, 0]  // kind, reserved
+            + [2, 0]  // kind, compression (none)
             + [0x01, 0x02]  // channel-id
             + [0x03, 0x04]  // channel-count
             + [0, 0]  // flags
@@ -112,7 +112,7 @@ struct ChannelHelloTests {
             case 4..<8: "version"
             case 8..<24: "session"
             case 24: "kind"
-            case 25: "reserved"
+            case 25: "compression"
             case 26..<28: "channel-id"
             case 28..<30: "channel-count"
             default: "flags"

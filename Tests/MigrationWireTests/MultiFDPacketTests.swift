@@ -154,9 +154,9 @@ struct MultiFDPacketTests {
 
         // A known bit next to an unknown one: only the unknown one is named.
         let s = Self.sync()
-        let b = Self.bytes(s).settingU32(0x0000_0003, at: 8)
-        let mixed = expectWireError(field: "flags", value: "0x3") { _ = try Self.decode(b) }
-        #expect(mixed?.reason.contains("unknown bits 0x2") == true)
+        let b = Self.bytes(s).settingU32(0x0000_0005, at: 8)
+        let mixed = expectWireError(field: "flags", value: "0x5") { _ = try Self.decode(b) }
+        #expect(mixed?.reason.contains("unknown bits 0x4") == true)
     }
 
     @Test func rejectsNormalCountOver128() {

@@ -1,0 +1,258 @@
+import Foundation
+import GuestMemory
+import MigrationWire
+import SystemPackage
+import Testing
+import URing
+
+@testable import Migration
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Keeps every gather write's bytes, as the socket would carry them. Used
+/// by one thread at a time (the test's, or the sender it is handed to).
+final class CapturingWriter: StreamWriter, @unchecked Sendable {
+    var bytes: [UInt8] = []
+    var mechanism: String { "capture" }
+
+    func writeAll(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int) throws(SocketError) {
+        var n = 0
+        for i in 0..<count {
+            bytes += UnsafeRawBufferPointer(start: iov[i].iov_base, count: iov[i].iov_len)
+            n += iov[i].iov_len
+        }
+        precondition(n == total, "the iovecs hold \(n) bytes, the write says \(total)")
+    }
+}
+
+/// The zstd codec of the multifd channels: what the sender's compressor
+/// writes, the receiver's decompressor accepts and decodes to the same
+/// pages, and every way a payload can be wrong is refused by name.
+@Suite("page compression")
+struct PageCompressionTests {
+    static let pageSize = 4096
+    static let limits = PacketLimits(
+        channelID: 0, pageSize: UInt64(pageSize), blocks: [RAMBlockLayout(name: "pc.ram", size: 1 << 20, pageSize: 4096)],
+        compression: .zstd)
+
+    /// `count` pages: text-like, random and repeated ones, deterministic.
+    static func samplePages(_ count: Int, seed: UInt64) -> [UInt8] {
+        var rng = SeededGenerator(seed: seed)
+        let words = Array("guest kernel page cache dirty migrate channel socket buffer ".utf8)
+        var out = [UInt8]()
+        out.reserveCapacity(count * pageSize)
+        for p in 0..<count {
+            switch p % 3 {
+            case 0: out += (0..<pageSize).map { i in words[(i + Int(rng.next() % 7)) % words.count] }
+            case 1: out += (0..<pageSize).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            default: out += [UInt8](repeating: UInt8(p), count: pageSize)
+            }
+        }
+        return out
+    }
+
+    /// Compresses `pages` (whole pages) with a fresh compressor; returns the frame.
+    static func frame(of pages: [UInt8], level: Int32 = 1) throws -> [UInt8] {
+        let c = try PacketCompressor(level: level, pageSize: pageSize, jobCapacity: 1)
+        let n = pages.count / pageSize
+        pages.withUnsafeBytes { raw in
+            for i in 0..<n { c.stage(raw.baseAddress! + i * pageSize, index: i) }
+        }
+        return Array(try c.compress(count: n, slot: 0))
+    }
+
+    static func header(normal: Int, payload: Int) -> MultiFDPacketHeader {
+        MultiFDPacketHeader(
+            flags: .compressed, normalCount: UInt32(normal), zeroCount: 0, payloadSize: UInt32(payload), packetNumber: 4, blockID: 0)
+    }
+
+    /// Runs the receiver's checks on `payload` for a packet of `normal` pages.
+    static func decode(_ payload: [UInt8], normal: Int, into d: PacketDecompressor? = nil) throws -> PacketDecompressor {
+        let d = try d ?? PacketDecompressor(method: .zstd, pageSize: pageSize)
+        precondition(payload.count <= d.frameCapacity)
+        payload.withUnsafeBytes { d.frame.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        try d.decode(header(normal: normal, payload: payload.count), limits: limits)
+        return d
+    }
+
+    @Test func wireBoundIsLibzstdsBound() {
+        var g = SeededGenerator(seed: 3)
+        let sizes =
+            [0, 1, 4095, 4096, (128 << 10) - 1, 128 << 10, (128 << 10) + 1, 512 << 10] + (0..<64).map { _ in Int(g.next() % (1 << 20)) }
+        for n in sizes {
+            #expect(UInt64(Zstd.compressBound(n)) == CompressionMethod.zstd.payloadBound(UInt64(n)), "size \(n)")
+        }
+    }
+
+    @Test func levelsComeFromLibzstd() {
+        #expect(Zstd.levels.contains(1) && Zstd.levels.contains(3) && Zstd.levels.contains(19))
+        #expect(Zstd.levels.lowerBound < 0)
+        #expect(throws: MigrationError.self) { _ = try PacketCompressor(level: Zstd.levels.upperBound + 1, pageSize: 4096, jobCapacity: 1) }
+    }
+
+    @Test(arguments: [1, 64, 128], [Int32(1), 3, -5])
+    func roundTrips(pages: Int, level: Int32) throws {
+        let data = Self.samplePages(pages, seed: UInt64(pages) &* 31 &+ UInt64(bitPattern: Int64(level)))
+        let f = try Self.frame(of: data, level: level)
+        #expect(UInt64(f.count) <= CompressionMethod.zstd.payloadBound(UInt64(data.count)))
+        let d = try Self.decode(f, normal: pages)
+        for i in 0..<pages {
+            let page = UnsafeRawBufferPointer(start: d.page(i), count: Self.pageSize)
+            #expect(Array(page) == Array(data[i * Self.pageSize..<(i + 1) * Self.pageSize]), "page \(i)")
+        }
+    }
+
+    @Test func contextsAreReusedNotRegrown() throws {
+        let c = try PacketCompressor(level: 1, pageSize: Self.pageSize, jobCapacity: 4)
+        let data = Self.samplePages(128, seed: 9)
+        var sizes: [Int] = []
+        for round in 0..<40 {
+            data.withUnsafeBytes { raw in
+                for i in 0..<128 { c.stage(raw.baseAddress! + ((i + round) % 128) * Self.pageSize, index: i) }
+            }
+            _ = try c.compress(count: 128 - round % 7, slot: round % 4)
+            sizes.append(c.contextBytes)
+        }
+        // The first packet sizes the workspace; no later one grows it.
+        #expect(Set(sizes.dropFirst()).count == 1, "\(sizes)")
+    }
+
+    @Test func corruptFrameIsRefusedNamingThePayload() throws {
+        var f = try Self.frame(of: Self.samplePages(8, seed: 1))
+        for i in stride(from: 20, to: f.count - 4, by: 7) { f[i] ^= 0x5A }
+        let e = #expect(throws: WireError.self) { _ = try Self.decode(f, normal: 8) }
+        #expect(e?.field == "payload", "\(String(describing: e))")
+        #expect(e?.description.contains("multifd packet 4 on channel 0") == true)
+    }
+
+    @Test func notAFrameIsRefused() {
+        let e = #expect(throws: WireError.self) { _ = try Self.decode(Array("definitely not zstd".utf8), normal: 1) }
+        #expect(e?.field == "payload")
+        #expect(e?.reason.contains("not one whole zstd frame") == true, "\(String(describing: e))")
+    }
+
+    @Test func truncatedFrameIsRefused() throws {
+        let f = try Self.frame(of: Self.samplePages(4, seed: 2))
+        let e = #expect(throws: WireError.self) { _ = try Self.decode(Array(f.dropLast(5)), normal: 4) }
+        #expect(e?.field == "payload", "\(String(describing: e))")
+    }
+
+    @Test func bytesAfterTheFrameAreRefused() throws {
+        let f = try Self.frame(of: Self.samplePages(2, seed: 3))
+        // A second frame behind the first: one packet, one frame.
+        let e = #expect(throws: WireError.self) { _ = try Self.decode(f + f, normal: 4) }
+        #expect(e?.field == "payload-size", "\(String(describing: e))")
+        #expect(e?.value == "\(2 * f.count)")
+        #expect(e?.reason.contains("ends after \(f.count) bytes") == true)
+    }
+
+    @Test func sizeMismatchIsRefusedNamingTheDecompressedSize() throws {
+        let f = try Self.frame(of: Self.samplePages(3, seed: 4))
+        for normal in [2, 4] {
+            let e = #expect(throws: WireError.self) { _ = try Self.decode(f, normal: normal) }
+            #expect(e?.field == "decompressed-size", "\(String(describing: e))")
+            #expect(e?.value == "\(3 * Self.pageSize)")
+            #expect(e?.reason.contains("\(normal * Self.pageSize)") == true)
+        }
+    }
+
+    @Test func aDecompressorSurvivesABadPacket() throws {
+        let d = try PacketDecompressor(method: .zstd, pageSize: Self.pageSize)
+        _ = try? Self.decode(Array("garbage garbage".utf8), normal: 1, into: d)
+        let data = Self.samplePages(5, seed: 5)
+        _ = try Self.decode(try Self.frame(of: data), normal: 5, into: d)
+        #expect(Array(UnsafeRawBufferPointer(start: d.page(4), count: Self.pageSize)) == Array(data[4 * 4096..<5 * 4096]))
+    }
+
+    /// The real sender with a capturing writer: zero pages go as offsets
+    /// only, every packet with normal pages is COMPRESSED and its frame
+    /// decodes to exactly those pages, in offset order.
+    @Test func senderPacketsDecodeToTheRAM() throws {
+        let dir = NSTemporaryDirectory() + "livemig-zstd-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let pages = 256
+        let path = FilePath(dir + "/ram")
+        let content = Self.samplePages(pages, seed: 11)
+        let isZero = { (p: Int) in p % 4 == 1 || (40..<60).contains(p) }
+        var image = content
+        for p in 0..<pages where isZero(p) {
+            image.replaceSubrange(p * 4096..<(p + 1) * 4096, with: repeatElement(0, count: 4096))
+        }
+        try Data(image).write(to: URL(fileURLWithPath: dir + "/ram"))
+        let ram = try RAMFile(path: path, access: .readOnly, pageSize: 4096)
+        let writer = CapturingWriter()
+        let counters = TransferCounters()
+        let sender = try PacketSender(
+            channelID: 0, ram: ram, writer: writer, counters: counters, jobCapacity: 2,
+            compression: CompressionSetting(method: .zstd, level: 1))
+        let job = MultiFDJob(capacity: 2)
+        for b in 0..<2 {
+            var batch = MultiFDPages()
+            for p in (b * 128)..<((b + 1) * 128) { batch.append(offset: UInt64(p * 4096), block: 0) }
+            job.take(&batch)
+        }
+        var released = 0
+        try sender.sendJob(job) { released += 1 }
+        #expect(released == 1)
+
+        let limits = PacketLimits(
+            channelID: 0, pageSize: 4096, blocks: [RAMBlockLayout(name: "pc.ram", size: UInt64(pages * 4096), pageSize: 4096)],
+            compression: .zstd)
+        let d = try PacketDecompressor(method: .zstd, pageSize: 4096)
+        var at = 0, seenNormal = 0, seenZero = 0, payloadBytes = 0
+        let bytes = writer.bytes
+        for number in 0..<2 {
+            let h = try bytes.withUnsafeBytes { raw in
+                try MultiFDPacketHeader.decode(raw.baseAddress! + at, limits: limits, expectedPacketNumber: UInt64(number))
+            }
+            #expect(h.flags == .compressed)
+            at += MultiFDPacketHeader.size
+            var offsets = [UInt64](repeating: 0, count: Int(h.normalCount + h.zeroCount))
+            try bytes.withUnsafeBytes { raw in
+                try offsets.withUnsafeMutableBufferPointer {
+                    try h.decodeOffsets(raw.baseAddress! + at, into: $0.baseAddress!, limits: limits)
+                }
+            }
+            at += h.offsetsSize
+            bytes.withUnsafeBytes { raw in d.frame.copyMemory(from: raw.baseAddress! + at, byteCount: Int(h.payloadSize)) }
+            at += Int(h.payloadSize)
+            payloadBytes += Int(h.payloadSize)
+            try d.decode(h, limits: limits)
+            for (i, off) in offsets.enumerated() {
+                let p = Int(off) / 4096
+                if i < Int(h.normalCount) {
+                    #expect(!isZero(p), "page \(p) sent with data")
+                    let got = Array(UnsafeRawBufferPointer(start: d.page(i), count: 4096))
+                    #expect(got == Array(image[p * 4096..<(p + 1) * 4096]), "page \(p)")
+                    seenNormal += 1
+                } else {
+                    #expect(isZero(p), "page \(p) sent as zero")
+                    seenZero += 1
+                }
+            }
+        }
+        #expect(at == bytes.count, "nothing after the job's packets")
+        let zeros = (0..<pages).filter(isZero).count
+        #expect(seenZero == zeros && seenNormal == pages - zeros)
+        #expect(counters.read(counters.compressedPages) == UInt64(pages - zeros))
+        #expect(counters.read(counters.compressedBytes) == UInt64(payloadBytes))
+        #expect(counters.read(counters.multifdBytes) == UInt64(bytes.count))
+        #expect(payloadBytes < (pages - zeros) * 4096, "text and repeated pages shrink")
+    }
+}
+
+/// SplitMix64, seeded: reproducible page contents.
+struct SeededGenerator: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
