@@ -32,12 +32,23 @@ public final class RAMFile: @unchecked Sendable {
     /// Start of the mapping; `block.size` bytes long.
     public let base: UnsafeMutableRawPointer
     public let access: Access
+    /// True when `create` found the file empty and sized it: every page read
+    /// zero when this mapping was made (a hole, or zero-filled by a
+    /// pre-fault). Whoever writes the mapping afterwards must track what it
+    /// wrote before relying on this (the destination's `arrived` bitmap).
+    public let createdEmpty: Bool
     private let fd: FileDescriptor
 
     /// Opens and maps an existing RAM file; its size gives the block size.
-    public init(
+    public convenience init(
         path: FilePath, access: Access, pageSize: UInt64 = RAMBlock.hostPageSize,
         blockName: String = RAMBlock.defaultName
+    ) throws(GuestMemoryError) {
+        try self.init(path: path, access: access, pageSize: pageSize, blockName: blockName, createdEmpty: false)
+    }
+
+    private init(
+        path: FilePath, access: Access, pageSize: UInt64, blockName: String, createdEmpty: Bool
     ) throws(GuestMemoryError) {
         let mode: FileDescriptor.AccessMode = access == .readOnly ? .readOnly : .readWrite
         let fd: FileDescriptor
@@ -59,6 +70,7 @@ public final class RAMFile: @unchecked Sendable {
         }
         self.path = path
         self.access = access
+        self.createdEmpty = createdEmpty
         self.fd = fd
     }
 
@@ -90,7 +102,7 @@ public final class RAMFile: @unchecked Sendable {
             throw GuestMemoryError(
                 "RAM file \(path) is \(existing) bytes but \(size) are needed; remove it or give a file of that size")
         }
-        return try RAMFile(path: path, access: .readWrite, pageSize: pageSize, blockName: blockName)
+        return try RAMFile(path: path, access: .readWrite, pageSize: pageSize, blockName: blockName, createdEmpty: existing == 0)
     }
 
     deinit {

@@ -130,9 +130,16 @@ final class PacketReceiver: @unchecked Sendable {
             throw MigrationError(converting: error)
         }
         // A zero page must end zero even over older content; reading first
-        // avoids dirtying (and allocating) pages that already are.
+        // avoids dirtying (and allocating) pages that already are. In a file
+        // this migration created empty, a page no packet has reached yet is
+        // still zero: nothing to read, nothing to allocate. (Rounds are
+        // ordered by the SYNC barrier, so an earlier round's mark is seen;
+        // within a round a page comes once.)
+        let startsZero = ram.createdEmpty
         for i in normal..<total {
-            let p = ram.base + Int(offsets[i])
+            let off = offsets[i]
+            if startsZero && !arrived.isDirty(page: Int(off / limits.pageSize)) { continue }
+            let p = ram.base + Int(off)
             if !lm_buffer_is_zero(p, pageSize) { p.initializeMemory(as: UInt8.self, repeating: 0, count: pageSize) }
         }
         for i in 0..<total { arrived.mark(page: Int(offsets[i] / limits.pageSize)) }

@@ -246,6 +246,16 @@ struct RAMFileTests {
         }
     }
 
+    @Test func createdEmptyOnlyWhenCreateSizedAnEmptyFile() throws {
+        try Self.withTempDir { dir in
+            let url = dir.appendingPathComponent("ram")
+            #expect(try RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize).createdEmpty)
+            // Reused at the same size: it may hold anything now.
+            #expect(try !RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize).createdEmpty)
+            #expect(try !RAMFile(path: Self.path(url), access: .readWrite, pageSize: Self.pageSize).createdEmpty)
+        }
+    }
+
     // MARK: - page tables
 
     /// Whether this process's page table maps the page at `address`

@@ -79,6 +79,29 @@ struct MigrationEndToEndTests {
         #expect(send.stdout.contains("completed"))
     }
 
+    @Test("zero pages into a file the destination creates are neither read nor allocated")
+    func zeroPagesStaySparse() throws {
+        // tmpfs counts a page in st_blocks once it is allocated, also by a
+        // read fault through a shared mapping: the check needs /dev/shm.
+        let dir = "/dev/shm/livemig-test-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: false)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let src = dir + "/src.ram", dst = dir + "/dst.ram"
+        // 4096 pages, of which one in 64 carries data.
+        try writeImage(src, pages: 4096, seed: 12, isZero: { $0 % 64 != 0 })
+        let addr = "unix:" + dir + "/s"
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr])
+        #expect(receiver.waitForStderr("listening"))
+        let send = try livemig(["send", "--ram", src, "--to", addr])
+        #expect(receiver.wait().status == 0)
+        #expect(send.status == 0, "\(send.stderr)")
+        #expect(try filesEqual(src, dst))
+        var st = stat()
+        #expect(stat(dst, &st) == 0)
+        let allocatedPages = Int(st.st_blocks) * 512 / pageSize
+        #expect(allocatedPages == 4096 / 64, "\(allocatedPages) pages allocated for 64 data pages")
+    }
+
     @Test("without io_uring (seccomp filter) send falls back to sendmsg with a warning")
     func ioUringDenied() throws {
         let scratch = try Scratch()
