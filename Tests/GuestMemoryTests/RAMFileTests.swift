@@ -249,10 +249,13 @@ struct RAMFileTests {
     @Test func createdEmptyOnlyWhenCreateSizedAnEmptyFile() throws {
         try Self.withTempDir { dir in
             let url = dir.appendingPathComponent("ram")
-            #expect(try RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize).createdEmpty)
+            let fresh = try RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize)
+            #expect(fresh.createdEmpty)
             // Reused at the same size: it may hold anything now.
-            #expect(try !RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize).createdEmpty)
-            #expect(try !RAMFile(path: Self.path(url), access: .readWrite, pageSize: Self.pageSize).createdEmpty)
+            let reused = try RAMFile.create(path: Self.path(url), size: Self.oneMiB, pageSize: Self.pageSize)
+            #expect(!reused.createdEmpty)
+            let opened = try RAMFile(path: Self.path(url), access: .readWrite, pageSize: Self.pageSize)
+            #expect(!opened.createdEmpty)
         }
     }
 
