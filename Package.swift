@@ -65,16 +65,19 @@ let package = Package(
         ),
         .testTarget(
             name: "GuestMemoryTests",
-            dependencies: ["GuestMemory", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["GuestMemory", "TestSupport", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
-        .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
+        .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire", "TestSupport"]),
         .testTarget(
             name: "MigrationTests",
             dependencies: [
-                "Migration", "GuestMemory", "MigrationWire", "URing", .product(name: "SystemPackage", package: "swift-system"),
+                "Migration", "GuestMemory", "MigrationWire", "URing", "TestSupport",
+                .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        .testTarget(name: "LivemigIntegrationTests", dependencies: ["MigrationWire", "URing"]),
+        .testTarget(name: "LivemigIntegrationTests", dependencies: ["MigrationWire", "URing", "TestSupport"]),
+        // Helpers every test target shares (a seeded generator).
+        .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
     ]
 )

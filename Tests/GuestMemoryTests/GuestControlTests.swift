@@ -1,6 +1,7 @@
 import Foundation
 import GuestMemory
 import SystemPackage
+import TestSupport
 import Testing
 
 #if canImport(Glibc)

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 #if canImport(Glibc)
@@ -112,25 +113,13 @@ final class Scratch {
     func path(_ name: String) -> String { dir + "/" + name }
 }
 
-/// Deterministic bytes (SplitMix64) so failures reproduce.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 let pageSize = 4096
 
 /// Writes a RAM image of `pages` pages: a page is zero when `isZero(page)`,
 /// otherwise random. Returns the number of zero pages.
 @discardableResult
 func writeImage(_ path: String, pages: Int, seed: UInt64, isZero: (Int) -> Bool) throws -> Int {
-    var rng = SplitMix64(state: seed)
+    var rng = SplitMix64(seed: seed)
     var data = Data(count: pages * pageSize)
     var zeros = 0
     data.withUnsafeMutableBytes { (b: UnsafeMutableRawBufferPointer) in
@@ -152,7 +141,7 @@ func writeImage(_ path: String, pages: Int, seed: UInt64, isZero: (Int) -> Bool)
 /// Returns how many pages of each kind (zero, text, random) it wrote.
 @discardableResult
 func writeMixedImage(_ path: String, pages: Int, seed: UInt64) throws -> (zero: Int, text: Int, random: Int) {
-    var rng = SplitMix64(state: seed)
+    var rng = SplitMix64(seed: seed)
     let words = "guest kernel page cache dirty migrate channel socket buffer inode dentry task the of and to in is"
         .split(separator: " ").map { Array($0.utf8) + [0x20] }
     var data = Data(count: pages * pageSize)

@@ -2,6 +2,7 @@ import Foundation
 import GuestMemory
 import MigrationWire
 import SystemPackage
+import TestSupport
 import Testing
 import URing
 
@@ -39,7 +40,7 @@ struct PageCompressionTests {
 
     /// `count` pages: text-like, random and repeated ones, deterministic.
     static func samplePages(_ count: Int, seed: UInt64) -> [UInt8] {
-        var rng = SeededGenerator(seed: seed)
+        var rng = SplitMix64(seed: seed)
         let words = Array("guest kernel page cache dirty migrate channel socket buffer ".utf8)
         var out = [UInt8]()
         out.reserveCapacity(count * pageSize)
@@ -78,7 +79,7 @@ struct PageCompressionTests {
     }
 
     @Test func wireBoundIsLibzstdsBound() {
-        var g = SeededGenerator(seed: 3)
+        var g = SplitMix64(seed: 3)
         let sizes =
             [0, 1, 4095, 4096, (128 << 10) - 1, 128 << 10, (128 << 10) + 1, 512 << 10] + (0..<64).map { _ in Int(g.next() % (1 << 20)) }
         for n in sizes {
@@ -241,18 +242,5 @@ struct PageCompressionTests {
         #expect(counters.read(counters.compressedBytes) == UInt64(payloadBytes))
         #expect(counters.read(counters.multifdBytes) == UInt64(bytes.count))
         #expect(payloadBytes < (pages - zeros) * 4096, "text and repeated pages shrink")
-    }
-}
-
-/// SplitMix64, seeded: reproducible page contents.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

@@ -1,4 +1,5 @@
 import MigrationWire
+import TestSupport
 import Testing
 
 /// The compression parts of the wire format: the method in the main hello,

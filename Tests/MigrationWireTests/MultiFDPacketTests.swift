@@ -1,4 +1,5 @@
 import MigrationWire
+import TestSupport
 import Testing
 
 @Suite("MultiFDPacketHeader")
