@@ -153,6 +153,20 @@ public final class RAMFile: @unchecked Sendable {
         for w in workers { w.join() }
     }
 
+    /// Reads `length` bytes at `offset` of the file into `buffer` with
+    /// pread(2): the bytes of the mapping, without mapping them (no fault,
+    /// no page-table entry to tear down later). False on an error or EOF.
+    public func read(into buffer: UnsafeMutableRawPointer, offset: UInt64, length: Int) -> Bool {
+        var done = 0
+        while done < length {
+            let n = pread(fd.rawValue, buffer + done, length - done, off_t(offset) + off_t(done))
+            if n < 0 && Glibc.errno == EINTR { continue }
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
+    }
+
     /// Pointer to byte `offset` of the block.
     @inlinable public func pointer(at offset: UInt64) -> UnsafeMutableRawPointer {
         base + Int(offset)

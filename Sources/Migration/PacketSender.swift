@@ -17,8 +17,8 @@ import URing
 /// state (`PacketCompressor`). Without compression no page data is copied
 /// in user space; with it, each normal page is copied once into the
 /// compressor's buffer (it must be: see `PacketCompressor.stage`). Zero-page
-/// detection reads each page (until its first non-zero bytes) in the
-/// mapping; zero pages are never compressed.
+/// detection (`ZeroPageScan`) reads each page once, in the mapping or, in
+/// mostly-zero memory, by pread; zero pages are never compressed.
 public final class PacketSender: ChannelTransport {
     private let ram: RAMFile
     private let writer: any StreamWriter
@@ -28,6 +28,7 @@ public final class PacketSender: ChannelTransport {
     private let prefixes: UnsafeMutableRawPointer
     private let jobCapacity: Int
     private let zeroScratch: UnsafeMutablePointer<UInt64>
+    private let zeroScan: ZeroPageScan
     private let iov: UnsafeMutablePointer<iovec>
     /// This channel's zstd context and buffers, when the migration compresses.
     private let compressor: PacketCompressor?
@@ -53,6 +54,7 @@ public final class PacketSender: ChannelTransport {
         }
         prefixes = .allocate(byteCount: jobCapacity * MultiFDPacketHeader.maxPrefixSize, alignment: 8)
         zeroScratch = .allocate(capacity: MultiFDPages.capacity)
+        zeroScan = ZeroPageScan(ram: ram)
         // Per packet: its prefix and at most one iovec per page.
         iov = .allocate(capacity: jobCapacity * (MultiFDPages.capacity + 1))
     }
@@ -63,19 +65,13 @@ public final class PacketSender: ChannelTransport {
         iov.deallocate()
     }
 
-    /// The kernel's fault-around unit (`fault_around_bytes`, 64 KiB by
-    /// default): one read fault maps the window's cached pages.
-    static let faultAroundBytes: UInt64 = 64 << 10
-
     public func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError) {
         precondition(job.count <= jobCapacity, "a job of \(job.count) batches exceeds this sender's \(jobCapacity)")
         var iovCount = 0, total = 0
         var normalPages = 0, zeroPages = 0, compressedBytes = 0
         for b in 0..<job.count {
             let pages = job.batches[b]
-            // Fault the batch in first: faults interleaved with the scan
-            // below cost it 1.6x (see lm_fault_in_windows).
-            lm_fault_in_windows(ram.base, pages.offsets, pages.count, Self.faultAroundBytes)
+            zeroScan.scan(pages)
             let prefix = prefixes + b * MultiFDPacketHeader.maxPrefixSize
             let prefixSlot = iovCount
             iovCount += 1
@@ -83,7 +79,7 @@ public final class PacketSender: ChannelTransport {
             for i in 0..<pages.count {
                 let off = pages.offsets[i]
                 let page = ram.base + Int(off)
-                if lm_buffer_is_zero(page, pageSize) {
+                if zeroScan.isZero[i] {
                     zeroScratch[zero] = off
                     zero += 1
                     continue

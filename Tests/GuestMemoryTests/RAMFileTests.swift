@@ -296,7 +296,7 @@ struct RAMFileTests {
         }
     }
 
-    @Test func faultInWindowsMapsTheFirstPageOfEachWindowOnly() throws {
+    @Test func faultInWindowsMapsTheTouchedPagesOnly() throws {
         try Self.withTempDir { dir in
             let url = dir.appendingPathComponent("ram")
             try Self.writeFile(url, bytes: 1 << 20)
@@ -307,8 +307,10 @@ struct RAMFileTests {
             lm_fault_in_windows(ram.base, offsets, offsets.count, 64 << 10)
             #expect(try Self.isMapped(ram.base + 4096))
             #expect(try Self.isMapped(ram.base + 40 * 4096))
-            // Nothing in the untouched second window (pages 16..31).
-            #expect(try !Self.isMapped(ram.base + 20 * 4096))
+            // Nothing far from the touched pages (fault-around maps a few
+            // neighbours; how many is the kernel's business).
+            let far = try Self.isMapped(ram.base + 200 * 4096)
+            #expect(!far)
         }
     }
 }
