@@ -167,6 +167,24 @@ public final class RAMFile: @unchecked Sendable {
         return true
     }
 
+    /// Writes `length` bytes from `buffer` at `offset` of the file with
+    /// pwrite(2), not through the mapping (which sees the bytes at once: one
+    /// page cache). Into a hole of a tmpfs file this allocates the page
+    /// without zeroing it first and without a fault or a page-table entry.
+    public func write(from buffer: UnsafeRawPointer, offset: UInt64, length: Int) throws(GuestMemoryError) {
+        precondition(access == .readWrite, "write into a read-only RAM file")
+        var done = 0
+        while done < length {
+            let n = pwrite(fd.rawValue, buffer + done, length - done, off_t(offset) + off_t(done))
+            if n < 0 && Glibc.errno == EINTR { continue }
+            if n <= 0 {
+                let e = n < 0 ? Errno(rawValue: Glibc.errno) : .ioError
+                throw GuestMemoryError("cannot write RAM file \(path) at offset \(offset + UInt64(done)): \(e)", errno: e)
+            }
+            done += n
+        }
+    }
+
     /// Pointer to byte `offset` of the block.
     @inlinable public func pointer(at offset: UInt64) -> UnsafeMutableRawPointer {
         base + Int(offset)

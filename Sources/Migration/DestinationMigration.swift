@@ -42,6 +42,10 @@ public final class DestinationMigration: Sendable {
     public let latch = FailureLatch()
     private let listener: Listener
     private let ramFile = Mutex<RAMFile?>(nil)
+    /// The RAM was mapped and pre-faulted before listening: receivers write
+    /// into the mapping. Otherwise (created when the layout arrives) they
+    /// pwrite into the file (`PacketReceiver.writeThrough`).
+    private let prefaulted: Bool
 
     /// Maps (and pre-faults) the RAM file if it exists or `size` is given,
     /// then listens. The source may connect once this returns.
@@ -50,9 +54,13 @@ public final class DestinationMigration: Sendable {
         if let size = config.size {
             let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile.create(path: config.ramPath, size: size) }
             ramFile.withLock { $0 = ram }
+            prefaulted = true
         } else if (try? FileDescriptor.open(config.ramPath, .readOnly).close()) != nil {
             let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile(path: config.ramPath, access: .readWrite) }
             ramFile.withLock { $0 = ram }
+            prefaulted = true
+        } else {
+            prefaulted = false
         }
         do {
             listener = try Listener(config.address)
@@ -106,7 +114,9 @@ public final class DestinationMigration: Sendable {
             let (sockets, early) = try acceptChannels(session: session, main: ctl)
             for (id, s) in sockets.enumerated() {
                 receivers.append(
-                    try PacketReceiver(id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived))
+                    try PacketReceiver(
+                        id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived,
+                        writeThrough: !prefaulted))
             }
             latch.onFailure { [receivers, barrier] in
                 for r in receivers { r.socket.shutdown() }

@@ -49,10 +49,20 @@ final class PacketReceiver: @unchecked Sendable {
     private let iov: UnsafeMutablePointer<iovec>
     /// This channel's zstd context and buffers, when the source compresses.
     private let decompressor: PacketDecompressor?
+    /// With `writeThrough`: 128 pages where page data lands before pwrite.
+    private let bounce: UnsafeMutableRawPointer?
     private var expectedPacket: UInt64 = 0
 
+    /// `writeThrough`: receive page data into a buffer of this channel and
+    /// pwrite it into the file, instead of straight into the mapping. For a
+    /// destination that was not pre-faulted: a first touch through the
+    /// mapping costs a fault, a zeroed page and a page-table entry to tear
+    /// down, a pwrite into the hole only the copy (the issue measured 0.6–0.9
+    /// GB/s against 2.3 GB/s on /dev/shm), and a full file system is an
+    /// error (ENOSPC) instead of a SIGBUS.
     init(
-        id: Int, socket: Socket, ram: RAMFile, limits: PacketLimits, counters: TransferCounters, arrived: DirtyBitmap
+        id: Int, socket: Socket, ram: RAMFile, limits: PacketLimits, counters: TransferCounters, arrived: DirtyBitmap,
+        writeThrough: Bool = false
     ) throws(MigrationError) {
         decompressor =
             limits.compression == .none ? nil : try PacketDecompressor(method: limits.compression, pageSize: Int(limits.pageSize))
@@ -66,6 +76,8 @@ final class PacketReceiver: @unchecked Sendable {
         rawOffsets = .allocate(byteCount: MultiFDPacketHeader.maxPages * 8, alignment: 8)
         offsets = .allocate(capacity: MultiFDPacketHeader.maxPages)
         iov = .allocate(capacity: MultiFDPacketHeader.maxPages)
+        bounce =
+            writeThrough ? .allocate(byteCount: MultiFDPacketHeader.maxPages * Int(limits.pageSize), alignment: 4096) : nil
     }
 
     deinit {
@@ -73,6 +85,7 @@ final class PacketReceiver: @unchecked Sendable {
         rawOffsets.deallocate()
         offsets.deallocate()
         iov.deallocate()
+        bounce?.deallocate()
     }
 
     /// The receiver thread's loop.
@@ -123,6 +136,9 @@ final class PacketReceiver: @unchecked Sendable {
                 }
                 counters.add(counters.compressedPages, UInt64(normal))
                 counters.add(counters.compressedBytes, UInt64(h.payloadSize))
+            } else if normal > 0, let bounce {
+                try socket.receiveExact(bounce, count: Int(h.payloadSize), what: "reading page data on channel \(id)")
+                try writePages(from: bounce, normal: normal)
             } else if normal > 0 {
                 try receivePageData(h, normal: normal)
             }
@@ -152,6 +168,22 @@ final class PacketReceiver: @unchecked Sendable {
     /// Uncompressed pages: every offset is known to be page-aligned and
     /// inside the block, so the payload is read straight into the mapping
     /// through a gather list.
+    /// pwrite each run of adjacent pages (validated offsets) from `buffer`.
+    private func writePages(from buffer: UnsafeRawPointer, normal: Int) throws(MigrationError) {
+        let pageSize = Int(limits.pageSize)
+        var start = 0
+        while start < normal {
+            var end = start + 1
+            while end < normal, offsets[end] == offsets[end - 1] + UInt64(pageSize) { end += 1 }
+            do {
+                try ram.write(from: buffer + start * pageSize, offset: offsets[start], length: (end - start) * pageSize)
+            } catch {
+                throw MigrationError(error)
+            }
+            start = end
+        }
+    }
+
     private func receivePageData(_ h: MultiFDPacketHeader, normal: Int) throws(SocketError) {
         let pageSize = Int(limits.pageSize)
         var n = 0

@@ -259,6 +259,24 @@ struct RAMFileTests {
         }
     }
 
+    @Test func writeAndReadGoThroughTheFileAndAgreeWithTheMapping() throws {
+        try Self.withTempDir { dir in
+            let ram = try RAMFile.create(path: Self.path(dir.appendingPathComponent("ram")), size: Self.oneMiB, pageSize: Self.pageSize)
+            let bytes: [UInt8] = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+            try bytes.withUnsafeBytes { b in try ram.write(from: b.baseAddress!, offset: 3 * 4096, length: b.count) }
+            // The mapping sees the write (one page cache)...
+            #expect((0..<8192).allSatisfy { ram.base.load(fromByteOffset: 3 * 4096 + $0, as: UInt8.self) == bytes[$0] })
+            // ...and read returns it, without the mapping.
+            var back = [UInt8](repeating: 0, count: 8192)
+            let ok = back.withUnsafeMutableBytes { ram.read(into: $0.baseAddress!, offset: 3 * 4096, length: 8192) }
+            #expect(ok && back == bytes)
+            // Past the end of the file there is nothing to read.
+            var tail = [UInt8](repeating: 0, count: 4096)
+            let past = tail.withUnsafeMutableBytes { ram.read(into: $0.baseAddress!, offset: Self.oneMiB, length: 4096) }
+            #expect(!past)
+        }
+    }
+
     // MARK: - page tables
 
     /// Whether this process's page table maps the page at `address`
