@@ -58,7 +58,11 @@ struct SendCommand: ParsableCommand {
     var events: String?
 
     func validate() throws {
-        _ = try parseAddress(to, option: "--to")
+        let address = try parseAddress(to, option: "--to")
+        if zerocopy, case .unix = address {
+            // The kernel refuses SENDMSG_ZC on Unix sockets (EOPNOTSUPP).
+            throw ValidationError("--zerocopy needs a TCP destination; Unix sockets do not support zero-copy sends")
+        }
         guard parseDuration(downtimeLimit) != nil else {
             throw ValidationError("--downtime-limit: '\(downtimeLimit)' is not a duration (e.g. 300ms)")
         }

@@ -323,6 +323,7 @@ struct FailureTests {
             ["send", "--ram", "x", "--to", "unix:/tmp/x", "--compress", "zstd:99"],
             ["send", "--ram", "x", "--to", "unix:/tmp/x", "--compress", "zstd:fast"],
             ["send", "--ram", "x", "--to", "unix:/tmp/x", "--compress", "none:1"],
+            ["send", "--ram", "x", "--to", "unix:/tmp/x", "--zerocopy"],
         ])
     func usage(_ args: [String]) throws {
         let r = try livemig(args)
