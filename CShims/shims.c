@@ -63,7 +63,9 @@ void lm_fault_in_windows(const void *base, const uint64_t *offsets, size_t count
     const volatile uint8_t *b = (const volatile uint8_t *)base;
     uint64_t last = UINT64_MAX;
     for (size_t i = 0; i < count; i++) {
-        uint64_t w = offsets[i] / window;
+        // The kernel aligns its window on the virtual address, and a
+        // mapping need not start on a window boundary.
+        uint64_t w = ((uintptr_t)base + offsets[i]) / window;
         if (w == last) continue;
         last = w;
         (void)b[offsets[i]];

@@ -44,12 +44,6 @@ public final class RAMFile: @unchecked Sendable {
         path: FilePath, access: Access, pageSize: UInt64 = RAMBlock.hostPageSize,
         blockName: String = RAMBlock.defaultName
     ) throws(GuestMemoryError) {
-        try self.init(path: path, access: access, pageSize: pageSize, blockName: blockName, createdEmpty: false)
-    }
-
-    private init(
-        path: FilePath, access: Access, pageSize: UInt64, blockName: String, createdEmpty: Bool
-    ) throws(GuestMemoryError) {
         let mode: FileDescriptor.AccessMode = access == .readOnly ? .readOnly : .readWrite
         let fd: FileDescriptor
         do {
@@ -58,6 +52,15 @@ public final class RAMFile: @unchecked Sendable {
             let e = (error as? Errno) ?? .ioError
             throw GuestMemoryError(Self.openFailure(path, e), errno: e)
         }
+        try self.init(fd: fd, path: path, access: access, pageSize: pageSize, blockName: blockName, createdEmpty: false)
+    }
+
+    /// Maps the open `fd` (owned from here on: closed on failure or in
+    /// deinit). `create` passes the descriptor it checked and sized, so
+    /// `createdEmpty` speaks of the very file that gets mapped.
+    private init(
+        fd: FileDescriptor, path: FilePath, access: Access, pageSize: UInt64, blockName: String, createdEmpty: Bool
+    ) throws(GuestMemoryError) {
         do {
             let size = try Self.fileSize(fd, path)
             try Self.checkGeometry(path: path, size: size, pageSize: pageSize)
@@ -91,18 +94,24 @@ public final class RAMFile: @unchecked Sendable {
             let e = (error as? Errno) ?? .ioError
             throw GuestMemoryError(openFailure(path, e), errno: e)
         }
-        defer { try? fd.close() }
-        let existing = try fileSize(fd, path)
-        if existing == 0 {
-            if ftruncate(fd.rawValue, off_t(size)) != 0 {
-                let e = Errno(rawValue: Glibc.errno)
-                throw GuestMemoryError("cannot size RAM file \(path) to \(size) bytes: \(e)", errno: e)
+        let existing: UInt64
+        do throws(GuestMemoryError) {
+            existing = try fileSize(fd, path)
+            if existing == 0 {
+                if ftruncate(fd.rawValue, off_t(size)) != 0 {
+                    let e = Errno(rawValue: Glibc.errno)
+                    throw GuestMemoryError("cannot size RAM file \(path) to \(size) bytes: \(e)", errno: e)
+                }
+            } else if existing != size {
+                throw GuestMemoryError(
+                    "RAM file \(path) is \(existing) bytes but \(size) are needed; remove it or give a file of that size")
             }
-        } else if existing != size {
-            throw GuestMemoryError(
-                "RAM file \(path) is \(existing) bytes but \(size) are needed; remove it or give a file of that size")
+        } catch {
+            try? fd.close()
+            throw error
         }
-        return try RAMFile(path: path, access: .readWrite, pageSize: pageSize, blockName: blockName, createdEmpty: existing == 0)
+        return try RAMFile(
+            fd: fd, path: path, access: .readWrite, pageSize: pageSize, blockName: blockName, createdEmpty: existing == 0)
     }
 
     deinit {

@@ -188,8 +188,10 @@ public final class MultiFDSend: Sendable {
             // Acquire: pairs with the store-release of `pendingJob = true` in
             // `handOff`, so the batches' offsets are visible here.
             if p.pendingJob.load(ordering: .acquiring) {
+                var released = false
                 do {
                     try transport.sendJob(p.job) { [channelsReady] in
+                        released = true
                         p.job.reset()
                         // Release: our reads of the job happen before the
                         // migration thread reuses it. Pairs with the
@@ -201,6 +203,9 @@ public final class MultiFDSend: Sendable {
                     latch.failDeferringToPeer(error)
                     return
                 }
+                // A transport that returns without releasing would lose this
+                // channel for good (and, with every channel, hang `handOff`).
+                precondition(released, "transport for channel \(p.id) returned without releasing its job")
             } else if p.pendingSync.load(ordering: .relaxed) {
                 do {
                     try transport.sendSync()
@@ -211,8 +216,10 @@ public final class MultiFDSend: Sendable {
                 p.pendingSync.store(false, ordering: .relaxed)
                 // The SYNC packet is written after every batch of this
                 // channel: the semaphore orders it before `sync()` resumes.
-                p.semSync.signal()
+                // channelsReady first: once `sync()` has its N semSync
+                // posts, every channel's ready post for its SYNC is in too.
                 channelsReady.signal()
+                p.semSync.signal()
             } else {
                 preconditionFailure("sender \(p.id) woke with neither a job nor a sync")
             }

@@ -29,10 +29,12 @@ final class RoundBarrier: Sendable {
 
 /// One destination channel: reads packets, validates all of each header and
 /// offset array before touching memory, then receives page data straight
-/// into the destination mapping (no intermediate buffer). A compressed
-/// packet is read into this channel's frame buffer and decoded into its page
-/// buffer first; its pages are copied into the mapping only once the frame
-/// has decoded to exactly the packet's pages (`PacketDecompressor`).
+/// into the destination mapping (no intermediate buffer) when it was
+/// pre-faulted, or into a buffer of this channel and from there into the
+/// file with pwrite (`writeThrough`). A compressed packet is read into this
+/// channel's frame buffer and decoded into its page buffer first; its pages
+/// are copied into the mapping (or written into the file) only once the
+/// frame has decoded to exactly the packet's pages (`PacketDecompressor`).
 final class PacketReceiver: @unchecked Sendable {
     // @unchecked: used by its own receiver thread only, after being built on
     // the main thread (thread start orders the two).
@@ -49,7 +51,10 @@ final class PacketReceiver: @unchecked Sendable {
     private let iov: UnsafeMutablePointer<iovec>
     /// This channel's zstd context and buffers, when the source compresses.
     private let decompressor: PacketDecompressor?
-    /// With `writeThrough`: 128 pages where page data lands before pwrite.
+    /// Page data goes into the file with pwrite, not through the mapping.
+    private let writeThrough: Bool
+    /// With `writeThrough` and no compression: 128 pages where page data
+    /// lands before pwrite.
     private let bounce: UnsafeMutableRawPointer?
     private var expectedPacket: UInt64 = 0
 
@@ -76,8 +81,12 @@ final class PacketReceiver: @unchecked Sendable {
         rawOffsets = .allocate(byteCount: MultiFDPacketHeader.maxPages * 8, alignment: 8)
         offsets = .allocate(capacity: MultiFDPacketHeader.maxPages)
         iov = .allocate(capacity: MultiFDPacketHeader.maxPages)
+        self.writeThrough = writeThrough
+        // A compressed packet decodes into the decompressor's pages, which
+        // serve as the buffer: no bounce buffer then.
         bounce =
-            writeThrough ? .allocate(byteCount: MultiFDPacketHeader.maxPages * Int(limits.pageSize), alignment: 4096) : nil
+            writeThrough && decompressor == nil
+            ? .allocate(byteCount: MultiFDPacketHeader.maxPages * Int(limits.pageSize), alignment: 4096) : nil
     }
 
     deinit {
@@ -130,9 +139,13 @@ final class PacketReceiver: @unchecked Sendable {
                 // The header check bounded payload-size by the frame buffer.
                 try socket.receiveExact(decompressor.frame, count: Int(h.payloadSize), what: "reading compressed pages on channel \(id)")
                 try decompressor.decode(h, limits: limits)
-                // Decoded and checked: only now does the mapping change.
-                for i in 0..<normal {
-                    (ram.base + Int(offsets[i])).copyMemory(from: decompressor.page(i), byteCount: pageSize)
+                // Decoded and checked: only now does the file change.
+                if writeThrough {
+                    try writePages(from: decompressor.pages, normal: normal)
+                } else {
+                    for i in 0..<normal {
+                        (ram.base + Int(offsets[i])).copyMemory(from: decompressor.page(i), byteCount: pageSize)
+                    }
                 }
                 counters.add(counters.compressedPages, UInt64(normal))
                 counters.add(counters.compressedBytes, UInt64(h.payloadSize))
@@ -165,10 +178,9 @@ final class PacketReceiver: @unchecked Sendable {
         counters.add(counters.multifdBytes, UInt64(MultiFDPacketHeader.size + total * 8) + UInt64(h.payloadSize))
     }
 
-    /// Uncompressed pages: every offset is known to be page-aligned and
-    /// inside the block, so the payload is read straight into the mapping
-    /// through a gather list.
-    /// pwrite each run of adjacent pages (validated offsets) from `buffer`.
+    /// Writes the packet's normal pages, laid out one after the other in
+    /// `buffer`, into the file: one pwrite per run of adjacent pages (the
+    /// offsets are validated).
     private func writePages(from buffer: UnsafeRawPointer, normal: Int) throws(MigrationError) {
         let pageSize = Int(limits.pageSize)
         var start = 0
@@ -184,6 +196,9 @@ final class PacketReceiver: @unchecked Sendable {
         }
     }
 
+    /// Uncompressed pages: every offset is known to be page-aligned and
+    /// inside the block, so the payload is read straight into the mapping
+    /// through a gather list.
     private func receivePageData(_ h: MultiFDPacketHeader, normal: Int) throws(SocketError) {
         let pageSize = Int(limits.pageSize)
         var n = 0

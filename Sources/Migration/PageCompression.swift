@@ -151,6 +151,14 @@ final class PacketDecompressor {
     /// to the mapping here.
     func decode(_ h: MultiFDPacketHeader, limits: PacketLimits) throws(WireError) {
         let payload = Int(h.payloadSize), expected = h.pagesSize(limits: limits)
+        // A zstd frame of today's format (magic 28 B5 2F FD) and nothing
+        // else: libzstd would also run its legacy decoders (v0.5, v0.7
+        // magics) on bytes from the wire, an attack surface we do not need.
+        guard payload >= 4, UInt32(littleEndian: frame.loadUnaligned(as: UInt32.self)) == 0xFD2F_B528 else {
+            throw h.payloadError(
+                field: "payload", value: "\(payload) bytes", reason: "not a zstd frame (its magic number must be 28 B5 2F FD)",
+                limits: limits)
+        }
         let frameSize = lm_zstd_frame_size(frame, payload)
         if lm_zstd_is_error(frameSize) {
             throw h.payloadError(

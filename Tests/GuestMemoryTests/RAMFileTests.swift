@@ -319,7 +319,8 @@ struct RAMFileTests {
             let url = dir.appendingPathComponent("ram")
             try Self.writeFile(url, bytes: 1 << 20)
             let ram = try RAMFile(path: Self.path(url), access: .readOnly, pageSize: Self.pageSize)
-            // Pages 1..5 share the first 64 KiB window, 40 is in the third.
+            // Pages 1..5 are close together, 40 is further on: at most two
+            // touches (the mapping need not be window-aligned) for 1..5.
             let pages: [UInt64] = [1, 2, 3, 4, 5, 40]
             let offsets = pages.map { $0 * Self.pageSize }
             lm_fault_in_windows(ram.base, offsets, offsets.count, 64 << 10)

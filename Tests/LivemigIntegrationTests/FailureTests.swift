@@ -86,10 +86,12 @@ struct FailureTests {
         }
     }
 
-    func handshake(dstSize: Int, fill: UInt8 = 0x77, channels: Int, compression: CompressionMethod = .none) throws -> FakeSource {
+    /// `fill: nil` leaves the destination file absent: the receiver creates
+    /// it when the layout arrives.
+    func handshake(dstSize: Int, fill: UInt8? = 0x77, channels: Int, compression: CompressionMethod = .none) throws -> FakeSource {
         let scratch = try Scratch()
         let dst = scratch.path("dst.ram")
-        try writeFilled(dst, bytes: dstSize, value: fill)
+        if let fill { try writeFilled(dst, bytes: dstSize, value: fill) }
         let addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
         let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr.description, "--channels", "\(channels)"])
         #expect(receiver.waitForStderr("listening"))
@@ -204,6 +206,37 @@ struct FailureTests {
         let r = receiver.wait(timeout: 15)
         #expect(r.status == 0, "\(r.stderr)")
         #expect(try Data(contentsOf: URL(fileURLWithPath: dst)) == Data(count: 4096), "the zero page made the destination zero")
+    }
+
+    @Test("a page sent with data in round 1 and as zero in round 2 ends zero in a file the receiver created")
+    func dataThenZeroIntoCreatedFile() throws {
+        let f = try handshake(dstSize: 2 * 4096, fill: nil, channels: 2)
+        let ch0 = try f.channel(0, of: 2), ch1 = try f.channel(1, of: 2)
+        func sync(_ number: UInt64) -> [UInt8] {
+            var b = [UInt8](repeating: 0, count: MultiFDPacketHeader.size)
+            b.withUnsafeMutableBytes { p in
+                MultiFDPacketHeader(flags: .sync, normalCount: 0, zeroCount: 0, payloadSize: 0, packetNumber: number, blockID: 0)
+                    .encode(to: p.baseAddress!)
+            }
+            return b
+        }
+        // Round 1: page 0 with data on channel 0, page 1 zero on channel 1.
+        try ch0.sendAll(header(normal: 1, zero: 0, payload: 4096, number: 0, offsets: [0]) + [UInt8](repeating: 0xAB, count: 4096))
+        try ch1.sendAll(header(normal: 0, zero: 1, payload: 0, number: 0, offsets: [4096]))
+        try ch0.sendAll(sync(1))
+        try ch1.sendAll(sync(1))
+        try f.main.sendAll(MainMessage.endOfRound(round: 1).encoded())
+        // Round 2: page 0 is zero now, and comes on the other channel. The
+        // receiver must not take it for a never-written hole.
+        try ch1.sendAll(header(normal: 0, zero: 1, payload: 0, number: 2, offsets: [0]))
+        try ch0.sendAll(sync(2))
+        try ch1.sendAll(sync(3))
+        try f.main.sendAll(MainMessage.endOfRound(round: 2).encoded())
+        try f.main.sendAll(MainMessage.complete(CompletionSummary(rounds: 2, normalPages: 1, zeroPages: 2, packets: 3)).encoded())
+        #expect(try f.ctl.next() == .completed)
+        let r = f.receiver.wait(timeout: 15)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: f.dst)) == Data(count: 2 * 4096), "page 0 kept round 1's data")
     }
 
     @Test("RAM size mismatch: both sides fail with the sizes")

@@ -16,11 +16,14 @@ final class RecordingTransport: ChannelTransport, @unchecked Sendable {
     var events: [Event] = []
     let jitter: Bool
     let failAfter: Int?
+    /// Fail like a real write does: after releasing the job, with this kind.
+    let failAfterRelease: (events: Int, kind: MigrationError.Kind)?
     private var rng: UInt64
 
-    init(seed: UInt64, jitter: Bool = true, failAfter: Int? = nil) {
+    init(seed: UInt64, jitter: Bool = true, failAfter: Int? = nil, failAfterRelease: (events: Int, kind: MigrationError.Kind)? = nil) {
         self.jitter = jitter
         self.failAfter = failAfter
+        self.failAfterRelease = failAfterRelease
         rng = seed | 1
     }
 
@@ -33,6 +36,9 @@ final class RecordingTransport: ChannelTransport, @unchecked Sendable {
             events.append(.batch(Array(UnsafeBufferPointer(start: pages.offsets, count: pages.count))))
         }
         release()
+        if let f = failAfterRelease, events.count >= f.events {
+            throw MigrationError(f.kind, "test transport's write fails after \(f.events) events")
+        }
         // Stalling after the release lets the next job queue behind this one.
         maybeStall()
     }
@@ -152,6 +158,33 @@ struct MultiFDSendTests {
         pool.finish()
         #expect(thrown != nil, "the failure reaches the migration thread")
         #expect(thrown?.description.contains("fails after 3") == true)
+        #expect(latch.hasFailed)
+    }
+
+    @Test("a write failing after its job was released stops the migration thread without a hang", arguments: [false, true])
+    func failingAfterRelease(peer: Bool) throws {
+        // A peer error makes the sender wait for the peer's own report
+        // first (FailureLatch): meanwhile the migration thread may hand the
+        // dead channel more work, or sit in sync().
+        let kind: MigrationError.Kind = peer ? .peer : .local
+        let transports = [RecordingTransport(seed: 1), RecordingTransport(seed: 2, failAfterRelease: (5, kind))]
+        let latch = FailureLatch()
+        let pool = MultiFDSend(transports: transports, latch: latch)
+        var pages = MultiFDPages()
+        var thrown: MigrationError?
+        do {
+            for round in 0..<50 {
+                for i in 0..<64 {
+                    pages.append(offset: UInt64(round * 64 + i) * 4096, block: 0)
+                    if pages.isFull || i == 63 { try pool.send(&pages) }
+                }
+                try pool.sync()
+            }
+        } catch {
+            thrown = error
+        }
+        pool.finish()
+        #expect(thrown?.description.contains("fails after 5") == true, "\(String(describing: thrown))")
         #expect(latch.hasFailed)
     }
 

@@ -131,7 +131,22 @@ struct PageCompressionTests {
     @Test func notAFrameIsRefused() {
         let e = #expect(throws: WireError.self) { _ = try Self.decode(Array("definitely not zstd".utf8), normal: 1) }
         #expect(e?.field == "payload")
-        #expect(e?.reason.contains("not one whole zstd frame") == true, "\(String(describing: e))")
+        #expect(e?.reason.contains("not a zstd frame") == true, "\(String(describing: e))")
+    }
+
+    @Test func legacyFormatFramesAreRefusedBeforeLibzstdSeesThem() throws {
+        // A valid frame with its magic turned into v0.7's (0xFD2FB527, the
+        // legacy decoders libzstd 1.5 still carries) and v0.5's.
+        let f = try Self.frame(of: Self.samplePages(2, seed: 9))
+        for legacy: UInt8 in [0x27, 0x25] {
+            var old = f
+            old[0] = legacy
+            let e = #expect(throws: WireError.self) { _ = try Self.decode(old, normal: 2) }
+            #expect(e?.reason.contains("magic number") == true, "\(String(describing: e))")
+        }
+        // A frame shorter than the magic itself.
+        let e = #expect(throws: WireError.self) { _ = try Self.decode([0x28, 0xB5], normal: 1) }
+        #expect(e?.field == "payload")
     }
 
     @Test func truncatedFrameIsRefused() throws {
