@@ -134,6 +134,15 @@ public final class RAMFile: @unchecked Sendable {
         }
     }
 
+    /// Drops this process's page-table entries for `length` bytes at
+    /// `offset` (page-aligned) with `MADV_DONTNEED`, on the calling thread.
+    /// The data stays in the file; a later access faults the pages back in.
+    public func dropPageTables(offset: UInt64, length: Int) {
+        precondition(offset % block.pageSize == 0 && offset + UInt64(length) <= block.size)
+        // Best effort: on failure munmap does the work instead.
+        _ = madvise(base + Int(offset), length, MADV_DONTNEED)
+    }
+
     /// Drops this process's page-table entries for the whole mapping with
     /// `MADV_DONTNEED`, in `threads` slices on as many threads, and waits.
     ///

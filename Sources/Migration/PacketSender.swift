@@ -127,8 +127,18 @@ public final class PacketSender: ChannelTransport {
         }
         // Everything the write needs is in our own prefixes and iovecs now.
         let packets = job.count
+        let span = contiguousSpan(job)
         release()
         try write(iovCount: iovCount, total: total)
+        // The kernel has copied the pages: drop their page-table entries
+        // now, on this channel's thread, rather than all at the end. Tearing
+        // 1 GiB of them down after the last round took 31–54 ms on the
+        // critical path here (the destination tears its own down at the
+        // same moment); spread over the rounds it costs the transfer less:
+        // warm 1 GiB random send 275 -> 258 ms (9 alternating runs). Only a
+        // job covering one contiguous span (bulk rounds): scattered pages
+        // would cost a syscall per run. A page needed again faults back in.
+        if let span { ram.dropPageTables(offset: span.start, length: span.length) }
         counters.add(counters.normalPages, UInt64(normalPages))
         counters.add(counters.zeroPages, UInt64(zeroPages))
         counters.add(counters.packets, UInt64(packets))
@@ -136,6 +146,22 @@ public final class PacketSender: ChannelTransport {
             counters.add(counters.compressedPages, UInt64(normalPages))
             counters.add(counters.compressedBytes, UInt64(compressedBytes))
         }
+    }
+
+    /// The job's pages as one span of the block, when they are exactly the
+    /// pages of one contiguous range (in any order).
+    private func contiguousSpan(_ job: MultiFDJob) -> (start: UInt64, length: Int)? {
+        var lo = UInt64.max, hi: UInt64 = 0, n = 0
+        for b in 0..<job.count {
+            let pages = job.batches[b]
+            for i in 0..<pages.count {
+                lo = min(lo, pages.offsets[i])
+                hi = max(hi, pages.offsets[i])
+            }
+            n += pages.count
+        }
+        guard n > 0, Int(hi - lo) / pageSize + 1 == n else { return nil }
+        return (lo, n * pageSize)
     }
 
     /// The zstd level, when this channel compresses.
