@@ -158,14 +158,12 @@ public final class RAMFile: @unchecked Sendable {
         let pageSize = Int(block.pageSize)
         let pages = Int(block.size) / pageSize
         let per = (pages + threads - 1) / threads
-        let base = UInt(bitPattern: self.base)
         let workers = (0..<threads).compactMap { i -> WorkerThread? in
             let first = i * per
             let count = min(per, pages - first)
             guard count > 0 else { return nil }
-            return WorkerThread(name: "ram/drop/\(i)") {
-                // Best effort: on failure munmap does the work instead.
-                _ = madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(first * pageSize)), count * pageSize, MADV_DONTNEED)
+            return WorkerThread(name: "ram/drop/\(i)") { [self] in
+                dropPageTables(offset: UInt64(first * pageSize), length: count * pageSize)
             }
         }
         for w in workers { w.join() }

@@ -97,3 +97,27 @@ public final class MultiFDJob: @unchecked Sendable {
         count = 0
     }
 }
+
+/// The maximal runs of adjacent pages in an offset array, in order: each
+/// run is a range of indices whose offsets follow one another page by page.
+/// What a single pread, pwrite or madvise can cover.
+struct PageRuns: Sequence, IteratorProtocol {
+    private let offsets: UnsafePointer<UInt64>
+    private let count: Int
+    private let pageSize: UInt64
+    private var start = 0
+
+    init(_ offsets: UnsafePointer<UInt64>, count: Int, pageSize: UInt64) {
+        self.offsets = offsets
+        self.count = count
+        self.pageSize = pageSize
+    }
+
+    mutating func next() -> Range<Int>? {
+        guard start < count else { return nil }
+        var end = start + 1
+        while end < count, offsets[end] == offsets[end - 1] + pageSize { end += 1 }
+        defer { start = end }
+        return start..<end
+    }
+}

@@ -183,16 +183,12 @@ final class PacketReceiver: @unchecked Sendable {
     /// offsets are validated).
     private func writePages(from buffer: UnsafeRawPointer, normal: Int) throws(MigrationError) {
         let pageSize = Int(limits.pageSize)
-        var start = 0
-        while start < normal {
-            var end = start + 1
-            while end < normal, offsets[end] == offsets[end - 1] + UInt64(pageSize) { end += 1 }
+        for run in PageRuns(offsets, count: normal, pageSize: limits.pageSize) {
             do {
-                try ram.write(from: buffer + start * pageSize, offset: offsets[start], length: (end - start) * pageSize)
+                try ram.write(from: buffer + run.lowerBound * pageSize, offset: offsets[run.lowerBound], length: run.count * pageSize)
             } catch {
                 throw MigrationError(error)
             }
-            start = end
         }
     }
 

@@ -64,13 +64,9 @@ final class ZeroPageScan {
     /// Reads each run of adjacent pages with one pread. False (nothing
     /// decided) when a read fails: the caller scans in place instead.
     private func scanByRead(_ pages: MultiFDPages) -> Bool {
-        var start = 0
-        while start < pages.count {
-            var end = start + 1
-            while end < pages.count, pages.offsets[end] == pages.offsets[end - 1] + UInt64(pageSize) { end += 1 }
-            guard ram.read(into: buffer, offset: pages.offsets[start], length: (end - start) * pageSize) else { return false }
-            for i in start..<end { isZero[i] = lm_buffer_is_zero(buffer + (i - start) * pageSize, pageSize) }
-            start = end
+        for run in PageRuns(pages.offsets, count: pages.count, pageSize: UInt64(pageSize)) {
+            guard ram.read(into: buffer, offset: pages.offsets[run.lowerBound], length: run.count * pageSize) else { return false }
+            for i in run { isZero[i] = lm_buffer_is_zero(buffer + (i - run.lowerBound) * pageSize, pageSize) }
         }
         return true
     }

@@ -34,16 +34,6 @@ struct ZeroPageScanTests {
         try body(try RAMFile(path: FilePath(url.path), access: .readOnly))
     }
 
-    /// Whether this process's page table maps `address` (pagemap bit 63).
-    static func isMapped(_ address: UnsafeRawPointer) throws -> Bool {
-        let fd = open("/proc/self/pagemap", O_RDONLY)
-        try #require(fd >= 0)
-        defer { close(fd) }
-        var entry: UInt64 = 0
-        try #require(pread(fd, &entry, 8, off_t(UInt(bitPattern: address) / 4096 * 8)) == 8)
-        return entry >> 63 == 1
-    }
-
     static func batch(_ pages: [Int]) -> MultiFDPages {
         let b = MultiFDPages()
         for p in pages { b.append(offset: UInt64(p * pageSize), block: 0) }
@@ -60,10 +50,10 @@ struct ZeroPageScanTests {
             scan.scan(first)
             #expect((0..<128).allSatisfy { scan.isZero[$0] })
             // Scanned in place: the pages are mapped now.
-            let firstMapped = try Self.isMapped(ram.base + 5 * Self.pageSize)
+            let firstMapped = try isPageMapped(ram.base + 5 * Self.pageSize)
             #expect(firstMapped)
             // Far from the first batch: not mapped by its faults' fault-around.
-            let before = try Self.isMapped(ram.base + 200 * Self.pageSize)
+            let before = try isPageMapped(ram.base + 200 * Self.pageSize)
             #expect(!before)
 
             // The previous batch was all zero: this one is read with pread,
@@ -72,14 +62,14 @@ struct ZeroPageScanTests {
             let second = Self.batch(pages)
             scan.scan(second)
             for (i, p) in pages.enumerated() { #expect(scan.isZero[i] == !hasData(p), "page \(p)") }
-            let readMapped = try Self.isMapped(ram.base + 200 * Self.pageSize)
+            let readMapped = try isPageMapped(ram.base + 200 * Self.pageSize)
             #expect(!readMapped, "a zero page found by pread was mapped")
 
             // That batch was only 2/3 zero: the next one goes through the mapping.
             let third = Self.batch([200, 202])
             scan.scan(third)
             #expect(scan.isZero[0] && scan.isZero[1])
-            let thirdMapped = try Self.isMapped(ram.base + 200 * Self.pageSize)
+            let thirdMapped = try isPageMapped(ram.base + 200 * Self.pageSize)
             #expect(thirdMapped)
         }
     }
