@@ -9,16 +9,16 @@ import URing
 
 /// A sender channel's transport: turns each batch of a job into one multifd
 /// packet and writes the job's packets with a single gather write whose
-/// iovecs point into the guest mapping, or, with compression, into this
-/// channel's frame slots.
+/// iovecs point at the pages where `BatchReader` read them (its staging
+/// slots for runs of adjacent pages, the guest mapping for scattered
+/// pages), or, with compression, into this channel's frame slots.
 ///
-/// Hot path: no allocation. The headers, offset arrays, zero-page scratch
-/// and iovec array are allocated once here, and so is the compressor's
-/// state (`PacketCompressor`). Without compression no page data is copied
-/// in user space; with it, each normal page is copied once into the
-/// compressor's buffer (it must be: see `PacketCompressor.stage`). Zero-page
-/// detection (`ZeroPageScan`) reads each page once, in the mapping or, in
-/// mostly-zero memory, by pread; zero pages are never compressed.
+/// Hot path: no allocation. The headers, offset arrays, zero-page scratch,
+/// staging slots and iovec array are allocated once here, and so is the
+/// compressor's state (`PacketCompressor`). Each page is read once, by the
+/// `BatchReader`, which also finds the zero pages; zero pages are never
+/// sent or compressed. With compression each normal page is copied once
+/// more into the compressor's buffer (see `PacketCompressor.stage`).
 public final class PacketSender: ChannelTransport {
     private let ram: RAMFile
     private let writer: any StreamWriter
@@ -28,7 +28,7 @@ public final class PacketSender: ChannelTransport {
     private let prefixes: UnsafeMutableRawPointer
     private let jobCapacity: Int
     private let zeroScratch: UnsafeMutablePointer<UInt64>
-    private let zeroScan: ZeroPageScan
+    private let reader: BatchReader
     private let iov: UnsafeMutablePointer<iovec>
     /// This channel's zstd context and buffers, when the migration compresses.
     private let compressor: PacketCompressor?
@@ -54,7 +54,7 @@ public final class PacketSender: ChannelTransport {
         }
         prefixes = .allocate(byteCount: jobCapacity * MultiFDPacketHeader.maxPrefixSize, alignment: 8)
         zeroScratch = .allocate(capacity: MultiFDPages.capacity)
-        zeroScan = ZeroPageScan(ram: ram)
+        reader = BatchReader(ram: ram, slots: jobCapacity)
         // Per packet: its prefix and at most one iovec per page.
         iov = .allocate(capacity: jobCapacity * (MultiFDPages.capacity + 1))
     }
@@ -69,21 +69,18 @@ public final class PacketSender: ChannelTransport {
         precondition(job.count <= jobCapacity, "a job of \(job.count) batches exceeds this sender's \(jobCapacity)")
         var iovCount = 0, total = 0
         var normalPages = 0, zeroPages = 0, compressedBytes = 0
-        // Lowest and highest offset of the job: is it one contiguous span?
-        var low = UInt64.max, high: UInt64 = 0
         for b in 0..<job.count {
             let pages = job.batches[b]
-            zeroScan.scan(pages)
+            // Slot b: the job's staged batches must all live until its write.
+            reader.read(pages, slot: b)
             let prefix = prefixes + b * MultiFDPacketHeader.maxPrefixSize
             let prefixSlot = iovCount
             iovCount += 1
             var normal = 0, zero = 0, payload = 0
             for i in 0..<pages.count {
                 let off = pages.offsets[i]
-                let page = ram.base + Int(off)
-                low = min(low, off)
-                high = max(high, off)
-                if zeroScan.isZero[i] {
+                let page = reader.page(i, offset: off)
+                if reader.isZero[i] {
                     zeroScratch[zero] = off
                     zero += 1
                     continue
@@ -129,22 +126,10 @@ public final class PacketSender: ChannelTransport {
             normalPages += normal
             zeroPages += zero
         }
-        // Everything the write needs is in our own prefixes and iovecs now.
+        // Everything the write needs is in our own prefixes, slots and iovecs now.
         let packets = job.count
-        let jobPages = normalPages + zeroPages
-        // The job's pages are exactly the pages of one range (in any order).
-        let isOneSpan = jobPages > 0 && Int((high - low) / UInt64(pageSize)) + 1 == jobPages
         release()
         try write(iovCount: iovCount, total: total)
-        // The kernel has copied the pages: drop their page-table entries
-        // now, on this channel's thread, rather than all at the end. Tearing
-        // 1 GiB of them down after the last round took 31–54 ms on the
-        // critical path here (the destination tears its own down at the
-        // same moment); spread over the rounds it costs the transfer less:
-        // warm 1 GiB random send 275 -> 258 ms (9 alternating runs). Only a
-        // job covering one contiguous span (bulk rounds): scattered pages
-        // would cost a syscall per run. A page needed again faults back in.
-        if isOneSpan { ram.dropPageTables(offset: low, length: jobPages * pageSize) }
         counters.add(counters.normalPages, UInt64(normalPages))
         counters.add(counters.zeroPages, UInt64(zeroPages))
         counters.add(counters.packets, UInt64(packets))

@@ -1,0 +1,138 @@
+import Foundation
+import GuestMemory
+import SystemPackage
+import TestSupport
+import Testing
+
+@testable import Migration
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+@Suite("BatchReader")
+struct BatchReaderTests {
+    static let pageSize = 4096
+
+    /// A 1 MiB RAM file (256 pages) in a fresh directory on /dev/shm (tmpfs
+    /// keeps 4 KiB folios there, so what a fault maps is predictable): page
+    /// p is zero unless `data(p)`, then random.
+    static func withRAM(data: (Int) -> Bool, _ body: (RAMFile) throws -> Void) throws {
+        let dir = URL(fileURLWithPath: "/dev/shm/livemig-breader-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: false)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let url = dir.appendingPathComponent("ram")
+        var bytes = Data(count: 256 * pageSize)
+        var g = SplitMix64(seed: 77)
+        bytes.withUnsafeMutableBytes { b in
+            let words = b.bindMemory(to: UInt64.self)
+            for p in 0..<256 where data(p) {
+                for w in 0..<(pageSize / 8) { words[p * pageSize / 8 + w] = g.next() | 1 }
+            }
+        }
+        try bytes.write(to: url)
+        try body(try RAMFile(path: FilePath(url.path), access: .readOnly))
+    }
+
+    static func batch(_ pages: [Int]) -> MultiFDPages {
+        let b = MultiFDPages()
+        for p in pages { b.append(offset: UInt64(p * pageSize), block: 0) }
+        return b
+    }
+
+    /// Checks what the reader reports for `pages` (read last): the zero
+    /// flags, and that each page's bytes are the file's bytes (read with
+    /// pread, so the check itself maps nothing).
+    static func expectRead(_ reader: BatchReader, _ ram: RAMFile, _ pages: [Int], hasData: (Int) -> Bool) {
+        let file = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize)
+        defer { file.deallocate() }
+        for (i, p) in pages.enumerated() {
+            let offset = UInt64(p * pageSize)
+            #expect(reader.isZero[i] == !hasData(p), "page \(p)")
+            #expect(ram.read(into: file, offset: offset, length: pageSize))
+            let same = memcmp(reader.page(i, offset: offset), file, pageSize) == 0
+            #expect(same, "page \(p): bytes differ from the file's")
+        }
+    }
+
+    @Test("runs of adjacent pages are staged by pread and never mapped; scattered pages are read in place")
+    func stagedAndInPlace() throws {
+        // In 0..<128 every third page has data; 128..<256 all have data.
+        let hasData = { (p: Int) in p >= 128 || p % 3 == 0 }
+        try Self.withRAM(data: hasData) { ram in
+            let reader = BatchReader(ram: ram, slots: 2)
+
+            // Two runs of 60 and 67 pages (a gap at 60): staged in slot 0.
+            let bulk = Array(0..<60) + Array(61..<128)
+            reader.read(Self.batch(bulk), slot: 0)
+            #expect(reader.staged != nil)
+            Self.expectRead(reader, ram, bulk, hasData: hasData)
+            for p in [0, 3, 59, 61, 127] {
+                let mapped = try isPageMapped(ram.base + p * Self.pageSize)
+                #expect(!mapped, "staged page \(p) was mapped")
+            }
+
+            // 16 single pages (runs of 1, fewer than 8 pages per run on
+            // average), after a batch that was not mostly zero: in place.
+            let scattered = (0..<16).map { 130 + 7 * $0 }
+            reader.read(Self.batch(scattered), slot: 1)
+            #expect(reader.staged == nil)
+            Self.expectRead(reader, ram, scattered, hasData: hasData)
+            #expect(reader.page(0, offset: UInt64(130 * Self.pageSize)) == ram.base + 130 * Self.pageSize)
+            let inPlaceMapped = try isPageMapped(ram.base + 130 * Self.pageSize)
+            #expect(inPlaceMapped)
+
+            // 8 runs of 8 pages: exactly long enough to stage.
+            let runsOf8 = (0..<8).flatMap { r in (0..<8).map { 128 + 16 * r + $0 } }
+            reader.read(Self.batch(runsOf8), slot: 1)
+            #expect(reader.staged != nil)
+            Self.expectRead(reader, ram, runsOf8, hasData: hasData)
+        }
+    }
+
+    @Test("each slot keeps its batch until that slot is read into again")
+    func slotsAreIndependent() throws {
+        try Self.withRAM(data: { $0 % 2 == 0 }) { ram in
+            let reader = BatchReader(ram: ram, slots: 2)
+            let first = Array(0..<128), second = Array(128..<256)
+            reader.read(Self.batch(first), slot: 0)
+            let slot0 = try #require(reader.staged)
+            reader.read(Self.batch(second), slot: 1)
+            let slot1 = try #require(reader.staged)
+            #expect(slot0 != slot1)
+            // Slot 0 still holds the first batch, byte for byte (and its
+            // pages differ from the second batch's: odd pages are zero).
+            for i in [0, 2, 77, 126] {
+                let same = memcmp(slot0 + i * Self.pageSize, ram.base + i * Self.pageSize, Self.pageSize) == 0
+                #expect(same, "slot 0, page \(i)")
+            }
+        }
+    }
+
+    @Test("a mostly-zero batch makes the next scattered batch read by pread, so its zero pages stay unmapped")
+    func mostlyZeroStagesScatteredPages() throws {
+        // Pages 0..<128 all zero; in 128..<256 every third page has data.
+        let hasData = { (p: Int) in p >= 128 && p % 3 == 0 }
+        try Self.withRAM(data: hasData) { ram in
+            let reader = BatchReader(ram: ram)
+            reader.read(Self.batch(Array(0..<128)))
+            #expect((0..<128).allSatisfy { reader.isZero[$0] })
+
+            // Scattered (runs of 1) but after an all-zero batch: staged.
+            let scattered = Array(stride(from: 129, to: 256, by: 2))
+            reader.read(Self.batch(scattered))
+            #expect(reader.staged != nil)
+            Self.expectRead(reader, ram, scattered, hasData: hasData)
+            let readMapped = try isPageMapped(ram.base + 201 * Self.pageSize)
+            #expect(!readMapped, "a page read by pread was mapped")
+
+            // That batch was only 2/3 zero: the next scattered one is read in place.
+            let third = [200, 203]
+            reader.read(Self.batch(third))
+            #expect(reader.staged == nil)
+            Self.expectRead(reader, ram, third, hasData: hasData)
+            let thirdMapped = try isPageMapped(ram.base + 200 * Self.pageSize)
+            #expect(thirdMapped)
+        }
+    }
+}
