@@ -17,7 +17,7 @@ BIN = os.path.join(ROOT, ".build", "release", "livemig")
 
 
 def build():
-    subprocess.run(["swift", "build", "-c", "release", "--product", "livemig"], cwd=ROOT, check=True,
+    subprocess.run(["swift", "build", "-c", "release", "--product", "livemig", "--static-swift-stdlib"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
 
 

@@ -87,7 +87,7 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     a = ap.parse_args()
     if not a.no_build:
-        subprocess.run(["swift", "build", "-c", "release", "--product", "livemig"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["swift", "build", "-c", "release", "--product", "livemig", "--static-swift-stdlib"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     size = a.size_mib << 20
     d = tempfile.mkdtemp(dir="/dev/shm", prefix="livemig-bench-live-")
     ok = True

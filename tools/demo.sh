@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
-swift build -c release --product livemig >/dev/null
+swift build -c release --product livemig --static-swift-stdlib >/dev/null
 bin=$PWD/.build/release/livemig
 dir=$(mktemp -d /dev/shm/livemig-demo.XXXXXX 2>/dev/null || mktemp -d)
 pids=()
