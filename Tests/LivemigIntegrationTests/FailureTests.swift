@@ -53,15 +53,10 @@ struct FailureTests {
 
     @Test("garbage on the listener: receive fails naming the bad field")
     func garbageOnListener() throws {
-        let scratch = try Scratch()
-        let dst = scratch.path("dst.ram")
-        try writeFilled(dst, bytes: 1 << 20, value: 3)
-        let addr = "unix:" + scratch.path("s")
-        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr])
-        #expect(receiver.waitForStderr("listening"))
-        let s = try Socket.connect(to: try SocketAddress(parsing: addr), timeout: 5)
+        let receiver = try ListeningReceiver(size: 1 << 20, fill: 3)
+        let s = try receiver.connect()
         try s.sendAll(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n-garbage-garbage".utf8))
-        let r = receiver.wait(timeout: 15)
+        let r = receiver.process.wait(timeout: 15)
         #expect(r.status == 1, "\(r.stderr)")
         #expect(r.seconds < 10)
         #expect(r.stderr.contains("magic"), "\(r.stderr)")
@@ -70,17 +65,17 @@ struct FailureTests {
     /// A receiver, and a fake source that completed the handshake with it
     /// (hello and RAM layout accepted) and holds the main channel.
     struct FakeSource {
-        let scratch: Scratch
-        let dst: String
-        let addr: SocketAddress
-        let receiver: LivemigProcess
+        let listening: ListeningReceiver
         let session: SessionID
         let main: Socket
         let ctl: MainReader
 
+        var dst: String { listening.dst }
+        var receiver: LivemigProcess { listening.process }
+
         /// Opens multifd channel `id` and says its hello.
         func channel(_ id: UInt16, of count: UInt16) throws -> Socket {
-            let ch = try Socket.connect(to: addr, timeout: 5)
+            let ch = try listening.connect()
             try ch.sendAll(ChannelHello(session: session, kind: .multifd, channelID: id, channelCount: count).encoded())
             return ch
         }
@@ -89,21 +84,16 @@ struct FailureTests {
     /// `fill: nil` leaves the destination file absent: the receiver creates
     /// it when the layout arrives.
     func handshake(dstSize: Int, fill: UInt8? = 0x77, channels: Int, compression: CompressionMethod = .none) throws -> FakeSource {
-        let scratch = try Scratch()
-        let dst = scratch.path("dst.ram")
-        if let fill { try writeFilled(dst, bytes: dstSize, value: fill) }
-        let addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
-        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", addr.description, "--channels", "\(channels)"])
-        #expect(receiver.waitForStderr("listening"))
+        let listening = try ListeningReceiver(size: dstSize, fill: fill, channels: channels)
         let session = SessionID.random()
-        let main = try Socket.connect(to: addr, timeout: 5)
+        let main = try listening.connect()
         try main.sendAll(
             ChannelHello(session: session, kind: .main, channelID: 0, channelCount: UInt16(channels), compression: compression).encoded())
         let ctl = MainReader(main)
         #expect(try ctl.next() == .helloAccepted)
         try main.sendAll(MainMessage.ramLayout([RAMBlockLayout(name: "pc.ram", size: UInt64(dstSize), pageSize: 4096)]).encoded())
         #expect(try ctl.next() == .layoutAccepted)
-        return FakeSource(scratch: scratch, dst: dst, addr: addr, receiver: receiver, session: session, main: main, ctl: ctl)
+        return FakeSource(listening: listening, session: session, main: main, ctl: ctl)
     }
 
     /// A fake source that does a valid handshake, then writes `packet` on

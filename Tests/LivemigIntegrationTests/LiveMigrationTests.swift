@@ -53,6 +53,26 @@ struct LiveMigrationTests {
                 ["send", "--ram", src, "--to", addr, "--guest", srcCtl, "--format", "json", "--events", events] + extra, timeout: timeout)
         }
 
+        /// The whole successful live migration: starts a guest writing
+        /// `pattern` at `rate` and a receiver, runs `send` with `options`,
+        /// and expects send, receive and the source guest to succeed and the
+        /// destination RAM to equal the source RAM at the pause (both guests
+        /// are stopped then). Returns what `send` printed.
+        func migrateLive(pattern: String, rate: String, _ options: [String] = []) throws -> (
+            status: Int32, stdout: String, stderr: String, seconds: Double
+        ) {
+            try startGuest(pattern: pattern, rate: rate)
+            try startReceiver()
+            let sent = try send(options)
+            let recv = receiver!.wait()
+            let g = guest!.wait(timeout: 20)
+            #expect(sent.status == 0, "\(sent.stderr)")
+            #expect(recv.status == 0, "\(recv.stderr)")
+            #expect(g.status == 0 && g.stdout.contains("migrated"), "\(g.stdout) \(g.stderr)")
+            #expect(try filesEqual(src, dst), "destination RAM differs from the source RAM at the pause")
+            return sent
+        }
+
         /// Stops the source guest (SIGINT: it saves its state) and waits.
         func stopGuest() -> (status: Int32, stdout: String, stderr: String, seconds: Double)? {
             guard let g = guest else { return nil }
@@ -72,18 +92,9 @@ struct LiveMigrationTests {
     @Test("counter guest: destination equals the source at the pause, verifies, and resumes")
     func counterGuest() throws {
         let rig = try Rig()
-        try rig.startGuest(pattern: "counter", rate: "256MiB/s")
-        try rig.startReceiver()
-        let send = try rig.send()
-        let recv = rig.receiver!.wait()
-        let guest = rig.guest!.wait(timeout: 20)
-        #expect(send.status == 0, "\(send.stderr)")
-        #expect(recv.status == 0, "\(recv.stderr)")
-        #expect(guest.status == 0 && guest.stdout.contains("migrated"), "\(guest.stdout) \(guest.stderr)")
-
-        // Both guests are stopped: the source at the pause, the destination
-        // not resumed yet. Their RAM must be identical.
-        #expect(try filesEqual(rig.src, rig.dst), "destination RAM differs from the source RAM at the pause")
+        // Both guests are stopped after it: the source at the pause, the
+        // destination not resumed yet; their RAM was compared.
+        let send = try rig.migrateLive(pattern: "counter", rate: "256MiB/s")
         let vd = try verify(rig.dst, rig.dstCtl)
         #expect(vd.status == 0, "\(vd.stdout) \(vd.stderr)")
         #expect(try verify(rig.src, rig.srcCtl).status == 0)
@@ -115,16 +126,7 @@ struct LiveMigrationTests {
 
     @Test("random and hotset guests at a converging rate", arguments: ["random", "hotset:0.1"])
     func otherPatterns(_ pattern: String) throws {
-        let rig = try Rig()
-        try rig.startGuest(pattern: pattern, rate: "128MiB/s")
-        try rig.startReceiver()
-        let send = try rig.send()
-        let recv = rig.receiver!.wait()
-        let guest = rig.guest!.wait(timeout: 20)
-        #expect(send.status == 0, "\(send.stderr)")
-        #expect(recv.status == 0, "\(recv.stderr)")
-        #expect(guest.stdout.contains("migrated"))
-        #expect(try filesEqual(rig.src, rig.dst))
+        _ = try Rig().migrateLive(pattern: pattern, rate: "128MiB/s")
     }
 
     @Test("a guest faster than --max-bandwidth: fails cleanly without auto-converge, the guest keeps running")

@@ -1,6 +1,7 @@
 import Foundation
 import TestSupport
 import Testing
+import URing
 
 #if canImport(Glibc)
     import Glibc
@@ -170,6 +171,29 @@ func writeMixedImage(_ path: String, pages: Int, seed: UInt64) throws -> (zero: 
     }
     try data.write(to: URL(fileURLWithPath: path))
     return counts
+}
+
+/// A `livemig receive` listening on a Unix socket in a fresh scratch folder,
+/// for tests that then speak to it as a (fake or broken) source.
+struct ListeningReceiver {
+    let scratch: Scratch
+    let dst: String
+    let addr: SocketAddress
+    let process: LivemigProcess
+
+    /// `fill: nil` leaves the destination file absent (the receiver creates
+    /// it when the layout arrives); otherwise it is `size` bytes of `fill`.
+    init(size: Int, fill: UInt8? = 0x77, channels: Int? = nil) throws {
+        scratch = try Scratch()
+        dst = scratch.path("dst.ram")
+        if let fill { try writeFilled(dst, bytes: size, value: fill) }
+        addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
+        process = try LivemigProcess(
+            ["receive", "--ram", dst, "--listen", addr.description] + (channels.map { ["--channels", "\($0)"] } ?? []))
+        #expect(process.waitForStderr("listening"))
+    }
+
+    func connect() throws -> Socket { try Socket.connect(to: addr, timeout: 5) }
 }
 
 /// Writes `bytes` of a repeated byte: a destination "with other content".
