@@ -171,16 +171,24 @@ public final class RAMFile: @unchecked Sendable {
 
     /// Reads `length` bytes at `offset` of the file into `buffer` with
     /// pread(2): the bytes of the mapping, without mapping them (no fault,
-    /// no page-table entry to tear down later). False on an error or EOF.
-    public func read(into buffer: UnsafeMutableRawPointer, offset: UInt64, length: Int) -> Bool {
+    /// no page-table entry to tear down later). An error, or the end of the
+    /// file before `length` bytes (the file shrank under us), throws.
+    public func read(into buffer: UnsafeMutableRawPointer, offset: UInt64, length: Int) throws(GuestMemoryError) {
         var done = 0
         while done < length {
             let n = pread(fd.rawValue, buffer + done, length - done, off_t(offset) + off_t(done))
             if n < 0 && Glibc.errno == EINTR { continue }
-            if n <= 0 { return false }
+            if n < 0 {
+                let e = Errno(rawValue: Glibc.errno)
+                throw GuestMemoryError("cannot read RAM file \(path) at offset \(offset + UInt64(done)): \(e)", errno: e)
+            }
+            if n == 0 {
+                throw GuestMemoryError(
+                    "RAM file \(path) ends before offset \(offset + UInt64(done)): it is shorter than its \(block.size) bytes now; "
+                        + "something truncated it during the migration")
+            }
             done += n
         }
-        return true
     }
 
     /// Writes `length` bytes from `buffer` at `offset` of the file with

@@ -72,7 +72,11 @@ public final class PacketSender: ChannelTransport {
         for b in 0..<job.count {
             let pages = job.batches[b]
             // Slot b: the job's staged batches must all live until its write.
-            reader.read(pages, slot: b)
+            do {
+                try reader.read(pages, slot: b)
+            } catch {
+                throw MigrationError(error)
+            }
             let prefix = prefixes + b * MultiFDPacketHeader.maxPrefixSize
             let prefixSlot = iovCount
             iovCount += 1

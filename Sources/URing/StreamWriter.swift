@@ -5,9 +5,11 @@ import SystemPackage
     import Glibc
 #endif
 
-/// Sends a whole gather list (header + pointers into guest RAM) on one
-/// socket: the kernel copies straight from the buffers, we copy nothing.
-/// Short writes are resumed where they stopped.
+/// Sends a whole gather list (header + pointers into guest RAM or into the
+/// sender's staging slots) on one socket: the kernel copies straight from
+/// the buffers. Short writes are resumed where they stopped. `writeAll`
+/// returns only when the kernel is done with every buffer (the staging
+/// slots are reused by the next job right after).
 ///
 /// Owned by one sender thread; not thread-safe.
 public protocol StreamWriter: AnyObject {

@@ -268,13 +268,16 @@ struct RAMFileTests {
             // The mapping sees the write (one page cache)...
             #expect((0..<8192).allSatisfy { ram.base.load(fromByteOffset: 3 * 4096 + $0, as: UInt8.self) == bytes[$0] })
             // ...and read returns it, without the mapping.
-            var back = [UInt8](repeating: 0, count: 8192)
-            let ok = back.withUnsafeMutableBytes { ram.read(into: $0.baseAddress!, offset: 3 * 4096, length: 8192) }
-            #expect(ok && back == bytes)
-            // Past the end of the file there is nothing to read.
-            var tail = [UInt8](repeating: 0, count: 4096)
-            let past = tail.withUnsafeMutableBytes { ram.read(into: $0.baseAddress!, offset: Self.oneMiB, length: 4096) }
-            #expect(!past)
+            let back = UnsafeMutableRawBufferPointer.allocate(byteCount: 8192, alignment: 4096)
+            defer { back.deallocate() }
+            try ram.read(into: back.baseAddress!, offset: 3 * 4096, length: 8192)
+            #expect(Array(back) == bytes)
+            // Past the end of the file there is nothing to read: an error
+            // that says the file is shorter now.
+            let e = #expect(throws: GuestMemoryError.self) {
+                try ram.read(into: back.baseAddress!, offset: Self.oneMiB, length: 4096)
+            }
+            #expect(e?.description.contains("shorter") == true, "\(String(describing: e))")
         }
     }
 

@@ -49,7 +49,7 @@ struct BatchReaderTests {
         for (i, p) in pages.enumerated() {
             let offset = UInt64(p * pageSize)
             #expect(reader.isZero[i] == !hasData(p), "page \(p)")
-            #expect(ram.read(into: file, offset: offset, length: pageSize))
+            #expect(throws: Never.self) { try ram.read(into: file, offset: offset, length: pageSize) }
             let same = memcmp(reader.page(i, offset: offset), file, pageSize) == 0
             #expect(same, "page \(p): bytes differ from the file's")
         }
@@ -64,7 +64,7 @@ struct BatchReaderTests {
 
             // Two runs of 60 and 67 pages (a gap at 60): staged in slot 0.
             let bulk = Array(0..<60) + Array(61..<128)
-            reader.read(Self.batch(bulk), slot: 0)
+            try reader.read(Self.batch(bulk), slot: 0)
             #expect(reader.staged != nil)
             Self.expectRead(reader, ram, bulk, hasData: hasData)
             for p in [0, 3, 59, 61, 127] {
@@ -75,7 +75,7 @@ struct BatchReaderTests {
             // 16 single pages (runs of 1, fewer than 8 pages per run on
             // average), after a batch that was not mostly zero: in place.
             let scattered = (0..<16).map { 130 + 7 * $0 }
-            reader.read(Self.batch(scattered), slot: 1)
+            try reader.read(Self.batch(scattered), slot: 1)
             #expect(reader.staged == nil)
             Self.expectRead(reader, ram, scattered, hasData: hasData)
             #expect(reader.page(0, offset: UInt64(130 * Self.pageSize)) == ram.base + 130 * Self.pageSize)
@@ -84,7 +84,7 @@ struct BatchReaderTests {
 
             // 8 runs of 8 pages: exactly long enough to stage.
             let runsOf8 = (0..<8).flatMap { r in (0..<8).map { 128 + 16 * r + $0 } }
-            reader.read(Self.batch(runsOf8), slot: 1)
+            try reader.read(Self.batch(runsOf8), slot: 1)
             #expect(reader.staged != nil)
             Self.expectRead(reader, ram, runsOf8, hasData: hasData)
         }
@@ -95,14 +95,14 @@ struct BatchReaderTests {
         try Self.withRAM(data: { $0 % 2 == 0 }) { ram in
             let reader = BatchReader(ram: ram, slots: 2)
             let first = Array(0..<128), second = Array(128..<256)
-            reader.read(Self.batch(first), slot: 0)
+            try reader.read(Self.batch(first), slot: 0)
             let slot0 = try #require(reader.staged)
-            reader.read(Self.batch(second), slot: 1)
+            try reader.read(Self.batch(second), slot: 1)
             let slot1 = try #require(reader.staged)
             #expect(slot0 != slot1)
             // Slot 0 still holds the first batch, byte for byte (and its
             // pages differ from the second batch's: odd pages are zero).
-            for i in [0, 2, 77, 126] {
+            for i in [0, 2, 76, 126] {
                 let same = memcmp(slot0 + i * Self.pageSize, ram.base + i * Self.pageSize, Self.pageSize) == 0
                 #expect(same, "slot 0, page \(i)")
             }
@@ -115,12 +115,12 @@ struct BatchReaderTests {
         let hasData = { (p: Int) in p >= 128 && p % 3 == 0 }
         try Self.withRAM(data: hasData) { ram in
             let reader = BatchReader(ram: ram)
-            reader.read(Self.batch(Array(0..<128)))
+            try reader.read(Self.batch(Array(0..<128)))
             #expect((0..<128).allSatisfy { reader.isZero[$0] })
 
             // Scattered (runs of 1) but after an all-zero batch: staged.
             let scattered = Array(stride(from: 129, to: 256, by: 2))
-            reader.read(Self.batch(scattered))
+            try reader.read(Self.batch(scattered))
             #expect(reader.staged != nil)
             Self.expectRead(reader, ram, scattered, hasData: hasData)
             let readMapped = try isPageMapped(ram.base + 201 * Self.pageSize)
@@ -128,11 +128,25 @@ struct BatchReaderTests {
 
             // That batch was only 2/3 zero: the next scattered one is read in place.
             let third = [200, 203]
-            reader.read(Self.batch(third))
+            try reader.read(Self.batch(third))
             #expect(reader.staged == nil)
             Self.expectRead(reader, ram, third, hasData: hasData)
             let thirdMapped = try isPageMapped(ram.base + 200 * Self.pageSize)
             #expect(thirdMapped)
         }
+    }
+
+    @Test("a file that shrank under the sender: staging throws naming the file, nothing is decided")
+    func shrunkFileThrows() throws {
+        let dir = URL(fileURLWithPath: "/dev/shm/livemig-breader-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: false)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("ram").path
+        try Data(repeating: 7, count: 256 * Self.pageSize).write(to: URL(fileURLWithPath: path))
+        let ram = try RAMFile(path: FilePath(path), access: .readOnly)
+        #expect(truncate(path, off_t(100 * Self.pageSize)) == 0)
+        let reader = BatchReader(ram: ram)
+        let e = #expect(throws: GuestMemoryError.self) { try reader.read(Self.batch(Array(64..<192))) }
+        #expect(e?.description.contains(path) == true, "\(String(describing: e))")
     }
 }
