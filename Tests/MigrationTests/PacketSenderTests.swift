@@ -61,18 +61,8 @@ struct PacketSenderTests {
         let bytes = writer.bytes
         var at = 0
         for (number, sent) in batches.enumerated() {
-            let h = try bytes.withUnsafeBytes { raw in
-                try MultiFDPacketHeader.decode(raw.baseAddress! + at, limits: limits, expectedPacketNumber: UInt64(number))
-            }
+            let (h, offsets) = try writer.decodePrefix(at: &at, limits: limits, packetNumber: UInt64(number))
             #expect(h.flags == [])
-            at += MultiFDPacketHeader.size
-            var offsets = [UInt64](repeating: 0, count: Int(h.normalCount + h.zeroCount))
-            try bytes.withUnsafeBytes { raw in
-                try offsets.withUnsafeMutableBufferPointer {
-                    try h.decodeOffsets(raw.baseAddress! + at, into: $0.baseAddress!, limits: limits)
-                }
-            }
-            at += h.offsetsSize
             // Every page of the batch once: normal ones first, then zero ones.
             #expect(Set(offsets.map { Int($0) / pageSize }) == Set(sent))
             #expect(Int(h.normalCount) == sent.filter { !isZero($0) }.count)

@@ -12,22 +12,6 @@ import URing
     import Glibc
 #endif
 
-/// Keeps every gather write's bytes, as the socket would carry them. Used
-/// by one thread at a time (the test's, or the sender it is handed to).
-final class CapturingWriter: StreamWriter, @unchecked Sendable {
-    var bytes: [UInt8] = []
-    var mechanism: String { "capture" }
-
-    func writeAll(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int) throws(SocketError) {
-        var n = 0
-        for i in 0..<count {
-            bytes += UnsafeRawBufferPointer(start: iov[i].iov_base, count: iov[i].iov_len)
-            n += iov[i].iov_len
-        }
-        precondition(n == total, "the iovecs hold \(n) bytes, the write says \(total)")
-    }
-}
-
 /// The zstd codec of the multifd channels: what the sender's compressor
 /// writes, the receiver's decompressor accepts and decodes to the same
 /// pages, and every way a payload can be wrong is refused by name.
@@ -221,18 +205,8 @@ struct PageCompressionTests {
         var at = 0, seenNormal = 0, seenZero = 0, payloadBytes = 0
         let bytes = writer.bytes
         for number in 0..<2 {
-            let h = try bytes.withUnsafeBytes { raw in
-                try MultiFDPacketHeader.decode(raw.baseAddress! + at, limits: limits, expectedPacketNumber: UInt64(number))
-            }
+            let (h, offsets) = try writer.decodePrefix(at: &at, limits: limits, packetNumber: UInt64(number))
             #expect(h.flags == .compressed)
-            at += MultiFDPacketHeader.size
-            var offsets = [UInt64](repeating: 0, count: Int(h.normalCount + h.zeroCount))
-            try bytes.withUnsafeBytes { raw in
-                try offsets.withUnsafeMutableBufferPointer {
-                    try h.decodeOffsets(raw.baseAddress! + at, into: $0.baseAddress!, limits: limits)
-                }
-            }
-            at += h.offsetsSize
             bytes.withUnsafeBytes { raw in d.frame.copyMemory(from: raw.baseAddress! + at, byteCount: Int(h.payloadSize)) }
             at += Int(h.payloadSize)
             payloadBytes += Int(h.payloadSize)
