@@ -40,7 +40,7 @@ public final class PacketSender: ChannelTransport {
 
     public init(
         channelID: Int, ram: RAMFile, writer: any StreamWriter, counters: TransferCounters,
-        jobCapacity: Int = MultiFDJob.maxCapacity, compression: CompressionSetting = .none
+        jobCapacity: Int = MultiFDJob.defaultCapacity, compression: CompressionSetting = .none
     ) throws(MigrationError) {
         self.channelID = channelID
         self.ram = ram

@@ -141,7 +141,7 @@ public final class SourceMigration: Sendable {
             var stats = MigrationStats(status: .active)
             stats.setupTime = UInt64((Monotonic.now - start) * 1000)
 
-            let multifd = MultiFDSend(transports: transports, latch: latch)
+            let multifd = MultiFDSend(transports: transports, latch: latch, batchesPerJob: Self.batchesPerJob)
             pool = multifd
             // Read after the sender threads are joined (`finish`), which
             // orders their last writes to the transports before our reads.
@@ -418,13 +418,19 @@ public final class SourceMigration: Sendable {
         throw MigrationError(.protocolViolation, "\(what): got '\(m.name)' instead of '\(wanted.name)'")
     }
 
+    /// Batches per job: what `MultiFDSend` stages and what each
+    /// `PacketSender` sizes its buffers (prefixes, staging slots, frames) for.
+    static let batchesPerJob = MultiFDJob.defaultCapacity
+
     private func makeTransports(_ sockets: [Socket]) throws(MigrationError) -> [PacketSender] {
         var transports: [PacketSender] = []
         for (id, s) in sockets.enumerated() {
             let (writer, warning) = makeStreamWriter(for: s, useRing: config.useRing, zeroCopy: config.zeroCopy)
             if let w = warning, id == 0 { warnings.withLock { $0.append(w) } }
             transports.append(
-                try PacketSender(channelID: id, ram: ram, writer: writer, counters: counters, compression: config.compression))
+                try PacketSender(
+                    channelID: id, ram: ram, writer: writer, counters: counters, jobCapacity: Self.batchesPerJob,
+                    compression: config.compression))
         }
         return transports
     }
