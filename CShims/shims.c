@@ -10,6 +10,7 @@
 #include <linux/filter.h>
 #include <linux/futex.h>
 #include <linux/seccomp.h>
+#include <sys/resource.h>
 #include <stddef.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -178,3 +179,8 @@ int lm_ring_wait(lm_ring *r, uint64_t *user_data, int32_t *res, uint32_t *flags)
 }
 
 void lm_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+
+int lm_set_thread_background_priority(void) {
+    /* who = 0 is the calling thread: on Linux the nice value is per thread. */
+    return setpriority(PRIO_PROCESS, 0, 19) == 0 ? 0 : -errno;
+}

@@ -181,6 +181,12 @@ size_t lm_zstd_decompress(lm_zstd_dctx *dctx, void *dst, size_t dst_cap, const v
 /// Names the calling thread (first 15 bytes), as `ps -L` and `top -H` show.
 void lm_set_thread_name(const char *name);
 
+/// Gives the calling thread the weakest nice value (19): a CPU it shares
+/// with ordinary threads goes to them first, yet it is never starved
+/// outright. For clean-up work that must not delay other processes.
+/// Returns 0 or -errno.
+int lm_set_thread_background_priority(void);
+
 // ---- test support ------------------------------------------------------
 
 /// Installs a seccomp filter that makes io_uring_setup(2) fail with ENOSYS in

@@ -152,6 +152,13 @@ public final class RAMFile: @unchecked Sendable {
     /// data is untouched: on a `MAP_SHARED` mapping the pages stay in the file
     /// (dirty ones are marked so), and a later access faults them back in.
     /// Small mappings are left to munmap (a thread costs more than it saves).
+    ///
+    /// The threads run at nice 19. This runs after the migration completed,
+    /// while the peer process is still finishing (a destination tears down
+    /// while its source joins its threads and exits). On a machine with few
+    /// cores, two drop threads at normal priority took both CPUs and delayed
+    /// the source's exit by several milliseconds. At nice 19 they yield to it
+    /// and still use every idle CPU.
     public func dropPageTables(threads: Int) {
         let minimumSize: UInt64 = 64 << 20
         guard threads > 1, block.size >= minimumSize else { return }
@@ -163,6 +170,7 @@ public final class RAMFile: @unchecked Sendable {
             let count = min(per, pages - first)
             guard count > 0 else { return nil }
             return WorkerThread(name: "ram/drop/\(i)") { [self] in
+                _ = lm_set_thread_background_priority()
                 dropPageTables(offset: UInt64(first * pageSize), length: count * pageSize)
             }
         }
