@@ -53,7 +53,8 @@ struct ReceiveCommand: ParsableCommand {
         let signals = SignalWatch { destination.cancel($0) }
         FileHandleStderr.write("livemig: listening on \(address)\n")
         let progress = ProgressLine.start(
-            role: "receive", total: { destination.ram?.block.size ?? 0 }, counters: destination.counters, live: nil)
+            role: "receive", ram: { destination.ram.map { ($0.block.size, $0.block.pageSize) } }, counters: destination.counters,
+            live: nil)
         let result: Result<MigrationStats, MigrationError>
         do throws(MigrationError) {
             result = .success(try destination.run())

@@ -62,14 +62,20 @@ final class ProgressLine: Sendable {
     private let thread: WorkerThread
 
     /// Starts the display, or returns nil when stderr is not a terminal.
-    static func start(role: String, total: @escaping @Sendable () -> UInt64, counters: TransferCounters, live: LiveProgress?)
-        -> ProgressLine?
-    {
+    /// `ram`: the RAM block's size and page size, once known (a destination
+    /// learns them from the source's layout).
+    static func start(
+        role: String, ram: @escaping @Sendable () -> (size: UInt64, pageSize: UInt64)?, counters: TransferCounters,
+        live: LiveProgress?
+    ) -> ProgressLine? {
         guard FileHandleStderr.isTerminal else { return nil }
-        return ProgressLine(role: role, total: total, counters: counters, live: live)
+        return ProgressLine(role: role, ram: ram, counters: counters, live: live)
     }
 
-    private init(role: String, total: @escaping @Sendable () -> UInt64, counters: TransferCounters, live: LiveProgress?) {
+    private init(
+        role: String, ram: @escaping @Sendable () -> (size: UInt64, pageSize: UInt64)?, counters: TransferCounters,
+        live: LiveProgress?
+    ) {
         let stop = StopFlag()
         self.stop = stop
         let started = Monotonic.now
@@ -80,11 +86,12 @@ final class ProgressLine: Sendable {
                 let bytes = counters.read(counters.multifdBytes)
                 let t = Monotonic.now - started
                 let rate = t > 0 ? Double(bytes) / t / 1e9 : 0
-                var line = "\r\(role): \(formatBytes(pages &* 4096)) of \(formatBytes(total())) sent, \(fixed(rate, 2)) GB/s"
+                let (total, pageSize) = ram() ?? (0, 0)
+                var line = "\r\(role): \(formatBytes(pages &* pageSize)) of \(formatBytes(total)) sent, \(fixed(rate, 2)) GB/s"
                 if let live {
                     line +=
                         ", round \(live.round.load(ordering: .relaxed)), remaining \(formatBytes(live.remainingBytes.load(ordering: .relaxed)))"
-                    line += ", dirty \(formatBytes(live.dirtyPagesRate.load(ordering: .relaxed) &* 4096))/s"
+                    line += ", dirty \(formatBytes(live.dirtyPagesRate.load(ordering: .relaxed) &* pageSize))/s"
                     let t = live.throttle.load(ordering: .relaxed)
                     if t > 0 { line += ", throttle \(t)%" }
                 }

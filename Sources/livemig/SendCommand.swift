@@ -116,7 +116,8 @@ struct SendCommand: ParsableCommand {
         let source = SourceMigration(ram: file, config: config, guest: control, onRound: onRound)
         let signals = SignalWatch { source.cancel($0) }
         let progress = ProgressLine.start(
-            role: "send", total: { file.block.size }, counters: source.counters, live: control == nil ? nil : source.progress)
+            role: "send", ram: { (file.block.size, file.block.pageSize) }, counters: source.counters,
+            live: control == nil ? nil : source.progress)
         let result: Result<MigrationStats, MigrationError>
         do throws(MigrationError) {
             result = .success(try source.run())
