@@ -4,6 +4,7 @@ import GuestMemory
 import SystemPackage
 import TestSupport
 import Testing
+import WorkerThreads
 
 @Suite("RAMFile")
 struct RAMFileTests {
@@ -310,6 +311,26 @@ struct RAMFileTests {
             // maps neighbours too), with their data.
             for p in 0..<8 { #expect(ram.base.load(fromByteOffset: p * 4096, as: UInt8.self) == UInt8(p + 1)) }
         }
+    }
+
+    /// The drop threads lower their own priority (nice 19). On Linux the
+    /// nice value is per thread, so the rest of the process, the migration
+    /// and the peer it is waiting for, keeps its priority.
+    @Test func backgroundPriorityIsTheCallingThreadsOnly() {
+        let which = __priority_which_t(PRIO_PROCESS.rawValue)
+        let before = getpriority(which, 0)
+        let seen = UnsafeMutablePointer<Int32>.allocate(capacity: 2)
+        defer { seen.deallocate() }
+        let box = UInt(bitPattern: seen)
+        let thread = WorkerThread(name: "nice-test") {
+            let p = UnsafeMutablePointer<Int32>(bitPattern: box)!
+            p[0] = lm_set_thread_background_priority()
+            p[1] = getpriority(which, 0)
+        }
+        thread.join()
+        #expect(seen[0] == 0)
+        #expect(seen[1] == 19)
+        #expect(getpriority(which, 0) == before, "the test's own thread was reniced")
     }
 
     @Test func dropPageTablesLeavesSmallMappingsToMunmap() throws {
