@@ -65,7 +65,9 @@ let package = Package(
         ),
         .testTarget(
             name: "GuestMemoryTests",
-            dependencies: ["GuestMemory", "TestSupport", "WorkerThreads", "CShims", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: [
+                "GuestMemory", "TestSupport", "WorkerThreads", "CShims", .product(name: "SystemPackage", package: "swift-system"),
+            ]
         ),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire", "TestSupport"]),
