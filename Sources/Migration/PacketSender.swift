@@ -20,7 +20,6 @@ import URing
 /// sent or compressed. With compression each normal page is copied once
 /// more into the compressor's buffer (see `PacketCompressor.stage`).
 public final class PacketSender: ChannelTransport {
-    private let ram: RAMFile
     private let writer: any StreamWriter
     private let counters: TransferCounters
     private let pageSize: Int
@@ -43,7 +42,6 @@ public final class PacketSender: ChannelTransport {
         jobCapacity: Int = MultiFDJob.defaultCapacity, compression: CompressionSetting = .none
     ) throws(MigrationError) {
         self.channelID = channelID
-        self.ram = ram
         self.writer = writer
         self.counters = counters
         self.jobCapacity = jobCapacity
