@@ -1,3 +1,4 @@
+#define _GNU_SOURCE
 #include "CShims.h"
 
 #include <liburing.h>
@@ -10,6 +11,9 @@
 #include <linux/filter.h>
 #include <linux/futex.h>
 #include <linux/seccomp.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <stddef.h>
 #include <sys/prctl.h>
@@ -183,4 +187,65 @@ void lm_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 int lm_set_thread_background_priority(void) {
     /* who = 0 is the calling thread: on Linux the nice value is per thread. */
     return setpriority(PRIO_PROCESS, 0, 19) == 0 ? 0 : -errno;
+}
+
+/* ---- signals ----------------------------------------------------------- */
+
+/* The write end of the signal pipe, or -1. Read by the handler. */
+static volatile sig_atomic_t signal_pipe_write = -1;
+
+static void forward_signal(int sig) {
+    int saved = errno;
+    unsigned char byte = (unsigned char)sig;
+    int fd = signal_pipe_write;
+    /* A full pipe (64 KiB of unread signals) drops this one: the watcher
+     * has plenty to act on already. */
+    if (fd >= 0) (void)!write(fd, &byte, 1);
+    errno = saved;
+}
+
+int lm_signal_watch_start(void) {
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) return -errno;
+    /* Non-blocking write end: the handler must never block. */
+    if (fcntl(fds[1], F_SETFL, O_NONBLOCK) != 0) {
+        int e = errno;
+        close(fds[0]);
+        close(fds[1]);
+        return -e;
+    }
+    signal_pipe_write = fds[1];
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = forward_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0) {
+        int e = errno;
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
+        signal_pipe_write = -1;
+        close(fds[0]);
+        close(fds[1]);
+        return -e;
+    }
+    /* A parent may have blocked them (the mask survives exec; test runners
+     * do): blocked, they would wait forever instead of reaching us. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    return fds[0];
+}
+
+void lm_signal_watch_stop(void) {
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    int fd = signal_pipe_write;
+    if (fd < 0) return;
+    signal_pipe_write = -1;
+    unsigned char stop = 0;
+    (void)!write(fd, &stop, 1);
+    close(fd);
 }

@@ -187,6 +187,20 @@ void lm_set_thread_name(const char *name);
 /// Returns 0 or -errno.
 int lm_set_thread_background_priority(void);
 
+// ---- signals -----------------------------------------------------------
+
+/// Starts forwarding SIGINT and SIGTERM to a pipe: their handler writes the
+/// signal's number as one byte (write(2) is async-signal-safe) and returns,
+/// whichever thread the kernel picked. Returns the pipe's read end, or
+/// -errno. The handlers are installed when this returns, so a signal sent
+/// right after is never lost: it waits in the pipe. Also unblocks both in
+/// the calling thread (a blocked mask survives exec). One watch per process.
+int lm_signal_watch_start(void);
+
+/// Restores the default action of SIGINT and SIGTERM, then writes a 0 byte
+/// to the pipe (the reader's cue to stop) and closes its write end.
+void lm_signal_watch_stop(void);
+
 // ---- test support ------------------------------------------------------
 
 /// Installs a seccomp filter that makes io_uring_setup(2) fail with ENOSYS in

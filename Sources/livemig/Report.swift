@@ -1,4 +1,4 @@
-import Dispatch
+import CShims
 import FoundationEssentials
 import GuestMemory
 import Migration
@@ -115,35 +115,52 @@ final class StopFlag: Sendable {
 }
 
 /// Turns SIGINT and SIGTERM into a cancellation of the running work while
-/// it lives. Call `end()` when the work is done: that call is also what
-/// keeps the sources alive until then (an unused local may be released at
-/// once by the optimiser, and then the signals would stay ignored — a bug
-/// release builds had). Built outside any actor so the handler never
-/// asserts main-actor isolation.
+/// it lives. Call `end()` when the work is done; that call is also what
+/// keeps the watch alive until then (an unused local may be released at
+/// once by the optimiser, and then the signals would go unwatched).
+///
+/// How: a C handler writes the signal's number to a pipe
+/// (`lm_signal_watch_start`) and one thread of ours reads the pipe and calls
+/// `cancel` there, outside the handler, where locks and allocation are
+/// allowed. The handlers are in place when `init` returns, so a signal sent
+/// right after we announce readiness waits in the pipe and is seen.
+///
+/// Why not a Dispatch signal source: its registration is asynchronous and
+/// starts libdispatch's worker and manager threads first. Waiting for it
+/// cost `send` about 1 ms of wall time and more of CPU at start-up, for
+/// every migration.
 final class SignalWatch {
-    private let sources: [DispatchSourceSignal]
+    private let readEnd: Int32
+    private let reader: WorkerThread?
 
     init(_ cancel: @escaping @Sendable (String) -> Void) {
-        let armed = DispatchSemaphore(value: 0)
-        sources = [SIGINT, SIGTERM].map { sig in
-            signal(sig, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
-            source.setEventHandler { cancel("cancelled by \(name)") }
-            source.setRegistrationHandler { armed.signal() }
-            source.resume()
-            return source
+        let fd = lm_signal_watch_start()
+        readEnd = fd
+        guard fd >= 0 else {
+            // Without the watch the signals keep their default action (the
+            // process ends); nothing of the source is at stake either way.
+            FileHandleStderr.write(
+                "livemig: warning: cannot watch SIGINT/SIGTERM (\(String(cString: strerror(-fd)))): "
+                    + "they will end the process without a clean cancel\n")
+            reader = nil
+            return
         }
-        // Registration is asynchronous: return only once both sources are
-        // armed, so a signal sent right after we announce readiness is seen.
-        for _ in sources { _ = armed.wait(timeout: .now() + .seconds(2)) }
+        reader = WorkerThread(name: "signals") {
+            var byte: UInt8 = 0
+            while true {
+                let n = read(fd, &byte, 1)
+                if n < 0 && errno == EINTR { continue }
+                guard n == 1, byte != 0 else { return }  // 0: end() was called
+                cancel("cancelled by \(Int32(byte) == SIGINT ? "SIGINT" : "SIGTERM")")
+            }
+        }
     }
 
     /// Stops watching; the signals' default action applies again.
     func end() {
-        for s in sources { s.cancel() }
-        signal(SIGINT, SIG_DFL)
-        signal(SIGTERM, SIG_DFL)
+        lm_signal_watch_stop()
+        reader?.join()
+        if readEnd >= 0 { close(readEnd) }
     }
 }
 
