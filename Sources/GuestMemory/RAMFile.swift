@@ -151,7 +151,10 @@ public final class RAMFile: @unchecked Sendable {
     /// `receive` cannot finish before that; two threads do it in 18 ms. The
     /// data is untouched: on a `MAP_SHARED` mapping the pages stay in the file
     /// (dirty ones are marked so), and a later access faults them back in.
-    /// Small mappings are left to munmap (a thread costs more than it saves).
+    /// Small mappings are left to munmap (a thread costs more than it saves),
+    /// and so are large ones the caller touched little of: `touchedBytes`,
+    /// when the caller knows (a source that staged its pages by pread maps
+    /// next to nothing), is what the threads would have to tear down.
     ///
     /// The threads run at nice 19. This runs after the migration completed,
     /// while the peer process is still finishing (a destination tears down
@@ -159,9 +162,9 @@ public final class RAMFile: @unchecked Sendable {
     /// cores, two drop threads at normal priority took both CPUs and delayed
     /// the source's exit by several milliseconds. At nice 19 they yield to it
     /// and still use every idle CPU.
-    public func dropPageTables(threads: Int) {
+    public func dropPageTables(threads: Int, touchedBytes: UInt64? = nil) {
         let minimumSize: UInt64 = 64 << 20
-        guard threads > 1, block.size >= minimumSize else { return }
+        guard threads > 1, block.size >= minimumSize, (touchedBytes ?? block.size) >= minimumSize else { return }
         let pageSize = Int(block.pageSize)
         let pages = Int(block.size) / pageSize
         let per = (pages + threads - 1) / threads

@@ -46,6 +46,8 @@ final class BatchReader {
     /// The slot the last batch was staged in (its page i is at
     /// `staged + i * pageSize`), or nil when it was read in place.
     private(set) var staged: UnsafeMutableRawPointer?
+    /// The last batch was staged (it mapped nothing).
+    var isStaged: Bool { staged != nil }
     /// The last batch had at least 7/8 zero pages.
     private var lastMostlyZero = false
 

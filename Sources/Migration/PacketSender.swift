@@ -66,7 +66,7 @@ public final class PacketSender: ChannelTransport {
     public func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError) {
         precondition(job.count <= jobCapacity, "a job of \(job.count) batches exceeds this sender's \(jobCapacity)")
         var iovCount = 0, total = 0
-        var normalPages = 0, zeroPages = 0, compressedBytes = 0
+        var normalPages = 0, zeroPages = 0, compressedBytes = 0, inPlace = 0
         for b in 0..<job.count {
             let pages = job.batches[b]
             // Slot b: the job's staged batches must all live until its write.
@@ -75,6 +75,7 @@ public final class PacketSender: ChannelTransport {
             } catch {
                 throw MigrationError(error)
             }
+            if !reader.isStaged { inPlace += pages.count }
             let prefix = prefixes + b * MultiFDPacketHeader.maxPrefixSize
             let prefixSlot = iovCount
             iovCount += 1
@@ -135,6 +136,7 @@ public final class PacketSender: ChannelTransport {
         counters.add(counters.normalPages, UInt64(normalPages))
         counters.add(counters.zeroPages, UInt64(zeroPages))
         counters.add(counters.packets, UInt64(packets))
+        if inPlace > 0 { counters.add(counters.pagesReadInPlace, UInt64(inPlace)) }
         if compressor != nil {
             counters.add(counters.compressedPages, UInt64(normalPages))
             counters.add(counters.compressedBytes, UInt64(compressedBytes))

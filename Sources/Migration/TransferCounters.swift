@@ -17,6 +17,9 @@ public final class TransferCounters: Sendable {
     public let compressedPages = Atomic<UInt64>(0)
     /// Payload bytes of compressed packets: what those pages took on the wire.
     public let compressedBytes = Atomic<UInt64>(0)
+    /// Source: pages read through the mapping (in place), not staged by
+    /// pread. Only these left page-table entries to tear down.
+    public let pagesReadInPlace = Atomic<UInt64>(0)
 
     public init() {}
 

@@ -203,7 +203,8 @@ func fixed(_ x: Double, _ digits: Int) -> String {
 /// Tears the RAM mapping's page tables down on every core before the
 /// process exits, instead of on one core inside exit (see
 /// `RAMFile.dropPageTables`): `send` and `receive` return sooner.
-func dropPageTablesBeforeExit(_ file: RAMFile?) {
+/// `touchedBytes`: how much of it this process mapped, when it knows.
+func dropPageTablesBeforeExit(_ file: RAMFile?, touchedBytes: UInt64? = nil) {
     let cpus = sysconf(Int32(_SC_NPROCESSORS_ONLN))
-    file?.dropPageTables(threads: min(8, max(1, cpus)))
+    file?.dropPageTables(threads: min(8, max(1, cpus)), touchedBytes: touchedBytes)
 }

@@ -130,7 +130,10 @@ struct SendCommand: ParsableCommand {
         switch result {
         case .success(let stats):
             printStats(stats, format: common.format, role: "send")
-            dropPageTablesBeforeExit(file)
+            // Staged batches map nothing: only pages read in place (live
+            // rounds' scattered ones) left page-table entries behind.
+            let inPlace = source.counters.read(source.counters.pagesReadInPlace)
+            dropPageTablesBeforeExit(file, touchedBytes: inPlace * file.block.pageSize)
         case .failure(let e):
             let kept =
                 control == nil

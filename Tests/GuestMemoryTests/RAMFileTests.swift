@@ -342,6 +342,18 @@ struct RAMFileTests {
         }
     }
 
+    @Test func dropPageTablesLeavesALittleTouchedMappingToMunmap() throws {
+        try Self.withTempDir { dir in
+            let size: UInt64 = 64 << 20
+            let ram = try RAMFile.create(path: Self.path(dir.appendingPathComponent("ram")), size: size, pageSize: Self.pageSize)
+            ram.base.storeBytes(of: 1, as: UInt8.self)
+            ram.dropPageTables(threads: 2, touchedBytes: 4096)
+            #expect(try isPageMapped(ram.base), "a 4 KiB touch is not worth the threads")
+            ram.dropPageTables(threads: 2, touchedBytes: size)
+            #expect(try !isPageMapped(ram.base))
+        }
+    }
+
     @Test func faultInWindowsMapsTheTouchedPagesOnly() throws {
         // On /dev/shm: tmpfs keeps 4 KiB folios there, while a freshly
         // written ext4 file may sit in large folios that one fault maps whole.

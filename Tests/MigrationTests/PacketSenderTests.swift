@@ -82,5 +82,7 @@ struct PacketSenderTests {
         }
         #expect(at == bytes.count, "nothing after the job's packets")
         #expect(counters.read(counters.multifdBytes) == UInt64(bytes.count))
+        // Only batch 2 went through the mapping.
+        #expect(counters.read(counters.pagesReadInPlace) == UInt64(batches[2].count))
     }
 }
