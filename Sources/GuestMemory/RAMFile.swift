@@ -1,4 +1,5 @@
 import CShims
+import Synchronization
 import SystemPackage
 import WorkerThreads
 
@@ -123,6 +124,34 @@ public final class RAMFile: @unchecked Sendable {
     /// accesses take no page faults. Write population allocates file pages.
     public func populate(forWriting: Bool) throws(GuestMemoryError) {
         try populate(offset: 0, length: block.size, forWriting: forWriting)
+    }
+
+    /// `populate(forWriting:)` in `threads` slices, one thread each, and
+    /// waits; the first error is thrown. The kernel faults each slice on
+    /// its own CPU. Measured here (a fresh 1 GiB tmpfs file,
+    /// `MADV_POPULATE_WRITE`, alternating runs): 0.65 s on one thread,
+    /// 0.40 s on two. Small mappings are populated on the calling thread.
+    public func populate(forWriting: Bool, threads: Int) throws(GuestMemoryError) {
+        let minimumSize: UInt64 = 64 << 20
+        guard threads > 1, block.size >= minimumSize else { return try populate(forWriting: forWriting) }
+        let pageSize = block.pageSize
+        let pages = UInt64(block.pageCount)
+        let per = (pages + UInt64(threads) - 1) / UInt64(threads)
+        let failure = Mutex<GuestMemoryError?>(nil)
+        let workers = (0..<UInt64(threads)).compactMap { i -> WorkerThread? in
+            let first = i * per
+            guard first < pages else { return nil }
+            let count = min(per, pages - first)
+            return WorkerThread(name: "ram/populate/\(i)") { [self] in
+                do throws(GuestMemoryError) {
+                    try populate(offset: first * pageSize, length: count * pageSize, forWriting: forWriting)
+                } catch {
+                    failure.withLock { if $0 == nil { $0 = error } }
+                }
+            }
+        }
+        for w in workers { w.join() }
+        if let e = failure.withLock({ $0 }) { throw e }
     }
 
     /// Pre-faults `length` bytes at `offset` (both page-aligned).

@@ -378,7 +378,11 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    /// Maps the RAM file; with `prefault`, faults every page in first.
+    /// Threads that pre-fault the destination: one per online CPU, up to 8.
+    private static var setupThreads: Int { max(1, min(8, sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
+
+    /// Maps the RAM file; with `prefault`, faults every page in first, on
+    /// every CPU (`RAMFile.populate(forWriting:threads:)`).
     ///
     /// Before listening (file known, or --size) pre-faulting is free for
     /// the migration and saves the transfer from first-touch faults. A file
@@ -391,7 +395,7 @@ public final class DestinationMigration: Sendable {
     {
         do {
             let ram = try body()
-            if prefault { try ram.populate(forWriting: true) }
+            if prefault { try ram.populate(forWriting: true, threads: setupThreads) }
             return ram
         } catch {
             throw MigrationError(error)

@@ -205,6 +205,9 @@ func fixed(_ x: Double, _ digits: Int) -> String {
 /// `RAMFile.dropPageTables`): `send` and `receive` return sooner.
 /// `touchedBytes`: how much of it this process mapped, when it knows.
 func dropPageTablesBeforeExit(_ file: RAMFile?, touchedBytes: UInt64? = nil) {
-    let cpus = sysconf(Int32(_SC_NPROCESSORS_ONLN))
-    file?.dropPageTables(threads: min(8, max(1, cpus)), touchedBytes: touchedBytes)
+    file?.dropPageTables(threads: workerCPUs(), touchedBytes: touchedBytes)
 }
+
+/// Threads for work the kernel can spread over CPUs (faulting a RAM file
+/// in, tearing its page tables down): one per online CPU, up to 8.
+func workerCPUs() -> Int { max(1, min(8, sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }

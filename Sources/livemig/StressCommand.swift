@@ -52,9 +52,10 @@ struct StressCommand: ParsableCommand {
         do {
             if let s = size.flatMap(parseSize), !FileManager.default.fileExists(atPath: ram) {
                 // A new guest's RAM is allocated up front, as QEMU's
-                // memory-backend prealloc=on does: a guest owns its memory.
+                // memory-backend prealloc=on does (with its prealloc-threads):
+                // a guest owns its memory.
                 ramFile = try RAMFile.create(path: FilePath(ram), size: s)
-                try ramFile.populate(forWriting: true)
+                try ramFile.populate(forWriting: true, threads: workerCPUs())
             } else {
                 ramFile = try RAMFile(path: FilePath(ram), access: .readWrite)
             }

@@ -342,6 +342,28 @@ struct RAMFileTests {
         }
     }
 
+    @Test func populateOnThreadsMapsEverySlice() throws {
+        try Self.withTempDir { dir in
+            let size: UInt64 = 64 << 20
+            let ram = try RAMFile.create(path: Self.path(dir.appendingPathComponent("ram")), size: size, pageSize: Self.pageSize)
+            // Three slices of 5462, 5462 and 5460 pages: check the ends of each.
+            let probes = [0, 5461, 5462, 10923, 10924, 16383].map { $0 * 4096 }
+            for o in probes { #expect(try !isPageMapped(ram.base + o)) }
+            try ram.populate(forWriting: true, threads: 3)
+            for o in probes { #expect(try isPageMapped(ram.base + o), "page at \(o) not populated") }
+        }
+    }
+
+    @Test func populateOnThreadsReportsAFailure() throws {
+        try Self.withTempDir { dir in
+            let path = Self.path(dir.appendingPathComponent("ram"))
+            _ = try RAMFile.create(path: path, size: 64 << 20, pageSize: Self.pageSize)
+            // A read-only mapping cannot be populated for writing.
+            let ram = try RAMFile(path: path, access: .readOnly)
+            #expect(throws: GuestMemoryError.self) { try ram.populate(forWriting: true, threads: 2) }
+        }
+    }
+
     @Test func dropPageTablesLeavesALittleTouchedMappingToMunmap() throws {
         try Self.withTempDir { dir in
             let size: UInt64 = 64 << 20
