@@ -132,25 +132,15 @@ public final class RAMFile: @unchecked Sendable {
     /// `MADV_POPULATE_WRITE`, alternating runs): 0.65 s on one thread,
     /// 0.40 s on two. Small mappings are populated on the calling thread.
     public func populate(forWriting: Bool, threads: Int) throws(GuestMemoryError) {
-        let minimumSize: UInt64 = 64 << 20
-        guard threads > 1, block.size >= minimumSize else { return try populate(forWriting: forWriting) }
-        let pageSize = block.pageSize
-        let pages = UInt64(block.pageCount)
-        let per = (pages + UInt64(threads) - 1) / UInt64(threads)
+        guard threads > 1, block.size >= Self.minimumSlicedSize else { return try populate(forWriting: forWriting) }
         let failure = Mutex<GuestMemoryError?>(nil)
-        let workers = (0..<UInt64(threads)).compactMap { i -> WorkerThread? in
-            let first = i * per
-            guard first < pages else { return nil }
-            let count = min(per, pages - first)
-            return WorkerThread(name: "ram/populate/\(i)") { [self] in
-                do throws(GuestMemoryError) {
-                    try populate(offset: first * pageSize, length: count * pageSize, forWriting: forWriting)
-                } catch {
-                    failure.withLock { if $0 == nil { $0 = error } }
-                }
+        onSlices(threads: threads, name: "ram/populate") { [self] offset, length in
+            do throws(GuestMemoryError) {
+                try populate(offset: offset, length: length, forWriting: forWriting)
+            } catch {
+                failure.withLock { if $0 == nil { $0 = error } }
             }
         }
-        for w in workers { w.join() }
         if let e = failure.withLock({ $0 }) { throw e }
     }
 
@@ -192,19 +182,29 @@ public final class RAMFile: @unchecked Sendable {
     /// the source's exit by several milliseconds. At nice 19 they yield to it
     /// and still use every idle CPU.
     public func dropPageTables(threads: Int, touchedBytes: UInt64? = nil) {
-        let minimumSize: UInt64 = 64 << 20
+        let minimumSize = Self.minimumSlicedSize
         guard threads > 1, block.size >= minimumSize, (touchedBytes ?? block.size) >= minimumSize else { return }
-        let pageSize = Int(block.pageSize)
-        let pages = Int(block.size) / pageSize
-        let per = (pages + threads - 1) / threads
-        let workers = (0..<threads).compactMap { i -> WorkerThread? in
+        onSlices(threads: threads, name: "ram/drop") { [self] offset, length in
+            _ = lm_set_thread_background_priority()
+            dropPageTables(offset: offset, length: Int(length))
+        }
+    }
+
+    /// Below this a mapping is worked on by the calling thread alone: a
+    /// thread costs more than it saves.
+    static let minimumSlicedSize: UInt64 = 64 << 20
+
+    /// Runs `body(offset, length)` for `threads` page-aligned slices of the
+    /// whole mapping, one thread each (named `name/i`), and waits for all.
+    private func onSlices(threads: Int, name: String, _ body: @escaping @Sendable (UInt64, UInt64) -> Void) {
+        let pageSize = block.pageSize
+        let pages = UInt64(block.pageCount)
+        let per = (pages + UInt64(threads) - 1) / UInt64(threads)
+        let workers = (0..<UInt64(threads)).compactMap { i -> WorkerThread? in
             let first = i * per
+            guard first < pages else { return nil }
             let count = min(per, pages - first)
-            guard count > 0 else { return nil }
-            return WorkerThread(name: "ram/drop/\(i)") { [self] in
-                _ = lm_set_thread_background_priority()
-                dropPageTables(offset: UInt64(first * pageSize), length: count * pageSize)
-            }
+            return WorkerThread(name: "\(name)/\(i)") { body(first * pageSize, count * pageSize) }
         }
         for w in workers { w.join() }
     }

@@ -378,9 +378,6 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    /// Threads that pre-fault the destination: one per online CPU, up to 8.
-    private static var setupThreads: Int { max(1, min(8, sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
-
     /// Maps the RAM file; with `prefault`, faults every page in first, on
     /// every CPU (`RAMFile.populate(forWriting:threads:)`).
     ///
@@ -395,7 +392,7 @@ public final class DestinationMigration: Sendable {
     {
         do {
             let ram = try body()
-            if prefault { try ram.populate(forWriting: true, threads: setupThreads) }
+            if prefault { try ram.populate(forWriting: true, threads: WorkerThread.parallelism) }
             return ram
         } catch {
             throw MigrationError(error)

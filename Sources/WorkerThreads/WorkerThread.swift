@@ -27,6 +27,10 @@ public final class WorkerThread: Sendable {
         handle = thread
     }
 
+    /// Threads for work the kernel spreads over CPUs (faulting a RAM file
+    /// in, tearing its page tables down): one per online CPU, up to 8.
+    public static var parallelism: Int { max(1, min(8, sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
+
     /// Waits for the thread to end. Call once.
     public func join() { pthread_join(handle, nil) }
 

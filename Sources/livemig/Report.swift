@@ -205,9 +205,5 @@ func fixed(_ x: Double, _ digits: Int) -> String {
 /// `RAMFile.dropPageTables`): `send` and `receive` return sooner.
 /// `touchedBytes`: how much of it this process mapped, when it knows.
 func dropPageTablesBeforeExit(_ file: RAMFile?, touchedBytes: UInt64? = nil) {
-    file?.dropPageTables(threads: workerCPUs(), touchedBytes: touchedBytes)
+    file?.dropPageTables(threads: WorkerThread.parallelism, touchedBytes: touchedBytes)
 }
-
-/// Threads for work the kernel can spread over CPUs (faulting a RAM file
-/// in, tearing its page tables down): one per online CPU, up to 8.
-func workerCPUs() -> Int { max(1, min(8, sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }

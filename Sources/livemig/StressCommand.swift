@@ -3,6 +3,7 @@ import Dispatch
 import FoundationEssentials
 import GuestMemory
 import SystemPackage
+import WorkerThreads
 import Workload
 
 #if canImport(Glibc)
@@ -55,7 +56,7 @@ struct StressCommand: ParsableCommand {
                 // memory-backend prealloc=on does (with its prealloc-threads):
                 // a guest owns its memory.
                 ramFile = try RAMFile.create(path: FilePath(ram), size: s)
-                try ramFile.populate(forWriting: true, threads: workerCPUs())
+                try ramFile.populate(forWriting: true, threads: WorkerThread.parallelism)
             } else {
                 ramFile = try RAMFile(path: FilePath(ram), access: .readWrite)
             }
