@@ -24,15 +24,26 @@
  * MADV_POPULATE_WRITE before listening. --cold: no pre-fault; an existing
  * output file is truncated first so the pages are allocated while receiving.
  *
+ * --packets MODE (recv only; an experiment, not the ceiling): read each share
+ * in livemig's packet shape, a 64-byte header, 1 KiB of offsets and 512 KiB
+ * of pages per packet, the first two into scratch buffers and the pages into
+ * the mapping, so the destination is NOT a copy of the source. MODE is
+ * `plain` (three blocking recv(MSG_WAITALL) per packet, as livemig's receiver
+ * does), `uring` (the same three reads as io_uring operations, one
+ * submit-and-wait each) or `uring-linked` (the three linked and submitted
+ * together: one io_uring_enter per packet, the best case an io_uring receiver
+ * could reach). tools/recvbench compares them.
+ *
  * The receiver prints "rawsock: listening on ADDR" on stderr when ready and
  * exits 0 when all bytes arrived. Errors: one line on stderr, exit 1; bad
  * usage exits 2.
  *
- * Build: cc -O2 -pthread -o tools/bin/rawsock tools/rawsock.c
+ * Build: cc -O2 -pthread -o tools/bin/rawsock tools/rawsock.c -luring
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <liburing.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -77,6 +88,7 @@ static void usage(const char *msg) {
     if (msg) fprintf(stderr, "rawsock: %s\n", msg);
     fprintf(stderr,
             "usage: rawsock recv --listen tcp:HOST:PORT|unix:PATH --channels N --size BYTES --out PATH [--cold] [--timeout S]\n"
+            "                     [--packets plain|uring|uring-linked]\n"
             "       rawsock send --to tcp:HOST:PORT|unix:PATH --channels N --in PATH [--pread] [--timeout S]\n");
     exit(2);
 }
@@ -205,6 +217,67 @@ static void recv_all(int fd, unsigned char *p, uint64_t n, const char *what, int
     }
 }
 
+
+/* ---- --packets: livemig's packet shape, with blocking recv or io_uring ---- */
+
+enum packets_mode { STREAM, PACKETS_PLAIN, PACKETS_URING, PACKETS_URING_LINKED };
+static enum packets_mode packets_mode = STREAM;
+#define PACKET_HEADER 64u
+#define PACKET_OFFSETS 1024u
+#define PACKET_PAGES (128u * PAGE)
+
+/* Reads one packet's three pieces as io_uring operations on `ring`: linked
+ * and submitted together, or one submit-and-wait each. Every piece must come
+ * back whole (MSG_WAITALL on a blocking stream socket). */
+static void uring_packet(struct io_uring *ring, int fd, struct iovec pieces[3], int linked, int ch) {
+    struct msghdr msg[3];
+    for (int i = 0; i < 3; i++) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+        if (!sqe) die("channel %d: io_uring submission queue full", ch);
+        msg[i] = (struct msghdr){.msg_iov = &pieces[i], .msg_iovlen = 1};
+        io_uring_prep_recvmsg(sqe, fd, &msg[i], MSG_WAITALL);
+        if (linked && i < 2) sqe->flags |= IOSQE_IO_LINK;
+        if (linked && i < 2) continue;
+        int rc = io_uring_submit_and_wait(ring, linked ? 3 : 1);
+        if (rc < 0) die("channel %d: io_uring_submit_and_wait: %s", ch, strerror(-rc));
+        for (int k = linked ? 0 : i; k <= i; k++) {
+            struct io_uring_cqe *cqe;
+            rc = io_uring_wait_cqe(ring, &cqe);
+            if (rc < 0) die("channel %d: io_uring_wait_cqe: %s", ch, strerror(-rc));
+            if (cqe->res != (int)pieces[k].iov_len)
+                die("channel %d: io_uring recvmsg returned %d of %zu bytes%s%s", ch, cqe->res, pieces[k].iov_len,
+                    cqe->res < 0 ? ": " : "", cqe->res < 0 ? strerror(-cqe->res) : "");
+            io_uring_cqe_seen(ring, cqe);
+        }
+    }
+}
+
+/* Receives `n` bytes of a share in packet-shaped pieces; a tail shorter
+ * than a packet is read with one recv. */
+static void recv_packets(int fd, unsigned char *p, uint64_t n, int ch) {
+    unsigned char header[PACKET_HEADER], offsets[PACKET_OFFSETS];
+    const uint64_t per = PACKET_HEADER + PACKET_OFFSETS + PACKET_PAGES;
+    struct io_uring ring;
+    int uring = packets_mode != PACKETS_PLAIN;
+    if (uring) {
+        int rc = io_uring_queue_init(8, &ring, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN);
+        if (rc < 0) die("channel %d: io_uring_queue_init: %s", ch, strerror(-rc));
+    }
+    uint64_t left = n;
+    for (; left >= per; left -= per, p += PACKET_PAGES) {
+        if (!uring) {
+            recv_all(fd, header, PACKET_HEADER, "a packet header", ch);
+            recv_all(fd, offsets, PACKET_OFFSETS, "packet offsets", ch);
+            recv_all(fd, p, PACKET_PAGES, "packet pages", ch);
+            continue;
+        }
+        struct iovec pieces[3] = {{header, PACKET_HEADER}, {offsets, PACKET_OFFSETS}, {p, PACKET_PAGES}};
+        uring_packet(&ring, fd, pieces, packets_mode == PACKETS_URING_LINKED, ch);
+    }
+    if (left) recv_all(fd, p, left, "the last bytes", ch);
+    if (uring) io_uring_queue_exit(&ring);
+}
+
 static void *recv_thread(void *arg) {
     struct recv_ctx *c = arg;
     unsigned char hdr[HEADER_SIZE];
@@ -225,7 +298,8 @@ static void *recv_thread(void *arg) {
             (unsigned long long)id, (unsigned long long)count, (unsigned long long)c->size, c->channels,
             (unsigned long long)len);
     c->id = (int)id;
-    recv_all(c->fd, c->map + off, len, "data", (int)id);
+    if (packets_mode == STREAM) recv_all(c->fd, c->map + off, len, "data", (int)id);
+    else recv_packets(c->fd, c->map + off, len, (int)id);
     /* Nothing more may follow: the sender half-closes after its share. */
     unsigned char extra;
     ssize_t r;
@@ -426,6 +500,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(o, "--size")) size_s = NEXT();
         else if (!strcmp(o, "--cold")) cold = 1;
         else if (!strcmp(o, "--pread")) use_pread = 1;
+        else if (!strcmp(o, "--packets")) {
+            const char *v = NEXT();
+            if (!strcmp(v, "plain")) packets_mode = PACKETS_PLAIN;
+            else if (!strcmp(v, "uring")) packets_mode = PACKETS_URING;
+            else if (!strcmp(v, "uring-linked")) packets_mode = PACKETS_URING_LINKED;
+            else usage("--packets: plain, uring or uring-linked");
+        }
         else if (!strcmp(o, "--channels") || !strcmp(o, "--timeout")) {
             const char *v = NEXT();
             char *end;
@@ -451,7 +532,8 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(mode, "send")) {
         if (!to || !in) usage("send needs --to and --in");
-        if (listen_s || out || size_s || cold) usage("send takes no --listen/--out/--size/--cold");
+        if (listen_s || out || size_s || cold || packets_mode != STREAM)
+            usage("send takes no --listen/--out/--size/--cold/--packets");
         return cmd_send(to, channels, in, use_pread);
     }
     usage("mode must be recv or send");
