@@ -226,9 +226,20 @@ static enum packets_mode packets_mode = STREAM;
 #define PACKET_OFFSETS 1024u
 #define PACKET_PAGES (128u * PAGE)
 
-/* Reads one packet's three pieces as io_uring operations on `ring`: linked
- * and submitted together, or one submit-and-wait each. Every piece must come
- * back whole (MSG_WAITALL on a blocking stream socket). */
+/* Takes one completion, which must have filled `piece` whole (MSG_WAITALL on
+ * a blocking stream socket). */
+static void uring_reap(struct io_uring *ring, const struct iovec *piece, int ch) {
+    struct io_uring_cqe *cqe;
+    int rc = io_uring_wait_cqe(ring, &cqe);
+    if (rc < 0) die("channel %d: io_uring_wait_cqe: %s", ch, strerror(-rc));
+    if (cqe->res != (int)piece->iov_len)
+        die("channel %d: io_uring recvmsg returned %d of %zu bytes%s%s", ch, cqe->res, piece->iov_len,
+            cqe->res < 0 ? ": " : "", cqe->res < 0 ? strerror(-cqe->res) : "");
+    io_uring_cqe_seen(ring, cqe);
+}
+
+/* Reads one packet's three pieces as io_uring operations on `ring`: one
+ * submit-and-wait each, or linked and submitted together. */
 static void uring_packet(struct io_uring *ring, int fd, struct iovec pieces[3], int linked, int ch) {
     struct msghdr msg[3];
     for (int i = 0; i < 3; i++) {
@@ -236,20 +247,18 @@ static void uring_packet(struct io_uring *ring, int fd, struct iovec pieces[3], 
         if (!sqe) die("channel %d: io_uring submission queue full", ch);
         msg[i] = (struct msghdr){.msg_iov = &pieces[i], .msg_iovlen = 1};
         io_uring_prep_recvmsg(sqe, fd, &msg[i], MSG_WAITALL);
-        if (linked && i < 2) sqe->flags |= IOSQE_IO_LINK;
-        if (linked && i < 2) continue;
-        int rc = io_uring_submit_and_wait(ring, linked ? 3 : 1);
-        if (rc < 0) die("channel %d: io_uring_submit_and_wait: %s", ch, strerror(-rc));
-        for (int k = linked ? 0 : i; k <= i; k++) {
-            struct io_uring_cqe *cqe;
-            rc = io_uring_wait_cqe(ring, &cqe);
-            if (rc < 0) die("channel %d: io_uring_wait_cqe: %s", ch, strerror(-rc));
-            if (cqe->res != (int)pieces[k].iov_len)
-                die("channel %d: io_uring recvmsg returned %d of %zu bytes%s%s", ch, cqe->res, pieces[k].iov_len,
-                    cqe->res < 0 ? ": " : "", cqe->res < 0 ? strerror(-cqe->res) : "");
-            io_uring_cqe_seen(ring, cqe);
+        if (linked) {
+            if (i < 2) sqe->flags |= IOSQE_IO_LINK;
+            continue;
         }
+        int rc = io_uring_submit_and_wait(ring, 1);
+        if (rc < 0) die("channel %d: io_uring_submit_and_wait: %s", ch, strerror(-rc));
+        uring_reap(ring, &pieces[i], ch);
     }
+    if (!linked) return;
+    int rc = io_uring_submit_and_wait(ring, 3);
+    if (rc < 0) die("channel %d: io_uring_submit_and_wait: %s", ch, strerror(-rc));
+    for (int i = 0; i < 3; i++) uring_reap(ring, &pieces[i], ch);
 }
 
 /* Receives `n` bytes of a share in packet-shaped pieces; a tail shorter
