@@ -6,7 +6,7 @@
  * per connection, one thread per channel on both sides:
  *
  *   rawsock recv --listen tcp:HOST:PORT|unix:PATH --channels N --size BYTES --out PATH [--cold]
- *   rawsock send --to tcp:HOST:PORT|unix:PATH --channels N --in PATH [--pread]
+ *   rawsock send --to tcp:HOST:PORT|unix:PATH --channels N --in PATH [--pread|--sendfile]
  *
  * Channel i carries the i-th contiguous share of the file: shares are
  * size/N rounded down to 4096 bytes, the last one takes the rest. The sender
@@ -14,7 +14,11 @@
  * in 512 KiB chunks; with --pread it instead reads each 2 MiB of its share
  * into a buffer of its own with pread() and send()s it from there (one more
  * kernel copy, but no page faults, TLB misses or page tables on the user
- * mapping: the faster of the two on a VM without huge pages). The receiver recv(MSG_WAITALL)s each share straight into
+ * mapping: the faster of the two on a VM without huge pages). With
+ * --sendfile (an experiment, not the ceiling) it hands each share to
+ * sendfile(2), which splices the page-cache pages into the socket without
+ * copying them: tools/pathbench measures it against the two above.
+ * The receiver recv(MSG_WAITALL)s each share straight into
  * its mapping at the share's offset. Each connection starts with two
  * little-endian uint64: channel id, byte count. When a channel's share has
  * arrived the receiver answers one byte, so `send` exits only once the
@@ -32,7 +36,7 @@
  * does), `uring` (the same three reads as io_uring operations, one
  * submit-and-wait each) or `uring-linked` (the three linked and submitted
  * together: one io_uring_enter per packet, the best case an io_uring receiver
- * could reach). tools/recvbench compares them.
+ * could reach). `tools/pathbench recv` compares them.
  *
  * The receiver prints "rawsock: listening on ADDR" on stderr when ready and
  * exits 0 when all bytes arrived. Errors: one line on stderr, exit 1; bad
@@ -56,6 +60,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -89,7 +94,7 @@ static void usage(const char *msg) {
     fprintf(stderr,
             "usage: rawsock recv --listen tcp:HOST:PORT|unix:PATH --channels N --size BYTES --out PATH [--cold] [--timeout S]\n"
             "                     [--packets plain|uring|uring-linked]\n"
-            "       rawsock send --to tcp:HOST:PORT|unix:PATH --channels N --in PATH [--pread] [--timeout S]\n");
+            "       rawsock send --to tcp:HOST:PORT|unix:PATH --channels N --in PATH [--pread|--sendfile] [--timeout S]\n");
     exit(2);
 }
 
@@ -395,11 +400,15 @@ static int cmd_recv(const char *listen_s, int channels, uint64_t size, const cha
 
 /* ---- sender ---- */
 
+/* Where the sender takes the bytes from. */
+enum send_source { FROM_MAP, FROM_PREAD, FROM_SENDFILE };
+
 struct send_ctx {
     const struct addr *a;
     const char *to;
-    const unsigned char *map; /* NULL with --pread */
-    int in_fd;                /* the input file, for --pread */
+    enum send_source from;
+    const unsigned char *map; /* FROM_MAP only */
+    int in_fd;                /* the input file */
     uint64_t size;
     int channels;
     int id;
@@ -435,8 +444,19 @@ static void *send_thread(void *arg) {
     put_u64(hdr, (uint64_t)c->id);
     put_u64(hdr + 8, len);
     send_all(fd, hdr, HEADER_SIZE, c->id, "the header");
-    if (c->map) {
+    if (c->from == FROM_MAP) {
         send_all(fd, c->map + off, len, c->id, "data");
+    } else if (c->from == FROM_SENDFILE) {
+        off_t at = (off_t)off;
+        for (uint64_t done = 0; done < len;) {
+            size_t want = len - done < CHUNK ? (size_t)(len - done) : CHUNK;
+            ssize_t w = sendfile(fd, c->in_fd, &at, want);
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0)
+                die("channel %d: sendfile at %llu: %s", c->id, (unsigned long long)at,
+                    w < 0 ? strerror(errno) : "end of file (the input shrank?)");
+            done += (uint64_t)w;
+        }
     } else {
         const size_t stage = 2u << 20;
         unsigned char *buf = aligned_alloc(4096, stage);
@@ -463,7 +483,7 @@ static void *send_thread(void *arg) {
     return NULL;
 }
 
-static int cmd_send(const char *to, int channels, const char *in, int use_pread) {
+static int cmd_send(const char *to, int channels, const char *in, enum send_source from) {
     role = "send";
     struct addr a;
     parse_addr(to, &a);
@@ -473,7 +493,7 @@ static int cmd_send(const char *to, int channels, const char *in, int use_pread)
     if (fstat(fd, &st)) die("fstat %s: %s", in, strerror(errno));
     uint64_t size = (uint64_t)st.st_size;
     const unsigned char *map = NULL;
-    if (size && !use_pread) {
+    if (size && from == FROM_MAP) {
         map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
         if (map == MAP_FAILED) die("mmap %s (%llu bytes): %s", in, (unsigned long long)size, strerror(errno));
     }
@@ -481,7 +501,7 @@ static int cmd_send(const char *to, int channels, const char *in, int use_pread)
     pthread_t th[MAX_CHANNELS];
     struct send_ctx ctx[MAX_CHANNELS];
     for (int i = 0; i < channels; i++) {
-        ctx[i] = (struct send_ctx){.a = &a, .to = to, .map = map, .in_fd = fd, .size = size, .channels = channels, .id = i};
+        ctx[i] = (struct send_ctx){.a = &a, .to = to, .from = from, .map = map, .in_fd = fd, .size = size, .channels = channels, .id = i};
         int rc = pthread_create(&th[i], NULL, send_thread, &ctx[i]);
         if (rc) die("pthread_create: %s", strerror(rc));
     }
@@ -498,7 +518,7 @@ static int cmd_send(const char *to, int channels, const char *in, int use_pread)
 int main(int argc, char **argv) {
     if (argc < 2) usage(NULL);
     const char *mode = argv[1], *listen_s = NULL, *to = NULL, *out = NULL, *in = NULL, *size_s = NULL;
-    int channels = 1, cold = 0, use_pread = 0;
+    int channels = 1, cold = 0, use_pread = 0, use_sendfile = 0;
     for (int i = 2; i < argc; i++) {
         const char *o = argv[i];
 #define NEXT() (i + 1 < argc ? argv[++i] : (usage("missing value after option"), (char *)0))
@@ -509,6 +529,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(o, "--size")) size_s = NEXT();
         else if (!strcmp(o, "--cold")) cold = 1;
         else if (!strcmp(o, "--pread")) use_pread = 1;
+        else if (!strcmp(o, "--sendfile")) use_sendfile = 1;
         else if (!strcmp(o, "--packets")) {
             const char *v = NEXT();
             if (!strcmp(v, "plain")) packets_mode = PACKETS_PLAIN;
@@ -534,7 +555,7 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     if (!strcmp(mode, "recv")) {
         if (!listen_s || !size_s || !out) usage("recv needs --listen, --size and --out");
-        if (to || in || use_pread) usage("recv takes no --to/--in/--pread");
+        if (to || in || use_pread || use_sendfile) usage("recv takes no --to/--in/--pread/--sendfile");
         uint64_t size;
         if (parse_size(size_s, &size)) usage("--size: not a size (bytes, or with K/M/G/KiB/MiB/GiB)");
         return cmd_recv(listen_s, channels, size, out, cold);
@@ -543,7 +564,8 @@ int main(int argc, char **argv) {
         if (!to || !in) usage("send needs --to and --in");
         if (listen_s || out || size_s || cold || packets_mode != STREAM)
             usage("send takes no --listen/--out/--size/--cold/--packets");
-        return cmd_send(to, channels, in, use_pread);
+        if (use_pread && use_sendfile) usage("--pread and --sendfile exclude each other");
+        return cmd_send(to, channels, in, use_pread ? FROM_PREAD : use_sendfile ? FROM_SENDFILE : FROM_MAP);
     }
     usage("mode must be recv or send");
     return 2;
