@@ -11,11 +11,13 @@ let package = Package(
     products: [
         .executable(name: "livemig", targets: ["livemig"]),
         // For the nested Benchmarks/ package (a path dependency sees products only).
-        .library(name: "LivemigCore", targets: ["CShims", "GuestMemory", "MigrationWire", "URing", "WorkerThreads", "Migration"]),
+        .library(
+            name: "LivemigCore", targets: ["CShims", "GuestMemory", "MigrationWire", "Trust", "URing", "WorkerThreads", "Migration"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"5.0.0"),
     ],
     targets: [
         // Linux, liburing and libzstd pieces Swift cannot import directly:
@@ -24,7 +26,7 @@ let package = Package(
         .target(
             name: "CShims",
             path: "CShims",
-            linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("zstd")]
+            linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("zstd"), .linkedLibrary("xxhash")]
         ),
         // Joinable OS threads whose bodies never inherit an actor's isolation.
         .target(name: "WorkerThreads", dependencies: ["CShims"], swiftSettings: strict),
@@ -36,6 +38,13 @@ let package = Package(
         ),
         // Wire formats: encode, decode, validate. Pure: no sockets, no files.
         .target(name: "MigrationWire", swiftSettings: strict),
+        // Pre-shared keys, hello proofs, per-channel keys, MACs and AEAD
+        // (swift-crypto), and the content hashes of integrity checks.
+        .target(
+            name: "Trust",
+            dependencies: ["CShims", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: strict
+        ),
         // Sockets, addresses and the io_uring ring with its plain-syscall fallback.
         .target(
             name: "URing",
@@ -46,7 +55,7 @@ let package = Package(
         .target(
             name: "Migration",
             dependencies: [
-                "CShims", "GuestMemory", "MigrationWire", "URing", "WorkerThreads",
+                "CShims", "GuestMemory", "MigrationWire", "Trust", "URing", "WorkerThreads",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict
@@ -57,7 +66,7 @@ let package = Package(
         .executableTarget(
             name: "livemig",
             dependencies: [
-                "CShims", "GuestMemory", "MigrationWire", "URing", "Migration", "Workload", "WorkerThreads",
+                "CShims", "GuestMemory", "MigrationWire", "Trust", "URing", "Migration", "Workload", "WorkerThreads",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -71,14 +80,15 @@ let package = Package(
         ),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire", "TestSupport"]),
+        .testTarget(name: "TrustTests", dependencies: ["Trust"]),
         .testTarget(
             name: "MigrationTests",
             dependencies: [
-                "Migration", "GuestMemory", "MigrationWire", "URing", "TestSupport",
+                "Migration", "GuestMemory", "MigrationWire", "Trust", "URing", "TestSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        .testTarget(name: "LivemigIntegrationTests", dependencies: ["MigrationWire", "URing", "TestSupport"]),
+        .testTarget(name: "LivemigIntegrationTests", dependencies: ["MigrationWire", "Trust", "URing", "TestSupport"]),
         // Helpers every test target shares (a seeded generator).
         .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
     ]

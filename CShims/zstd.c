@@ -20,9 +20,12 @@ lm_zstd_cctx *lm_zstd_cctx_create(int level) {
     ZSTD_CCtx *c = ZSTD_createCCtx();
     // Sticky parameters: set once, used by every ZSTD_compress2 call. The
     // content size goes into each frame header (the default, said here
-    // because the receiver checks it before it decodes).
+    // because the receiver checks it before it decodes), and each frame
+    // ends with the XXH64 checksum of its content, which libzstd checks
+    // when it decodes.
     if (!c || ZSTD_isError(ZSTD_CCtx_setParameter(c, ZSTD_c_compressionLevel, level)) ||
-        ZSTD_isError(ZSTD_CCtx_setParameter(c, ZSTD_c_contentSizeFlag, 1))) {
+        ZSTD_isError(ZSTD_CCtx_setParameter(c, ZSTD_c_contentSizeFlag, 1)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(c, ZSTD_c_checksumFlag, 1))) {
         ZSTD_freeCCtx(c);
         return NULL;
     }
@@ -57,3 +60,4 @@ size_t lm_zstd_decompress(lm_zstd_dctx *z, void *dst, size_t dst_cap, const void
     // context's own, whatever window size the frame header claims.
     return ZSTD_decompressDCtx(dctx(z), dst, dst_cap, src, src_len);
 }
+

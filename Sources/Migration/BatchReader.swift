@@ -1,9 +1,14 @@
 import CShims
 import GuestMemory
 
-/// Reads a batch's pages for one sender channel and finds the zero ones
-/// (used by that channel's thread only). Each page is read once, in one of
-/// two ways chosen per batch:
+/// Reads a batch's pages for one sender channel into a private copy and
+/// finds the zero ones (used by that channel's thread only).
+///
+/// **Every page is sent from its copy, never from the guest mapping**: the
+/// packet carries a hash of each page, and the bytes hashed must be the
+/// bytes sent. A guest that writes a page after we copied it only makes
+/// that copy stale, and the dirty bitmap sends it again (GUEST-CONTROL.md
+/// §6). Each page is read once, in one of two ways chosen per batch:
 ///
 /// - **Staged by pread** into the batch's slot of this channel's buffer,
 ///   one pread per run of adjacent pages, when the batch is made of long
@@ -11,10 +16,10 @@ import GuestMemory
 ///   run of 128) or the channel's last batch was almost all zero. The
 ///   gather write then sends the non-zero pages **from the slot**, and the
 ///   source never maps them.
-/// - **In place, through the mapping**, for a batch of scattered pages (a
-///   live round's dirty pages): fault the batch in window by window
-///   (`lm_fault_in_windows`), then check each page where it is; the gather
-///   write's iovecs point into the mapping.
+/// - **Through the mapping**, for a batch of scattered pages (a live
+///   round's dirty pages): fault the batch in window by window
+///   (`lm_fault_in_windows`), then copy each page into its place in the
+///   slot and check the copy.
 ///
 /// Why stage at all, when it costs a kernel copy that sending from the
 /// mapping does not: on this machine (a VM without huge pages for tmpfs)
@@ -43,11 +48,12 @@ final class BatchReader {
     let slots: Int
     /// Per page of the last batch read: whether it is zero.
     let isZero: UnsafeMutablePointer<Bool>
-    /// The slot the last batch was staged in (its page i is at
-    /// `staged + i * pageSize`), or nil when it was read in place.
-    private(set) var staged: UnsafeMutableRawPointer?
-    /// The last batch was staged (it mapped nothing).
-    var isStaged: Bool { staged != nil }
+    /// The slot the last batch was copied into (its page i is at
+    /// `staged + i * pageSize`).
+    private(set) var staged: UnsafeMutableRawPointer
+    /// The last batch was read by pread (it mapped nothing); false when it
+    /// was copied through the mapping.
+    private(set) var isStaged = true
     /// The last batch had at least 7/8 zero pages.
     private var lastMostlyZero = false
 
@@ -65,6 +71,7 @@ final class BatchReader {
         self.slots = slots
         pageSize = Int(ram.block.pageSize)
         buffer = .allocate(byteCount: slots * MultiFDPages.capacity * pageSize, alignment: 4096)
+        staged = buffer
         isZero = .allocate(capacity: MultiFDPages.capacity)
     }
 
@@ -73,16 +80,12 @@ final class BatchReader {
         isZero.deallocate()
     }
 
-    /// The bytes of page `i` of the last batch read (its file offset is
-    /// `offset`): in its slot when staged, else in the mapping.
-    @inline(__always) func page(_ i: Int, offset: UInt64) -> UnsafeMutableRawPointer {
-        if let staged { return staged + i * pageSize }
-        return ram.base + Int(offset)
-    }
+    /// The copy of page `i` of the last batch read, in its slot.
+    @inline(__always) func page(_ i: Int) -> UnsafeMutableRawPointer { staged + i * pageSize }
 
-    /// Reads `pages` (staging them in `slot` or leaving them in place) and
-    /// fills `isZero[0..<pages.count]`. A staged slot is overwritten by the
-    /// next batch read into the same slot. A failed pread throws (a file
+    /// Copies `pages` into `slot` (by pread, or through the mapping) and
+    /// fills `isZero[0..<pages.count]`. A slot is overwritten by the next
+    /// batch read into the same slot. A failed pread throws (a file
     /// that shrank would otherwise kill the process with SIGBUS through the
     /// mapping).
     func read(_ pages: MultiFDPages, slot: Int = 0) throws(GuestMemoryError) {
@@ -91,31 +94,32 @@ final class BatchReader {
         for _ in PageRuns(pages.offsets, count: pages.count, pageSize: UInt64(pageSize)) { runs += 1 }
         let long = runs * Self.minimumStagedRun <= pages.count
         let slotBase = buffer + slot * MultiFDPages.capacity * pageSize
-        if long || lastMostlyZero {
+        staged = slotBase
+        isStaged = long || lastMostlyZero
+        if isStaged {
             try stage(pages, in: slotBase)
-            staged = slotBase
         } else {
-            staged = nil
-            readInPlace(pages)
+            copyThroughMapping(pages, into: slotBase)
         }
         var zero = 0
         for i in 0..<pages.count where isZero[i] { zero += 1 }
         lastMostlyZero = zero * 8 >= pages.count * 7
     }
 
-    private func readInPlace(_ pages: MultiFDPages) {
-        // Fault the batch in first: faults interleaved with the scan cost
-        // it 1.6x (see lm_fault_in_windows).
+    private func copyThroughMapping(_ pages: MultiFDPages, into slot: UnsafeMutableRawPointer) {
+        // Fault the batch in first: faults interleaved with the copies cost
+        // the scan 1.6x (see lm_fault_in_windows).
         lm_fault_in_windows(ram.base, pages.offsets, pages.count, Self.faultAroundBytes)
         for i in 0..<pages.count {
-            isZero[i] = lm_buffer_is_zero(ram.base + Int(pages.offsets[i]), pageSize)
+            let copy = slot + i * pageSize
+            copy.copyMemory(from: ram.base + Int(pages.offsets[i]), byteCount: pageSize)
+            isZero[i] = lm_buffer_is_zero(copy, pageSize)
         }
     }
 
     /// Reads each run of adjacent pages with one pread to its place in the
     /// slot (page i at `slot + i * pageSize`).
     private func stage(_ pages: MultiFDPages, in slot: UnsafeMutableRawPointer) throws(GuestMemoryError) {
-        staged = nil
         for run in PageRuns(pages.offsets, count: pages.count, pageSize: UInt64(pageSize)) {
             let at = slot + run.lowerBound * pageSize
             try ram.read(into: at, offset: pages.offsets[run.lowerBound], length: run.count * pageSize)

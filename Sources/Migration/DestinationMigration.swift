@@ -2,6 +2,7 @@ import GuestMemory
 import MigrationWire
 import Synchronization
 import SystemPackage
+import Trust
 import URing
 import WorkerThreads
 
@@ -22,6 +23,9 @@ public struct DestinationConfig: Sendable {
     public var helloTimeout = 10.0
     /// Where to store a live guest's state (created when absent).
     public var guestControl: FilePath?
+    /// The pre-shared key every channel must prove (nil: integrity
+    /// checksums only). Whether to encrypt is the source's choice.
+    public var key: PreSharedKey?
 
     public init(address: SocketAddress, channels: Int, ramPath: FilePath) {
         self.address = address
@@ -40,6 +44,10 @@ public final class DestinationMigration: Sendable {
     public let config: DestinationConfig
     public let counters = TransferCounters()
     public let latch = FailureLatch()
+    /// Told of connections the listener ignored or dropped (a stranger, an
+    /// idle port probe, a channel of another session): they never fail
+    /// the migration, but the user should know.
+    private let notice: @Sendable (String) -> Void
     private let listener: Listener
     private let ramFile = Mutex<RAMFile?>(nil)
     /// The RAM was mapped and pre-faulted before listening: receivers write
@@ -49,8 +57,9 @@ public final class DestinationMigration: Sendable {
 
     /// Maps (and pre-faults) the RAM file if it exists or `size` is given,
     /// then listens. The source may connect once this returns.
-    public init(config: DestinationConfig) throws(MigrationError) {
+    public init(config: DestinationConfig, notice: @escaping @Sendable (String) -> Void = { _ in }) throws(MigrationError) {
         self.config = config
+        self.notice = notice
         if let size = config.size {
             let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile.create(path: config.ramPath, size: size) }
             ramFile.withLock { $0 = ram }
@@ -91,6 +100,7 @@ public final class DestinationMigration: Sendable {
         do {
             let (ctl, hello) = try acceptMain()
             control = ctl
+            let trust = TrustSetting(key: config.key, encrypt: hello.flags.contains(.encrypted))
             start = Monotonic.now
             // First waker: tell the source why, before the data channels are
             // shut; then wake our own main-channel read.
@@ -108,15 +118,16 @@ public final class DestinationMigration: Sendable {
                 PacketLimits(
                     channelID: id, pageSize: ram.block.pageSize,
                     blocks: [RAMBlockLayout(name: ram.block.name, size: ram.block.size, pageSize: ram.block.pageSize)],
-                    compression: hello.compression)
+                    compression: hello.compression, tagSize: trust.key == nil ? 0 : PacketSealer.tagSize)
             }
             let arrived = DirtyBitmap(pageCount: ram.block.pageCount)
-            let (sockets, early) = try acceptChannels(session: session, main: ctl)
-            for (id, s) in sockets.enumerated() {
+            let table = PageTable(pages: ram.block.pageCount)
+            let (channels, early) = try acceptChannels(session: session, main: ctl, trust: trust)
+            for (id, (s, keys)) in channels.enumerated() {
                 receivers.append(
                     try PacketReceiver(
-                        id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived,
-                        writeThrough: !prefaulted))
+                        id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived, table: table,
+                        sealer: keys.map { PacketSealer(key: $0.toDestination, encrypts: trust.encrypt) }, writeThrough: !prefaulted))
             }
             latch.onFailure { [receivers, barrier] in
                 for r in receivers { r.socket.shutdown() }
@@ -128,7 +139,7 @@ public final class DestinationMigration: Sendable {
                 let latch = self.latch
                 threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })
             }
-            let rounds = try serveControl(ctl, barrier: barrier, arrived: arrived, ram: ram, first: early)
+            let rounds = try serveControl(ctl, barrier: barrier, arrived: arrived, table: table, ram: ram, first: early)
             var s = MigrationStats(status: .completed)
             s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
             s.setupTime = UInt64(setupTime * 1000)
@@ -143,21 +154,21 @@ public final class DestinationMigration: Sendable {
 
     // MARK: - setup
 
-    /// Waits for the main channel. A connection that closes before saying
-    /// anything (a port probe) is ignored; anything else that is not a valid
-    /// main hello fails the migration.
+    /// Waits for the main channel and runs its hello exchange. Connections
+    /// that are not a livemig source (a port probe that closes, an HTTP
+    /// request, bytes without our magic) or that say nothing within the
+    /// hello deadline are dropped with a notice, and the wait goes on: a
+    /// stranger cannot fail a migration. A livemig source whose hello or
+    /// proof fails (another version, another key, no key) fails it: that is
+    /// the user's source, and both sides must say why.
     private func acceptMain() throws(MigrationError) -> (ControlChannel, ChannelHello) {
+        var gate = HelloGate(listener: listener, helloTimeout: config.helloTimeout, notice: notice, latch: latch)
         while true {
-            let s: Socket
-            do {
-                s = try listener.accept(timeout: nil)
-            } catch {
-                throw MigrationError(error)
-            }
+            guard let (s, hello, bytes) = try gate.next(deadline: nil, strict: true) else { continue }
             s.setReceiveTimeout(config.helloTimeout)
-            guard s.peerSendsData() else { continue }  // a port probe: keep waiting
-            let hello = try readHello(s)
-            return (ControlChannel(socket: s, counters: counters), hello)
+            let keys = try ChannelHandshake.answer(
+                s, hello: hello, helloBytes: bytes, trust: TrustSetting(key: config.key), counters: counters)
+            return (ControlChannel(socket: s, counters: counters, keys: keys, isSource: false), hello)
         }
     }
 
@@ -183,15 +194,6 @@ public final class DestinationMigration: Sendable {
             throw MigrationError(.mismatch, "receive has --guest but the source sends no guest (start send with --guest CONTROL)")
         }
         try ctl.send(.helloAccepted)
-    }
-
-    private func readHello(_ s: Socket) throws(MigrationError) -> ChannelHello {
-        do {
-            let bytes = try s.receiveBytes(ChannelHello.size, what: "reading a channel hello")
-            return try bytes.withUnsafeBytes { try ChannelHello.decode($0) }
-        } catch {
-            throw MigrationError(converting: error)
-        }
     }
 
     /// Reads the RAM layout, maps (or checks) the RAM file to match, replies.
@@ -227,40 +229,49 @@ public final class DestinationMigration: Sendable {
         return ram
     }
 
-    /// Accepts the N multifd channels: same session, right count, no
-    /// duplicate ids. Returns them ordered by channel id.
-    /// The connections may be accepted after the source already sent
-    /// on main (a small first round fits in the socket buffers): such a
-    /// message is returned for the control loop, unless it is an error.
-    private func acceptChannels(session: SessionID, main: ControlChannel) throws(MigrationError) -> (
-        [Socket], MainMessage?
+    /// Accepts the N multifd channels: same session, proven key, right
+    /// count, no duplicate ids. Returns them ordered by channel id, with
+    /// their keys. A connection of another session, or one that fails its
+    /// proof, is dropped with a notice and never fails the migration in
+    /// progress. The connections may be accepted after the source already
+    /// sent on main (a small first round fits in the socket buffers): such
+    /// a message is returned for the control loop, unless it is an error.
+    private func acceptChannels(session: SessionID, main: ControlChannel, trust: TrustSetting) throws(MigrationError) -> (
+        [(Socket, ChannelKeys?)], MainMessage?
     ) {
-        var byID = [Socket?](repeating: nil, count: config.channels)
+        var byID = [(Socket, ChannelKeys?)?](repeating: nil, count: config.channels)
         var early: MainMessage?
         var opened = 0
+        var gate = HelloGate(listener: listener, helloTimeout: config.helloTimeout, notice: notice, latch: latch)
+        let deadline = Monotonic.now + config.channelTimeout
         while opened < config.channels {
-            let s: Socket
+            let next: (Socket, ChannelHello, [UInt8])?
             do {
-                s = try listener.accept(timeout: config.channelTimeout, watch: early == nil ? main.socket : nil)
-            } catch  where error.code == .interrupted {
+                next = try gate.next(deadline: deadline, strict: false, watch: early == nil ? main.socket : nil)
+            } catch  where error.kind == .timeout {
+                throw MigrationError(
+                    .timeout, "only \(opened) of \(config.channels) multifd channels connected within \(config.channelTimeout) s")
+            }
+            guard let (s, h, bytes) = next else {
                 // The source says something (an error, most likely) or left.
                 let m = try main.receive("waiting for multifd channels")
                 if case .error(let text) = m { throw MigrationError(.peer, "source failed: \(text)") }
                 early = m
                 continue
-            } catch  where error.code == .timedOut {
-                throw MigrationError(
-                    .timeout, "only \(opened) of \(config.channels) multifd channels connected within \(config.channelTimeout) s")
-            } catch {
-                throw MigrationError(error)
+            }
+            guard h.kind == .multifd, h.session == session else {
+                notice(
+                    "dropped a connection from \(s.peer) that is not a multifd channel of this migration (\(h.kind == .main ? "a second main channel" : "session \(h.session)"))"
+                )
+                continue
             }
             s.setReceiveTimeout(config.helloTimeout)
-            let h = try readHello(s)
-            guard h.kind == .multifd else {
-                throw MigrationError(.protocolViolation, "a second main channel arrived while waiting for multifd channels")
-            }
-            guard h.session == session else {
-                throw MigrationError(.protocolViolation, "multifd channel \(h.channelID) belongs to session \(h.session), not \(session)")
+            let keys: ChannelKeys?
+            do {
+                keys = try ChannelHandshake.answer(s, hello: h, helloBytes: bytes, trust: trust, counters: counters)
+            } catch {
+                notice("dropped multifd channel \(h.channelID) from \(s.peer): \(error.description)")
+                continue
             }
             guard Int(h.channelCount) == config.channels else {
                 throw MigrationError(
@@ -270,7 +281,7 @@ public final class DestinationMigration: Sendable {
                 throw MigrationError(.protocolViolation, "multifd channel \(h.channelID) connected twice")
             }
             s.setReceiveTimeout(nil)
-            byID[Int(h.channelID)] = s
+            byID[Int(h.channelID)] = (s, keys)
             opened += 1
         }
         return (byID.map { $0! }, early)
@@ -280,7 +291,9 @@ public final class DestinationMigration: Sendable {
 
     /// The main thread's loop: end-of-round barriers, then completion.
     /// Returns the number of rounds.
-    private func serveControl(_ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, ram: RAMFile, first: MainMessage?)
+    private func serveControl(
+        _ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, table: PageTable, ram: RAMFile, first: MainMessage?
+    )
         throws(MigrationError)
         -> UInt64
     {
@@ -316,7 +329,7 @@ public final class DestinationMigration: Sendable {
                 rounds = r
                 for s in barrier.resume { s.signal() }
             case .complete(let summary):
-                try checkCompletion(summary, rounds: rounds, arrived: arrived, ram: ram)
+                try checkCompletion(summary, rounds: rounds, arrived: arrived, table: table, ram: ram)
                 if let path = config.guestControl {
                     guard let state = guestState, UInt64(state.count) == summary.guestStateBytes else {
                         throw MigrationError(
@@ -360,7 +373,9 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    private func checkCompletion(_ s: CompletionSummary, rounds: UInt64, arrived: DirtyBitmap, ram: RAMFile) throws(MigrationError) {
+    private func checkCompletion(_ s: CompletionSummary, rounds: UInt64, arrived: DirtyBitmap, table: PageTable, ram: RAMFile)
+        throws(MigrationError)
+    {
         let normal = counters.read(counters.normalPages), zero = counters.read(counters.zeroPages)
         let packets = counters.read(counters.packets)
         guard s.rounds == rounds, rounds > 0 else {
@@ -375,6 +390,16 @@ public final class DestinationMigration: Sendable {
         let got = arrived.dirtyCount()
         guard got == ram.block.pageCount else {
             throw MigrationError(.mismatch, "only \(got) of \(ram.block.pageCount) pages arrived; refusing to report success")
+        }
+        // Every page's last copy here must be the source's last copy: a page
+        // placed at a wrong offset, or an older round's copy applied after
+        // a newer one, changes the digest.
+        let digest = table.digest()
+        guard digest == s.pageDigest else {
+            throw MigrationError(
+                .integrity,
+                "the digest of the pages placed here (\(hexString(digest))) differs from the source's (\(hexString(s.pageDigest))): some page holds another copy than the one the source sent last; refusing to report success"
+            )
         }
     }
 
@@ -398,4 +423,9 @@ public final class DestinationMigration: Sendable {
             throw MigrationError(error)
         }
     }
+}
+
+/// Lowercase hex of `bytes`, for messages.
+func hexString(_ bytes: [UInt8]) -> String {
+    bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
 }

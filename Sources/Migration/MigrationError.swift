@@ -1,5 +1,6 @@
 import GuestMemory
 import MigrationWire
+import Trust
 import URing
 
 /// Why a migration stopped. One line for the user: what failed, with values,
@@ -12,6 +13,9 @@ public struct MigrationError: Error, CustomStringConvertible, Sendable {
         case peer
         /// The peer sent bytes that break the protocol.
         case protocolViolation
+        /// A checksum or MAC did not verify: bytes were corrupted in transit,
+        /// or tampered with, replayed or reordered.
+        case integrity
         /// The bytes on both sides are fine but do not fit (sizes, counts).
         case mismatch
         /// A deadline passed.
@@ -38,6 +42,7 @@ public struct MigrationError: Error, CustomStringConvertible, Sendable {
 
     public init(_ e: WireError) { self.init(.protocolViolation, e.description) }
     public init(_ e: GuestMemoryError) { self.init(.local, e.description) }
+    public init(_ e: TrustError) { self.init(.local, e.description) }
 
     /// Converts whatever a mixed `do` block threw (sockets, wire, memory).
     public init(converting error: any Error) {
@@ -46,6 +51,7 @@ public struct MigrationError: Error, CustomStringConvertible, Sendable {
         case let e as SocketError: self.init(e)
         case let e as WireError: self.init(e)
         case let e as GuestMemoryError: self.init(e)
+        case let e as TrustError: self.init(e)
         default: self.init(.local, "\(error)")
         }
     }

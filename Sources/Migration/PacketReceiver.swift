@@ -3,6 +3,7 @@ import Dispatch
 import GuestMemory
 import MigrationWire
 import Synchronization
+import Trust
 import URing
 
 #if canImport(Glibc)
@@ -27,14 +28,14 @@ final class RoundBarrier: Sendable {
     }
 }
 
-/// One destination channel: reads packets, validates all of each header and
-/// offset array before touching memory, then receives page data straight
-/// into the destination mapping (no intermediate buffer) when it was
-/// pre-faulted, or into a buffer of this channel and from there into the
-/// file with pwrite (`writeThrough`). A compressed packet is read into this
-/// channel's frame buffer and decoded into its page buffer first; its pages
-/// are copied into the mapping (or written into the file) only once the
-/// frame has decoded to exactly the packet's pages (`PacketDecompressor`).
+/// One destination channel: reads packets and checks everything about one
+/// before any of it touches guest memory (docs/PROTOCOL.md §4, "Receiver
+/// validation"): the header's fields, the prefix check over header and
+/// entries, every offset, then the payload, read into this channel's own
+/// buffer, against its tag (with a key: the GMAC, or the AEAD that decrypts
+/// it), its zstd frame (compressed) and each page's content hash. Only
+/// then are the pages placed: copied into the mapping when it was
+/// pre-faulted, else written into the file with pwrite (`writeThrough`).
 final class PacketReceiver: @unchecked Sendable {
     // @unchecked: used by its own receiver thread only, after being built on
     // the main thread (thread start orders the two).
@@ -45,29 +46,31 @@ final class PacketReceiver: @unchecked Sendable {
     private let counters: TransferCounters
     /// Pages that arrived at least once, for the completion check.
     private let arrived: DirtyBitmap
+    private let table: PageTable
+    private let sealer: PacketSealer?
+    /// `[header | entries | payload | tag]` of the packet being read: the
+    /// prefix right-aligned before `maxPrefixSize`, so a tag covers one
+    /// contiguous range.
+    private let packet: UnsafeMutableRawPointer
     private let header: UnsafeMutableRawPointer
-    private let rawOffsets: UnsafeMutableRawPointer
     private let offsets: UnsafeMutablePointer<UInt64>
-    private let iov: UnsafeMutablePointer<iovec>
+    private let hashes: UnsafeMutablePointer<UInt64>
     /// This channel's zstd context and buffers, when the source compresses.
     private let decompressor: PacketDecompressor?
     /// Page data goes into the file with pwrite, not through the mapping.
     private let writeThrough: Bool
-    /// With `writeThrough` and no compression: 128 pages where page data
-    /// lands before pwrite.
-    private let bounce: UnsafeMutableRawPointer?
+    private let zeroHash: UInt64
     private var expectedPacket: UInt64 = 0
 
-    /// `writeThrough`: receive page data into a buffer of this channel and
-    /// pwrite it into the file, instead of straight into the mapping. For a
-    /// destination that was not pre-faulted: a first touch through the
-    /// mapping costs a fault, a zeroed page and a page-table entry to tear
-    /// down, a pwrite into the hole only the copy (the issue measured 0.6–0.9
-    /// GB/s against 2.3 GB/s on /dev/shm), and a full file system is an
-    /// error (ENOSPC) instead of a SIGBUS.
+    /// `writeThrough`: pwrite page data into the file instead of copying it
+    /// into the mapping. For a destination that was not pre-faulted: a
+    /// first touch through the mapping costs a fault, a zeroed page and a
+    /// page-table entry to tear down, a pwrite into the hole only the copy
+    /// (the issue measured 0.6–0.9 GB/s against 2.3 GB/s on /dev/shm), and a
+    /// full file system is an error (ENOSPC) instead of a SIGBUS.
     init(
         id: Int, socket: Socket, ram: RAMFile, limits: PacketLimits, counters: TransferCounters, arrived: DirtyBitmap,
-        writeThrough: Bool = false
+        table: PageTable, sealer: PacketSealer? = nil, writeThrough: Bool = false
     ) throws(MigrationError) {
         decompressor =
             limits.compression == .none ? nil : try PacketDecompressor(method: limits.compression, pageSize: Int(limits.pageSize))
@@ -77,39 +80,38 @@ final class PacketReceiver: @unchecked Sendable {
         self.limits = limits
         self.counters = counters
         self.arrived = arrived
+        self.table = table
+        self.sealer = sealer
+        let pageSize = Int(limits.pageSize)
+        zeroHash = ContentHash.zeroPage(pageSize)
+        let payloadCapacity = max(MultiFDPacketHeader.maxPages * pageSize, decompressor?.frameCapacity ?? 0)
+        packet = .allocate(byteCount: MultiFDPacketHeader.maxPrefixSize + payloadCapacity + PacketSealer.tagSize, alignment: 4096)
         header = .allocate(byteCount: MultiFDPacketHeader.size, alignment: 8)
-        rawOffsets = .allocate(byteCount: MultiFDPacketHeader.maxPages * 8, alignment: 8)
         offsets = .allocate(capacity: MultiFDPacketHeader.maxPages)
-        iov = .allocate(capacity: MultiFDPacketHeader.maxPages)
+        hashes = .allocate(capacity: MultiFDPacketHeader.maxPages)
         self.writeThrough = writeThrough
-        // A compressed packet decodes into the decompressor's pages, which
-        // serve as the buffer: no bounce buffer then.
-        bounce =
-            writeThrough && decompressor == nil
-            ? .allocate(byteCount: MultiFDPacketHeader.maxPages * Int(limits.pageSize), alignment: 4096) : nil
     }
 
     deinit {
+        packet.deallocate()
         header.deallocate()
-        rawOffsets.deallocate()
         offsets.deallocate()
-        iov.deallocate()
-        bounce?.deallocate()
+        hashes.deallocate()
     }
 
     /// The receiver thread's loop.
     func run(barrier: RoundBarrier, latch: FailureLatch) {
         do {
             while true {
-                let h = try readHeader()
+                let h = try readPacket()
                 if h.flags.contains(.sync) {
-                    counters.add(counters.multifdBytes, UInt64(MultiFDPacketHeader.size))
+                    counters.add(counters.multifdBytes, UInt64(h.prefixSize + limits.tagSize))
                     barrier.synced.signal()
                     barrier.resume[id].wait()
                     if latch.hasFailed || barrier.quit.load(ordering: .acquiring) { return }
                     continue
                 }
-                try receivePages(h)
+                try place(h)
             }
         } catch {
             // After completion the source closes its channels: not a failure.
@@ -118,45 +120,106 @@ final class PacketReceiver: @unchecked Sendable {
         }
     }
 
-    private func readHeader() throws(MigrationError) -> MultiFDPacketHeader {
+    private var what: String { "multifd packet \(expectedPacket) on channel \(id)" }
+
+    /// Reads one whole packet into `packet` and checks it; returns its
+    /// header. On return the normal pages are in `pages(h)`, verified.
+    private func readPacket() throws(MigrationError) -> MultiFDPacketHeader {
+        let body = packet + MultiFDPacketHeader.maxPrefixSize
+        let h: MultiFDPacketHeader
         do {
             try socket.receiveExact(header, count: MultiFDPacketHeader.size, what: "reading a packet header on channel \(id)")
-            let h = try MultiFDPacketHeader.decode(header, limits: limits, expectedPacketNumber: expectedPacket)
-            expectedPacket += 1
-            return h
+            // Fields first: every count is bounded before it sizes a read.
+            h = try MultiFDPacketHeader.decode(header, limits: limits, expectedPacketNumber: expectedPacket)
+            let start = body - h.prefixSize
+            start.copyMemory(from: header, byteCount: MultiFDPacketHeader.size)
+            try socket.receiveExact(
+                start + MultiFDPacketHeader.size, count: h.entriesSize, what: "reading page entries on channel \(id)")
+            try checkPrefix(h, at: start)
+            if !h.flags.contains(.sync) {
+                try h.decodeEntries(start + MultiFDPacketHeader.size, offsets: offsets, hashes: hashes, limits: limits)
+            }
+            try socket.receiveExact(body, count: Int(h.payloadSize) + limits.tagSize, what: "reading page data on channel \(id)")
+            if let sealer { try open(h, with: sealer, start: start) }
         } catch {
             throw MigrationError(converting: error)
         }
+        expectedPacket += 1
+        return h
     }
 
-    private func receivePages(_ h: MultiFDPacketHeader) throws(MigrationError) {
+    /// The prefix check: XXH3-64 of header and entries with the check
+    /// field taken as zero. It names corruption before the payload is read.
+    private func checkPrefix(_ h: MultiFDPacketHeader, at start: UnsafeMutableRawPointer) throws(MigrationError) {
+        MultiFDPacketHeader.storeCheck(0, to: start)
+        let computed = ContentHash.page(start, length: h.prefixSize)
+        MultiFDPacketHeader.storeCheck(h.check, to: start)
+        guard computed == h.check else {
+            throw MigrationError(
+                .integrity,
+                "\(what): field 'prefix-check' is 0x\(String(h.check, radix: 16)): the header and entries hash to 0x\(String(computed, radix: 16)); the packet was corrupted in transit"
+            )
+        }
+    }
+
+    /// With a key: the GMAC over header, entries and payload, or the AEAD
+    /// that decrypts the payload in place.
+    private func open(_ h: MultiFDPacketHeader, with sealer: PacketSealer, start: UnsafeMutableRawPointer) throws(MigrationError) {
+        let body = packet + MultiFDPacketHeader.maxPrefixSize
+        let payload = Int(h.payloadSize)
+        let tag = UnsafeRawBufferPointer(start: body + payload, count: PacketSealer.tagSize)
+        let fails =
+            "\(what): its MAC does not verify: the packet was tampered with, replayed, reordered or corrupted, or does not come from the source that proved the key"
+        if sealer.encrypts {
+            guard
+                let plain = sealer.open(
+                    UnsafeRawBufferPointer(start: body, count: payload), prefix: UnsafeRawBufferPointer(start: start, count: h.prefixSize),
+                    tag: tag, packetNumber: h.packetNumber)
+            else { throw MigrationError(.integrity, fails) }
+            plain.withUnsafeBytes { if $0.count > 0 { body.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+        } else {
+            guard
+                sealer.verify(UnsafeRawBufferPointer(start: start, count: h.prefixSize + payload), packetNumber: h.packetNumber, tag: tag)
+            else { throw MigrationError(.integrity, fails) }
+        }
+    }
+
+    /// Decodes (compressed), checks every page against its entry's hash,
+    /// then places the packet's pages and records them.
+    private func place(_ h: MultiFDPacketHeader) throws(MigrationError) {
         let normal = Int(h.normalCount), total = normal + Int(h.zeroCount)
         let pageSize = Int(limits.pageSize)
-        do {
-            try socket.receiveExact(rawOffsets, count: total * 8, what: "reading page offsets on channel \(id)")
-            try h.decodeOffsets(rawOffsets, into: offsets, limits: limits)
-            if h.flags.contains(.compressed), let decompressor {
-                // The header check bounded payload-size by the frame buffer.
-                try socket.receiveExact(decompressor.frame, count: Int(h.payloadSize), what: "reading compressed pages on channel \(id)")
-                try decompressor.decode(h, limits: limits)
-                // Decoded and checked: only now does the file change.
-                if writeThrough {
-                    try writePages(from: decompressor.pages, normal: normal)
-                } else {
-                    for i in 0..<normal {
-                        (ram.base + Int(offsets[i])).copyMemory(from: decompressor.page(i), byteCount: pageSize)
-                    }
-                }
-                counters.add(counters.compressedPages, UInt64(normal))
-                counters.add(counters.compressedBytes, UInt64(h.payloadSize))
-            } else if normal > 0, let bounce {
-                try socket.receiveExact(bounce, count: Int(h.payloadSize), what: "reading page data on channel \(id)")
-                try writePages(from: bounce, normal: normal)
-            } else if normal > 0 {
-                try receivePageData(h, normal: normal)
+        var pages = UnsafeRawPointer(packet + MultiFDPacketHeader.maxPrefixSize)
+        if h.flags.contains(.compressed), let decompressor {
+            do {
+                try decompressor.decode(h, limits: limits, from: pages)
+            } catch {
+                throw MigrationError(error)
             }
-        } catch {
-            throw MigrationError(converting: error)
+            pages = UnsafeRawPointer(decompressor.pages)
+            counters.add(counters.compressedPages, UInt64(normal))
+            counters.add(counters.compressedBytes, UInt64(h.payloadSize))
+        }
+        for i in 0..<normal {
+            let got = ContentHash.page(pages + i * pageSize, length: pageSize)
+            guard got == hashes[i] else {
+                throw MigrationError(
+                    .integrity,
+                    "\(what): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit"
+                )
+            }
+        }
+        for i in normal..<total where hashes[i] != zeroHash {
+            throw MigrationError(
+                .integrity,
+                "\(what): zero page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) carries hash 0x\(String(hashes[i], radix: 16)), not the zero page's 0x\(String(zeroHash, radix: 16))"
+            )
+        }
+        // Every check passed: only now does guest memory change.
+        if writeThrough {
+            try writePages(from: pages, normal: normal)
+        } else {
+            for i in 0..<normal { (ram.base + Int(offsets[i])).copyMemory(from: pages + i * pageSize, byteCount: pageSize) }
         }
         // A zero page must end zero even over older content; reading first
         // avoids dirtying (and allocating) pages that already are. In a file
@@ -171,11 +234,15 @@ final class PacketReceiver: @unchecked Sendable {
             let p = ram.base + Int(off)
             if !lm_buffer_is_zero(p, pageSize) { p.initializeMemory(as: UInt8.self, repeating: 0, count: pageSize) }
         }
-        for i in 0..<total { arrived.mark(page: Int(offsets[i] / limits.pageSize)) }
+        for i in 0..<total {
+            let page = Int(offsets[i] / limits.pageSize)
+            arrived.mark(page: page)
+            table.record(page: page, hash: hashes[i])
+        }
         counters.add(counters.normalPages, UInt64(normal))
         counters.add(counters.zeroPages, UInt64(total - normal))
         counters.add(counters.packets, 1)
-        counters.add(counters.multifdBytes, UInt64(MultiFDPacketHeader.size + total * 8) + UInt64(h.payloadSize))
+        counters.add(counters.multifdBytes, UInt64(h.prefixSize + limits.tagSize) + UInt64(h.payloadSize))
     }
 
     /// Writes the packet's normal pages, laid out one after the other in
@@ -190,23 +257,5 @@ final class PacketReceiver: @unchecked Sendable {
                 throw MigrationError(error)
             }
         }
-    }
-
-    /// Uncompressed pages: every offset is known to be page-aligned and
-    /// inside the block, so the payload is read straight into the mapping
-    /// through a gather list.
-    private func receivePageData(_ h: MultiFDPacketHeader, normal: Int) throws(SocketError) {
-        let pageSize = Int(limits.pageSize)
-        var n = 0
-        for i in 0..<normal {
-            let p = ram.base + Int(offsets[i])
-            if n > 0, iov[n - 1].iov_base! + iov[n - 1].iov_len == p {
-                iov[n - 1].iov_len += pageSize
-            } else {
-                iov[n] = iovec(iov_base: p, iov_len: pageSize)
-                n += 1
-            }
-        }
-        try socket.receiveExact(iov, count: n, total: Int(h.payloadSize), what: "reading page data on channel \(id)")
     }
 }

@@ -1,6 +1,7 @@
 import CShims
 import GuestMemory
 import MigrationWire
+import Trust
 import URing
 
 #if canImport(Glibc)
@@ -8,68 +9,92 @@ import URing
 #endif
 
 /// A sender channel's transport: turns each batch of a job into one multifd
-/// packet and writes the job's packets with a single gather write whose
-/// iovecs point at the pages where `BatchReader` read them (its staging
-/// slots for runs of adjacent pages, the guest mapping for scattered
-/// pages), or, with compression, into this channel's frame slots.
+/// packet and writes the job's packets with a single gather write.
 ///
-/// Hot path: no allocation. The headers, offset arrays, zero-page scratch,
-/// staging slots and iovec array are allocated once here, and so is the
-/// compressor's state (`PacketCompressor`). Each page is read once, by the
-/// `BatchReader`, which also finds the zero pages; zero pages are never
-/// sent or compressed. With compression each normal page is copied once
-/// more into the compressor's buffer (see `PacketCompressor.stage`).
+/// Every page is sent from the private copy `BatchReader` made of it, and
+/// its entry carries the XXH3-64 hash of that copy (docs/PROTOCOL.md §4):
+/// the destination checks each page against it before placing it, and both
+/// sides record it in their `PageTable` for the completion check. The
+/// header and entries carry their own check. With a pre-shared key each
+/// packet also ends with a tag: a GMAC over header, entries and payload,
+/// which must lie contiguous, so they are laid out in this channel's sealed
+/// slots first; with `--encrypt`, ChaCha20-Poly1305 instead.
+///
+/// Hot path: no allocation without encryption. The headers, entry arrays,
+/// zero-page scratch, copies, sealed slots and iovec array are allocated
+/// once here, and so is the compressor's state (`PacketCompressor`). Zero
+/// pages are never sent or compressed.
 public final class PacketSender: ChannelTransport {
     private let writer: any StreamWriter
     private let counters: TransferCounters
     private let pageSize: Int
-    /// Header + offsets of each packet of a job, encoded in place.
+    /// Header + entries of each packet of a job, encoded in place.
     private let prefixes: UnsafeMutableRawPointer
     private let jobCapacity: Int
     private let zeroScratch: UnsafeMutablePointer<UInt64>
+    /// Slot positions of the batch's normal pages, in entry order.
+    private let normalSlots: UnsafeMutablePointer<Int>
     private let reader: BatchReader
     private let iov: UnsafeMutablePointer<iovec>
     /// This channel's zstd context and buffers, when the migration compresses.
     private let compressor: PacketCompressor?
+    /// With a key: the channel's MAC (and cipher).
+    private let sealer: PacketSealer?
+    /// With a key: per packet of a job, `[prefix | payload | tag]` laid out
+    /// contiguous (the prefix right-aligned before `maxPrefixSize`).
+    private let sealed: UnsafeMutableRawPointer?
+    private let sealedSlotSize: Int
+    private let table: PageTable
+    private let zeroHash: UInt64
     private var packetNumber: UInt64 = 0
     public let channelID: Int
 
     public var mechanism: String { writer.mechanism }
     public var zeroCopyReport: (sends: UInt64, copied: UInt64) { writer.zeroCopyReport }
 
-    public init(
-        channelID: Int, ram: RAMFile, writer: any StreamWriter, counters: TransferCounters,
-        jobCapacity: Int = MultiFDJob.defaultCapacity, compression: CompressionSetting = .none
+    init(
+        channelID: Int, ram: RAMFile, writer: any StreamWriter, counters: TransferCounters, table: PageTable,
+        sealer: PacketSealer? = nil, jobCapacity: Int = MultiFDJob.defaultCapacity, compression: CompressionSetting = .none
     ) throws(MigrationError) {
         self.channelID = channelID
         self.writer = writer
         self.counters = counters
         self.jobCapacity = jobCapacity
+        self.table = table
+        self.sealer = sealer
         pageSize = Int(ram.block.pageSize)
+        zeroHash = ContentHash.zeroPage(pageSize)
         switch compression.method {
         case .none: compressor = nil
         case .zstd: compressor = try PacketCompressor(level: compression.level, pageSize: pageSize, jobCapacity: jobCapacity)
         }
         prefixes = .allocate(byteCount: jobCapacity * MultiFDPacketHeader.maxPrefixSize, alignment: 8)
         zeroScratch = .allocate(capacity: MultiFDPages.capacity)
+        normalSlots = .allocate(capacity: MultiFDPages.capacity)
         reader = BatchReader(ram: ram, slots: jobCapacity)
-        // Per packet: its prefix and at most one iovec per page.
-        iov = .allocate(capacity: jobCapacity * (MultiFDPages.capacity + 1))
+        // Per packet: its prefix, at most one iovec per page, and a tag.
+        iov = .allocate(capacity: jobCapacity * (MultiFDPages.capacity + 2))
+        let payloadCapacity = max(MultiFDPages.capacity * pageSize, compressor?.frameCapacity ?? 0)
+        sealedSlotSize = MultiFDPacketHeader.maxPrefixSize + payloadCapacity + PacketSealer.tagSize
+        sealed = sealer == nil ? nil : .allocate(byteCount: jobCapacity * sealedSlotSize, alignment: 64)
     }
 
     deinit {
         prefixes.deallocate()
         zeroScratch.deallocate()
+        normalSlots.deallocate()
         iov.deallocate()
+        sealed?.deallocate()
     }
 
     public func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError) {
         precondition(job.count <= jobCapacity, "a job of \(job.count) batches exceeds this sender's \(jobCapacity)")
         var iovCount = 0, total = 0
         var normalPages = 0, zeroPages = 0, compressedBytes = 0, inPlace = 0
+        let pageSize = self.pageSize
         for b in 0..<job.count {
             let pages = job.batches[b]
-            // Slot b: the job's staged batches must all live until its write.
+            // Slot b: the job's copies must all live until its write.
             do {
                 try reader.read(pages, slot: b)
             } catch {
@@ -77,55 +102,56 @@ public final class PacketSender: ChannelTransport {
             }
             if !reader.isStaged { inPlace += pages.count }
             let prefix = prefixes + b * MultiFDPacketHeader.maxPrefixSize
-            let prefixSlot = iovCount
-            iovCount += 1
-            var normal = 0, zero = 0, payload = 0
+            var normal = 0, zero = 0
             for i in 0..<pages.count {
                 let off = pages.offsets[i]
-                let page = reader.page(i, offset: off)
+                let pageIndex = Int(off / UInt64(pageSize))
                 if reader.isZero[i] {
                     zeroScratch[zero] = off
                     zero += 1
+                    table.record(page: pageIndex, hash: zeroHash)
                     continue
                 }
-                MultiFDPacketHeader.encodeOffset(off, index: normal, to: prefix)
-                if let compressor {
-                    // Copied, never compressed in place (see `stage`).
-                    compressor.stage(page, index: normal)
-                    normal += 1
-                    continue
-                }
+                let hash = ContentHash.page(reader.page(i), length: pageSize)
+                MultiFDPacketHeader.encodeEntry(offset: off, hash: hash, index: normal, to: prefix)
+                table.record(page: pageIndex, hash: hash)
+                normalSlots[normal] = i
                 normal += 1
-                // Adjacent pages share one iovec: fewer segments for the kernel.
-                let last = iov + (iovCount - 1)
-                if iovCount > prefixSlot + 1, last.pointee.iov_base! + last.pointee.iov_len == UnsafeMutableRawPointer(page) {
-                    last.pointee.iov_len += pageSize
-                } else {
-                    iov[iovCount] = iovec(iov_base: page, iov_len: pageSize)
-                    iovCount += 1
-                }
-                payload += pageSize
             }
             for z in 0..<zero {
-                MultiFDPacketHeader.encodeOffset(zeroScratch[z], index: normal + z, to: prefix)
+                MultiFDPacketHeader.encodeEntry(offset: zeroScratch[z], hash: zeroHash, index: normal + z, to: prefix)
             }
             var flags: MultiFDPacketHeader.Flags = []
+            var frame: UnsafeRawBufferPointer?
             if let compressor, normal > 0 {
-                // All normal pages of the packet become one frame, in slot b:
-                // the frames of a job live until its gather write is done.
-                let frame = try compressor.compress(count: normal, slot: b)
-                iov[iovCount] = iovec(iov_base: UnsafeMutableRawPointer(mutating: frame.baseAddress), iov_len: frame.count)
-                iovCount += 1
-                payload = frame.count
-                compressedBytes += payload
+                // Copied, never compressed in place (see `stage`); all normal
+                // pages of the packet become one frame, in slot b.
+                for k in 0..<normal { compressor.stage(reader.page(normalSlots[k]), index: k) }
+                frame = try compressor.compress(count: normal, slot: b)
+                compressedBytes += frame!.count
                 flags = .compressed
             }
+            let payload = frame?.count ?? normal * pageSize
             let header = MultiFDPacketHeader(
                 flags: flags, normalCount: UInt32(normal), zeroCount: UInt32(zero),
                 payloadSize: UInt32(payload), packetNumber: packetNumber, blockID: pages.blockID)
             let prefixSize = encodePrefix(header, at: prefix)
-            iov[prefixSlot] = iovec(iov_base: prefix, iov_len: prefixSize)
-            total += prefixSize + payload
+            if let sealer {
+                let bytes = try seal(
+                    sealer, prefix: prefix, prefixSize: prefixSize, payload: payload, frame: frame, normal: normal, slot: b,
+                    packetNumber: header.packetNumber, iovAt: &iovCount)
+                total += bytes
+            } else {
+                iov[iovCount] = iovec(iov_base: prefix, iov_len: prefixSize)
+                iovCount += 1
+                if let frame {
+                    iov[iovCount] = iovec(iov_base: UnsafeMutableRawPointer(mutating: frame.baseAddress), iov_len: frame.count)
+                    iovCount += 1
+                } else {
+                    appendPages(normal: normal, iovAt: &iovCount)
+                }
+                total += prefixSize + payload
+            }
             normalPages += normal
             zeroPages += zero
         }
@@ -143,6 +169,59 @@ public final class PacketSender: ChannelTransport {
         }
     }
 
+    /// iovecs for the batch's normal pages in their slot; pages next to each
+    /// other in the slot share one.
+    private func appendPages(normal: Int, iovAt iovCount: inout Int) {
+        let first = iovCount
+        for k in 0..<normal {
+            let page = reader.page(normalSlots[k])
+            let last = iov + (iovCount - 1)
+            if iovCount > first, last.pointee.iov_base! + last.pointee.iov_len == page {
+                last.pointee.iov_len += pageSize
+            } else {
+                iov[iovCount] = iovec(iov_base: page, iov_len: pageSize)
+                iovCount += 1
+            }
+        }
+    }
+
+    /// Lays the packet out contiguous in sealed slot `slot`, adds its tag
+    /// (or encrypts its payload), and adds one iovec for all of it. Returns
+    /// the bytes it adds to the write.
+    private func seal(
+        _ sealer: PacketSealer, prefix: UnsafeMutableRawPointer, prefixSize: Int, payload: Int, frame: UnsafeRawBufferPointer?,
+        normal: Int, slot: Int, packetNumber: UInt64, iovAt iovCount: inout Int
+    ) throws(MigrationError) -> Int {
+        let region = sealed! + slot * sealedSlotSize
+        let body = region + MultiFDPacketHeader.maxPrefixSize
+        let start = body - prefixSize
+        start.copyMemory(from: prefix, byteCount: prefixSize)
+        if let frame {
+            if frame.count > 0 { body.copyMemory(from: frame.baseAddress!, byteCount: frame.count) }
+        } else {
+            for k in 0..<normal { (body + k * pageSize).copyMemory(from: reader.page(normalSlots[k]), byteCount: pageSize) }
+        }
+        let tag = body + payload
+        do {
+            if sealer.encrypts {
+                let (ciphertext, mac) = try sealer.seal(
+                    UnsafeRawBufferPointer(start: body, count: payload), prefix: UnsafeRawBufferPointer(start: start, count: prefixSize),
+                    packetNumber: packetNumber)
+                ciphertext.withUnsafeBytes { if $0.count > 0 { body.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+                mac.withUnsafeBytes { tag.copyMemory(from: $0.baseAddress!, byteCount: PacketSealer.tagSize) }
+            } else {
+                try sealer.authenticate(
+                    UnsafeRawBufferPointer(start: start, count: prefixSize + payload), packetNumber: packetNumber, into: tag)
+            }
+        } catch {
+            throw MigrationError(error)
+        }
+        let bytes = prefixSize + payload + PacketSealer.tagSize
+        iov[iovCount] = iovec(iov_base: start, iov_len: bytes)
+        iovCount += 1
+        return bytes
+    }
+
     /// The zstd level, when this channel compresses.
     var compressionLevel: Int32? { compressor?.level }
 
@@ -150,16 +229,27 @@ public final class PacketSender: ChannelTransport {
         let header = MultiFDPacketHeader(
             flags: .sync, normalCount: 0, zeroCount: 0, payloadSize: 0, packetNumber: packetNumber, blockID: 0)
         let prefixSize = encodePrefix(header, at: prefixes)
-        iov[0] = iovec(iov_base: prefixes, iov_len: prefixSize)
-        try write(iovCount: 1, total: prefixSize)
+        var count = 0
+        if let sealer {
+            _ = try seal(
+                sealer, prefix: prefixes, prefixSize: prefixSize, payload: 0, frame: nil, normal: 0, slot: 0,
+                packetNumber: header.packetNumber, iovAt: &count)
+        } else {
+            iov[0] = iovec(iov_base: prefixes, iov_len: prefixSize)
+            count = 1
+        }
+        try write(iovCount: count, total: iov[0].iov_len)
     }
 
-    /// Encodes a header (its offsets are already in place) and numbers the
-    /// packet. Returns the prefix size (header + offsets).
+    /// Encodes a header in front of its entries (already in place), stores
+    /// the prefix check, and numbers the packet. Returns the prefix size.
     private func encodePrefix(_ header: MultiFDPacketHeader, at prefix: UnsafeMutableRawPointer) -> Int {
         header.encode(to: prefix)
+        MultiFDPacketHeader.storeCheck(0, to: prefix)
+        let size = header.prefixSize
+        MultiFDPacketHeader.storeCheck(ContentHash.page(prefix, length: size), to: prefix)
         packetNumber += 1
-        return MultiFDPacketHeader.size + header.offsetsSize
+        return size
     }
 
     private func write(iovCount: Int, total: Int) throws(MigrationError) {

@@ -145,11 +145,13 @@ final class PacketDecompressor {
         pages.deallocate()
     }
 
-    /// Decodes the `payload-size` bytes in `frame` into `pages` and checks
-    /// them (docs/PROTOCOL.md §4): exactly one zstd frame, which records
-    /// and decodes to normal-count × page size bytes. Nothing is written
-    /// to the mapping here.
-    func decode(_ h: MultiFDPacketHeader, limits: PacketLimits) throws(WireError) {
+    /// Decodes the `payload-size` bytes at `source` (by default this
+    /// channel's `frame` buffer) into `pages` and checks them
+    /// (docs/PROTOCOL.md §4): exactly one zstd frame, with a content
+    /// checksum, which records and decodes to normal-count × page size
+    /// bytes. Nothing is written to the mapping here.
+    func decode(_ h: MultiFDPacketHeader, limits: PacketLimits, from source: UnsafeRawPointer? = nil) throws(WireError) {
+        let frame = source ?? UnsafeRawPointer(self.frame)
         let payload = Int(h.payloadSize), expected = h.pagesSize(limits: limits)
         // A zstd frame of today's format (magic 28 B5 2F FD) and nothing
         // else: libzstd would also run its legacy decoders (v0.5, v0.7
@@ -170,6 +172,14 @@ final class PacketDecompressor {
                 field: "payload-size", value: "\(payload)",
                 reason: "its zstd frame ends after \(frameSize) bytes; a packet carries exactly one frame and nothing after it",
                 limits: limits)
+        }
+        // RFC 8878 §3.1.1.1.1: bit 2 of the frame header descriptor (the
+        // byte after the magic) says the frame ends with a checksum of its
+        // content, which libzstd then verifies as it decodes.
+        guard frame.load(fromByteOffset: 4, as: UInt8.self) & 0x04 != 0 else {
+            throw h.payloadError(
+                field: "payload", value: "\(payload) bytes",
+                reason: "its zstd frame has no content checksum; livemig sends every frame with one", limits: limits)
         }
         let recorded = lm_zstd_frame_content_size(frame, payload)
         if recorded != LM_ZSTD_CONTENTSIZE_UNKNOWN, recorded != UInt64(expected) {

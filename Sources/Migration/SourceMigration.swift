@@ -2,6 +2,7 @@ import Dispatch
 import GuestMemory
 import MigrationWire
 import Synchronization
+import Trust
 import URing
 import WorkerThreads
 
@@ -20,6 +21,8 @@ public struct SourceConfig: Sendable {
     public var zeroCopy = false
     /// How normal pages travel; the main hello announces the method.
     public var compression = CompressionSetting.none
+    /// The pre-shared key and whether to encrypt (`--psk-file`, `--encrypt`).
+    public var trust = TrustSetting.none
     /// How long to retry a refused connection.
     public var connectTimeout = 3.0
     /// How long to wait for each handshake reply (the destination may be
@@ -112,7 +115,8 @@ public final class SourceMigration: Sendable {
             }
             let session = SessionID.random()
             let main = try connect()
-            let ctl = ControlChannel(socket: main, counters: counters)
+            let mainKeys = try openChannel(main, kind: .main, id: 0, session: session)
+            let ctl = ControlChannel(socket: main, counters: counters, keys: mainKeys, isSource: true)
             control = ctl
             // First waker: tell the destination why, before any socket is
             // shut (a closed data channel would otherwise speak first). Then
@@ -121,17 +125,18 @@ public final class SourceMigration: Sendable {
                 if let e = latch.error, e.kind != .peer { ctl.sendErrorBestEffort(e) }
                 main.shutdownReceive()
             }
-            try handshake(ctl, session: session)
+            try handshake(ctl)
 
+            var sealers: [PacketSealer?] = []
             for id in 0..<config.channels {
                 let s = try connect()
                 sockets.append(s)
                 latch.onFailure { [s] in s.shutdown() }
-                try send(
-                    ChannelHello(session: session, kind: .multifd, channelID: UInt16(id), channelCount: UInt16(config.channels)).encoded(),
-                    on: s, counter: counters.multifdBytes)
+                let keys = try openChannel(s, kind: .multifd, id: id, session: session)
+                sealers.append(keys.map { PacketSealer(key: $0.toDestination, encrypts: config.trust.encrypt) })
             }
-            let transports = try makeTransports(sockets)
+            let table = PageTable(pages: ram.block.pageCount)
+            let transports = try makeTransports(sockets, sealers: sealers, table: table)
 
             let completed = DispatchSemaphore(value: 0)
             latch.onFailure { completed.signal() }
@@ -152,13 +157,13 @@ public final class SourceMigration: Sendable {
                 return (r.reduce(0) { $0 + $1.sends }, r.reduce(0) { $0 + $1.copied })
             }
             if let g = guest, let lease {
-                try migrateLive(g, lease: lease, ctl: ctl, multifd: multifd, completed: completed, stats: &stats)
+                try migrateLive(g, lease: lease, ctl: ctl, multifd: multifd, table: table, completed: completed, stats: &stats)
             } else {
                 let bitmap = DirtyBitmap(pageCount: ram.block.pageCount)
                 bitmap.markAll()
                 _ = try sendRound(bitmap, through: multifd, limit: nil)
                 try ctl.send(.endOfRound(round: 1))
-                try ctl.send(.complete(summary(rounds: 1, guestStateBytes: 0)))
+                try ctl.send(.complete(summary(rounds: 1, guestStateBytes: 0, table: table)))
                 try awaitConfirmation(completed)
                 stats.ram.dirtySyncCount = 1
                 stats.ram.precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
@@ -183,7 +188,7 @@ public final class SourceMigration: Sendable {
     // MARK: - live precopy
 
     private func migrateLive(
-        _ g: GuestControl, lease: LeaseKeeper, ctl: ControlChannel, multifd: MultiFDSend,
+        _ g: GuestControl, lease: LeaseKeeper, ctl: ControlChannel, multifd: MultiFDSend, table: PageTable,
         completed: DispatchSemaphore, stats: inout MigrationStats
     ) throws(MigrationError) {
         let policy = config.policy
@@ -264,7 +269,7 @@ public final class SourceMigration: Sendable {
             throw MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
         }
         try ctl.send(.guestState(state))
-        try ctl.send(.complete(summary(rounds: UInt64(round), guestStateBytes: UInt64(state.count))))
+        try ctl.send(.complete(summary(rounds: UInt64(round), guestStateBytes: UInt64(state.count), table: table)))
         try awaitConfirmation(completed)
         let downtime = Monotonic.now - pauseStart
         // The guest now lives on the destination: stop this copy for good.
@@ -362,10 +367,12 @@ public final class SourceMigration: Sendable {
         return count
     }
 
-    private func summary(rounds: UInt64, guestStateBytes: UInt64) -> CompletionSummary {
+    /// What `complete` states. Called after the last round's SYNC barrier,
+    /// which orders every sender's table entries before the digest.
+    private func summary(rounds: UInt64, guestStateBytes: UInt64, table: PageTable) -> CompletionSummary {
         CompletionSummary(
             rounds: rounds, normalPages: counters.read(counters.normalPages), zeroPages: counters.read(counters.zeroPages),
-            packets: counters.read(counters.packets), guestStateBytes: guestStateBytes)
+            packets: counters.read(counters.packets), guestStateBytes: guestStateBytes, pageDigest: table.digest())
     }
 
     private func awaitConfirmation(_ completed: DispatchSemaphore) throws(MigrationError) {
@@ -388,22 +395,26 @@ public final class SourceMigration: Sendable {
         }
     }
 
-    private func send(_ bytes: [UInt8], on socket: Socket, counter: borrowing Atomic<UInt64>) throws(MigrationError) {
-        do {
-            try socket.sendAll(bytes)
-        } catch {
-            throw MigrationError(error)
-        }
-        counters.add(counter, UInt64(bytes.count))
+    /// The hello exchange of one channel (`ChannelHandshake`), under the
+    /// handshake deadline. Returns the channel's keys (nil without a key).
+    private func openChannel(_ socket: Socket, kind: ChannelHello.Kind, id: Int, session: SessionID) throws(MigrationError)
+        -> ChannelKeys?
+    {
+        var flags: ChannelHello.Flags = []
+        if kind == .main, guest != nil { flags.insert(.guestState) }
+        if config.trust.key != nil { flags.insert(.authenticated) }
+        if config.trust.encrypt { flags.insert(.encrypted) }
+        let hello = ChannelHello(
+            session: session, kind: kind, channelID: UInt16(id), channelCount: UInt16(config.channels), flags: flags,
+            compression: kind == .main ? config.compression.method : .none, nonce: randomBytes(ChannelHello.nonceSize))
+        socket.setReceiveTimeout(config.handshakeTimeout)
+        defer { socket.setReceiveTimeout(nil) }
+        return try ChannelHandshake.open(socket, hello: hello, trust: config.trust, counters: counters)
     }
 
-    /// Main hello, then the RAM layout; each must be accepted.
-    private func handshake(_ ctl: ControlChannel, session: SessionID) throws(MigrationError) {
+    /// After the main channel's hello: its acceptance, then the RAM layout's.
+    private func handshake(_ ctl: ControlChannel) throws(MigrationError) {
         ctl.socket.setReceiveTimeout(config.handshakeTimeout)
-        let hello = ChannelHello(
-            session: session, kind: .main, channelID: 0, channelCount: UInt16(config.channels),
-            flags: guest == nil ? [] : .guestState, compression: config.compression.method)
-        try send(hello.encoded(), on: ctl.socket, counter: counters.mainBytes)
         try expect(.helloAccepted, on: ctl, while: "waiting for the destination to accept the hello")
         let block = ram.block
         try ctl.send(.ramLayout([RAMBlockLayout(name: block.name, size: block.size, pageSize: block.pageSize)]))
@@ -422,15 +433,15 @@ public final class SourceMigration: Sendable {
     /// `PacketSender` sizes its buffers (prefixes, staging slots, frames) for.
     static let batchesPerJob = MultiFDJob.defaultCapacity
 
-    private func makeTransports(_ sockets: [Socket]) throws(MigrationError) -> [PacketSender] {
+    private func makeTransports(_ sockets: [Socket], sealers: [PacketSealer?], table: PageTable) throws(MigrationError) -> [PacketSender] {
         var transports: [PacketSender] = []
         for (id, s) in sockets.enumerated() {
             let (writer, warning) = makeStreamWriter(for: s, useRing: config.useRing, zeroCopy: config.zeroCopy)
             if let w = warning, id == 0 { warnings.withLock { $0.append(w) } }
             transports.append(
                 try PacketSender(
-                    channelID: id, ram: ram, writer: writer, counters: counters, jobCapacity: Self.batchesPerJob,
-                    compression: config.compression))
+                    channelID: id, ram: ram, writer: writer, counters: counters, table: table, sealer: sealers[id],
+                    jobCapacity: Self.batchesPerJob, compression: config.compression))
         }
         return transports
     }

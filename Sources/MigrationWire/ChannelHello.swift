@@ -31,10 +31,13 @@ extension String {
     }
 }
 
-/// The first bytes on every channel, source to destination.
+/// The first bytes on every channel, source to destination (protocol
+/// version 2, docs/PROTOCOL.md §2).
 ///
-/// Layout (32 bytes, big-endian): magic u32, version u32, session 16 bytes,
-/// kind u8, compression u8, channel-id u16, channel-count u16, flags u16.
+/// Layout (64 bytes, big-endian): magic u32, version u32, session 16 bytes,
+/// kind u8, compression u8, channel-id u16, channel-count u16, flags u16,
+/// source nonce 32 bytes. The destination answers with a `HelloChallenge`;
+/// the source then sends its 32-byte proof (`HelloChallenge.proofSize`).
 public struct ChannelHello: Equatable, Sendable {
     /// Which stream this connection carries.
     public enum Kind: UInt8, Sendable {
@@ -45,8 +48,14 @@ public struct ChannelHello: Equatable, Sendable {
     }
 
     public static let magic: UInt32 = 0x4C4D_4947  // "LMIG"
-    public static let version: UInt32 = 1
-    public static let size = 32
+    public static let version: UInt32 = 2
+    public static let size = 64
+    /// The first bytes of every hello: magic and version. A destination
+    /// reads these first, so a peer of another version hears why at once
+    /// instead of both sides waiting for bytes the other never sends.
+    public static let preambleSize = 8
+    /// Bytes of each side's random nonce.
+    public static let nonceSize = 32
 
     /// Hello flags; bits not named here are rejected.
     public struct Flags: OptionSet, Sendable, Equatable {
@@ -55,7 +64,12 @@ public struct ChannelHello: Equatable, Sendable {
         /// Main channel: a live guest is migrated, its state follows at
         /// switchover (the destination must be able to store it).
         public static let guestState = Flags(rawValue: 1 << 0)
-        public static let known: Flags = [.guestState]
+        /// The source holds a pre-shared key and will prove it; every frame
+        /// and packet then carries a MAC instead of a checksum.
+        public static let authenticated = Flags(rawValue: 1 << 1)
+        /// Page payloads travel encrypted (AEAD). Needs `authenticated`.
+        public static let encrypted = Flags(rawValue: 1 << 2)
+        public static let known: Flags = [.guestState, .authenticated, .encrypted]
     }
 
     public var session: SessionID
@@ -68,17 +82,21 @@ public struct ChannelHello: Equatable, Sendable {
     /// Main channel: how every page packet of this migration carries its
     /// normal pages. Multifd hellos send `.none`; the main hello decides.
     public var compression: CompressionMethod
+    /// The source's fresh random bytes for this connection.
+    public var nonce: [UInt8]
 
     public init(
         session: SessionID, kind: Kind, channelID: UInt16, channelCount: UInt16, flags: Flags = [],
-        compression: CompressionMethod = .none
+        compression: CompressionMethod = .none, nonce: [UInt8] = [UInt8](repeating: 0, count: ChannelHello.nonceSize)
     ) {
+        precondition(nonce.count == Self.nonceSize, "a hello nonce is \(Self.nonceSize) bytes")
         self.session = session
         self.kind = kind
         self.channelID = channelID
         self.channelCount = channelCount
         self.flags = flags
         self.compression = compression
+        self.nonce = nonce
     }
 
     public func encoded() -> [UInt8] {
@@ -92,7 +110,14 @@ public struct ChannelHello: Equatable, Sendable {
         w.u16(channelID)
         w.u16(channelCount)
         w.u16(flags.rawValue)
+        w.raw(nonce)
         return w.bytes
+    }
+
+    /// Checks the first 8 bytes (magic, version) of any hello.
+    public static func checkPreamble(_ bytes: UnsafeRawBufferPointer) throws(WireError) {
+        var r = ByteReader(bytes, message: "channel hello")
+        try checkMagicAndVersion(&r, magic: Self.magic, name: "LMIG", what: "channel hello", peer: "source")
     }
 
     /// Decodes and checks a hello on its own terms (magic, version, kind,
@@ -100,18 +125,7 @@ public struct ChannelHello: Equatable, Sendable {
     public static func decode(_ bytes: UnsafeRawBufferPointer) throws(WireError) -> ChannelHello {
         let what = "channel hello"
         var r = ByteReader(bytes, message: what)
-        let magic = try r.u32("magic")
-        guard magic == Self.magic else {
-            throw WireError(
-                message: what, field: "magic", value: hex(magic),
-                reason: "expected \(hex(Self.magic)) (\"LMIG\"); the peer is not a livemig source")
-        }
-        let version = try r.u32("version")
-        guard version == Self.version else {
-            throw WireError(
-                message: what, field: "version", value: "\(version)",
-                reason: "this livemig speaks version \(Self.version); use matching livemig builds on both sides")
-        }
+        try checkMagicAndVersion(&r, magic: Self.magic, name: "LMIG", what: what, peer: "source")
         let session = SessionID(high: try r.u64("session"), low: try r.u64("session"))
         let rawKind = try r.u8("kind")
         guard let kind = Kind(rawValue: rawKind) else {
@@ -134,6 +148,12 @@ public struct ChannelHello: Equatable, Sendable {
                 message: what, field: "flags", value: hex(flags.rawValue),
                 reason: "unknown bits \(hex(flags.rawValue & ~Flags.known.rawValue))")
         }
+        if flags.contains(.encrypted), !flags.contains(.authenticated) {
+            throw WireError(
+                message: what, field: "flags", value: hex(flags.rawValue),
+                reason: "ENCRYPTED needs AUTHENTICATED: encryption keys come from the pre-shared key")
+        }
+        let nonce = try r.raw(Self.nonceSize, "nonce")
         // Checked last so a peer learns of a bad magic or version first.
         guard let compression = CompressionMethod(rawValue: rawCompression) else {
             throw WireError(
@@ -143,6 +163,92 @@ public struct ChannelHello: Equatable, Sendable {
             )
         }
         return ChannelHello(
-            session: session, kind: kind, channelID: id, channelCount: count, flags: flags, compression: compression)
+            session: session, kind: kind, channelID: id, channelCount: count, flags: flags, compression: compression, nonce: nonce)
+    }
+}
+
+/// The destination's answer to a hello (docs/PROTOCOL.md §2): its own nonce
+/// and, when it holds a key, its proof of that key over the transcript.
+///
+/// Layout (80 bytes, big-endian): magic u32 "LMIR", version u32, flags u16,
+/// reserved u16 (0), reserved u32 (0), destination nonce 32 bytes, proof 32
+/// bytes (zero without a key).
+public struct HelloChallenge: Equatable, Sendable {
+    public static let magic: UInt32 = 0x4C4D_4952  // "LMIR"
+    public static let size = 80
+    /// Bytes of the challenge that its own proof covers (all but the proof).
+    public static let unprovenSize = 48
+    /// Bytes of every proof (HMAC-SHA-256).
+    public static let proofSize = 32
+
+    /// Challenge flags; bits not named here are rejected.
+    public struct Flags: OptionSet, Sendable, Equatable {
+        public let rawValue: UInt16
+        public init(rawValue: UInt16) { self.rawValue = rawValue }
+        /// The destination holds a pre-shared key; `proof` proves it.
+        public static let authenticated = Flags(rawValue: 1 << 0)
+        public static let known: Flags = [.authenticated]
+    }
+
+    public var flags: Flags
+    /// The destination's fresh random bytes for this connection.
+    public var nonce: [UInt8]
+    /// HMAC over the transcript with the key, or zeros without a key.
+    public var proof: [UInt8]
+
+    public init(flags: Flags, nonce: [UInt8], proof: [UInt8] = [UInt8](repeating: 0, count: HelloChallenge.proofSize)) {
+        precondition(nonce.count == ChannelHello.nonceSize && proof.count == Self.proofSize)
+        self.flags = flags
+        self.nonce = nonce
+        self.proof = proof
+    }
+
+    /// The first 48 bytes: what the destination's proof covers.
+    public func encodedWithoutProof() -> [UInt8] {
+        var w = ByteWriter(capacity: Self.size)
+        w.u32(Self.magic)
+        w.u32(ChannelHello.version)
+        w.u16(flags.rawValue)
+        w.u16(0)
+        w.u32(0)
+        w.raw(nonce)
+        return w.bytes
+    }
+
+    public func encoded() -> [UInt8] { encodedWithoutProof() + proof }
+
+    public static func decode(_ bytes: UnsafeRawBufferPointer) throws(WireError) -> HelloChallenge {
+        let what = "hello challenge"
+        var r = ByteReader(bytes, message: what)
+        try checkMagicAndVersion(&r, magic: Self.magic, name: "LMIR", what: what, peer: "destination")
+        let flags = Flags(rawValue: try r.u16("flags"))
+        guard Flags.known.isSuperset(of: flags) else {
+            throw WireError(
+                message: what, field: "flags", value: hex(flags.rawValue),
+                reason: "unknown bits \(hex(flags.rawValue & ~Flags.known.rawValue))")
+        }
+        _ = try r.u16("reserved")
+        _ = try r.u32("reserved")
+        let nonce = try r.raw(ChannelHello.nonceSize, "nonce")
+        let proof = try r.raw(Self.proofSize, "proof")
+        return HelloChallenge(flags: flags, nonce: nonce, proof: proof)
+    }
+}
+
+/// Reads magic and version, the two checks every hello and challenge starts with.
+private func checkMagicAndVersion(
+    _ r: inout ByteReader, magic expected: UInt32, name: String, what: String, peer: String
+) throws(WireError) {
+    let magic = try r.u32("magic")
+    guard magic == expected else {
+        throw WireError(
+            message: what, field: "magic", value: hex(magic),
+            reason: "expected \(hex(expected)) (\"\(name)\"); the peer is not a livemig \(peer)")
+    }
+    let version = try r.u32("version")
+    guard version == ChannelHello.version else {
+        throw WireError(
+            message: what, field: "version", value: "\(version)",
+            reason: "this livemig speaks version \(ChannelHello.version); use matching livemig builds on both sides")
     }
 }

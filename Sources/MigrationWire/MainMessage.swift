@@ -23,19 +23,34 @@ public struct CompletionSummary: Equatable, Sendable {
     public var packets: UInt64
     /// Bytes of the guest-state message sent before this one (0: none).
     public var guestStateBytes: UInt64
+    /// Digest of the source's page table: for every page of the block, in
+    /// order, the content hash of the copy it sent last (docs/PROTOCOL.md §6).
+    /// The destination compares it with the digest of what it placed.
+    public var pageDigest: [UInt8]
 
-    public init(rounds: UInt64, normalPages: UInt64, zeroPages: UInt64, packets: UInt64, guestStateBytes: UInt64 = 0) {
+    /// Bytes of `pageDigest`.
+    public static let digestSize = 16
+
+    public init(
+        rounds: UInt64, normalPages: UInt64, zeroPages: UInt64, packets: UInt64, guestStateBytes: UInt64 = 0,
+        pageDigest: [UInt8] = [UInt8](repeating: 0, count: CompletionSummary.digestSize)
+    ) {
+        precondition(pageDigest.count == Self.digestSize, "a page digest is \(Self.digestSize) bytes")
         self.rounds = rounds
         self.normalPages = normalPages
         self.zeroPages = zeroPages
         self.packets = packets
         self.guestStateBytes = guestStateBytes
+        self.pageDigest = pageDigest
     }
 }
 
 /// A message on the main channel (the control stream).
 ///
-/// Framing: type u16, reserved u16 (0), length u32, then `length` payload bytes.
+/// Framing: type u16, reserved u16 (0), length u32, then `length` payload
+/// bytes, then a 16-byte tag (`frameTagSize`) that the control channel adds
+/// and checks: a checksum, or with a pre-shared key a MAC, over the frame
+/// and its sequence number (docs/PROTOCOL.md §3).
 public enum MainMessage: Equatable, Sendable {
     /// Destination → source: the main channel's hello was accepted.
     case helloAccepted
@@ -55,6 +70,8 @@ public enum MainMessage: Equatable, Sendable {
     case error(String)
 
     public static let frameHeaderSize = 8
+    /// Bytes of the tag after every frame's payload.
+    public static let frameTagSize = 16
     /// Bound on any payload; a larger length means a corrupt stream.
     public static let maxPayload = 64 << 20
     /// Longest error text carried (longer texts are cut).
@@ -79,6 +96,9 @@ public enum MainMessage: Equatable, Sendable {
 
     /// A short name for messages ("end-of-round").
     public var name: String { Self.name(of: tag) }
+
+    /// The name of a frame's `type`, or "type N" when there is none.
+    public static func name(type: UInt16) -> String { Tag(rawValue: type).map { name(of: $0) } ?? "type \(type)" }
 
     static func name(of tag: Tag) -> String {
         switch tag {
@@ -122,6 +142,7 @@ public enum MainMessage: Equatable, Sendable {
             p.u64(s.zeroPages)
             p.u64(s.packets)
             p.u64(s.guestStateBytes)
+            p.raw(s.pageDigest)
         case .error(let text): p.raw(text.utf8.prefix(Self.maxErrorText))
         }
         var f = ByteWriter(capacity: Self.frameHeaderSize + p.bytes.count)
@@ -195,7 +216,8 @@ public enum MainMessage: Equatable, Sendable {
                 CompletionSummary(
                     rounds: try r.u64("rounds"), normalPages: try r.u64("normal-pages"),
                     zeroPages: try r.u64("zero-pages"), packets: try r.u64("packets"),
-                    guestStateBytes: try r.u64("guest-state-bytes")))
+                    guestStateBytes: try r.u64("guest-state-bytes"),
+                    pageDigest: try r.raw(CompletionSummary.digestSize, "page-digest")))
         case .error:
             let bytes = try r.raw(r.remaining, "text")
             message = .error(String(decoding: bytes, as: UTF8.self))

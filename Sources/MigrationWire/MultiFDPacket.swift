@@ -1,9 +1,11 @@
-/// The fixed header in front of every multifd packet.
+/// The fixed header in front of every multifd packet (protocol version 2).
 ///
-/// Wire layout (40 bytes, big-endian), then `normal-count + zero-count` page
-/// offsets (u64 each; normal pages first, then zero pages), then the payload
-/// (`normal-count` whole pages, in offset order; with COMPRESSED, one zstd
-/// frame that decodes to those pages):
+/// Wire layout (48 bytes, big-endian), then `normal-count + zero-count` page
+/// entries (16 bytes each: the page's offset u64 and the XXH3-64 hash of its
+/// content u64; normal pages first, then zero pages), then the payload
+/// (`normal-count` whole pages, in entry order; with COMPRESSED, one zstd
+/// frame that decodes to those pages), then, when the migration is
+/// authenticated, a 16-byte tag (docs/PROTOCOL.md §4):
 ///
 /// | bytes | field          |
 /// |-------|----------------|
@@ -16,14 +18,19 @@
 /// | 24..32| packet-number  |
 /// | 32..36| block-id       |
 /// | 36..40| reserved (0)   |
+/// | 40..48| prefix-check: XXH3-64 of bytes 0..40 and the entries |
 public struct MultiFDPacketHeader: Equatable, Sendable {
     public static let magic: UInt32 = 0x4C4D_5046  // "LMPF"
-    public static let version: UInt32 = 1
-    public static let size = 40
+    public static let version: UInt32 = 2
+    public static let size = 48
+    /// Header bytes the prefix check covers (all but the check itself).
+    public static let checkedSize = 40
+    /// Bytes of one page entry: offset and content hash.
+    public static let entrySize = 16
     /// Pages one packet may carry (QEMU's multifd default, 128 × 4 KiB = 512 KiB).
     public static let maxPages = 128
-    /// Bytes of header plus the largest offset array.
-    public static let maxPrefixSize = size + maxPages * 8
+    /// Bytes of header plus the largest entry array.
+    public static let maxPrefixSize = size + maxPages * entrySize
 
     /// Packet flags. Bits not named here are rejected by the receiver.
     public struct Flags: OptionSet, Sendable, Equatable {
@@ -46,10 +53,13 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
     public var packetNumber: UInt64
     /// Index into the RAM layout sent on the main channel.
     public var blockID: UInt32
+    /// The prefix check as received (`decode`); the sender stores it with
+    /// `storeCheck` once the entries are in place.
+    public var check: UInt64
 
     public init(
         flags: Flags, normalCount: UInt32, zeroCount: UInt32, payloadSize: UInt32,
-        packetNumber: UInt64, blockID: UInt32
+        packetNumber: UInt64, blockID: UInt32, check: UInt64 = 0
     ) {
         self.flags = flags
         self.normalCount = normalCount
@@ -57,12 +67,18 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         self.payloadSize = payloadSize
         self.packetNumber = packetNumber
         self.blockID = blockID
+        self.check = check
     }
 
-    /// The bytes of offsets that follow the header.
-    @inlinable public var offsetsSize: Int { Int(normalCount + zeroCount) * 8 }
+    /// The bytes of entries that follow the header.
+    @inlinable public var entriesSize: Int { Int(normalCount + zeroCount) * Self.entrySize }
 
-    /// Writes the 40 header bytes at `p` (no allocation; the sender's hot path).
+    /// Header plus entries: the bytes before the payload.
+    @inlinable public var prefixSize: Int { Self.size + entriesSize }
+
+    /// Writes header bytes 0..<40 at `p` (no allocation; the sender's hot
+    /// path). The check (bytes 40..<48) follows with `storeCheck` once the
+    /// entries are written.
     @inlinable public func encode(to p: UnsafeMutableRawPointer) {
         p.storeBytes(of: Self.magic.bigEndian, toByteOffset: 0, as: UInt32.self)
         p.storeBytes(of: Self.version.bigEndian, toByteOffset: 4, as: UInt32.self)
@@ -75,12 +91,18 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         p.storeBytes(of: UInt32(0), toByteOffset: 36, as: UInt32.self)
     }
 
-    /// Writes offset `index` (host order in, big-endian out) after the header at `p`.
-    @inlinable public static func encodeOffset(_ offset: UInt64, index: Int, to p: UnsafeMutableRawPointer) {
-        p.storeBytes(of: offset.bigEndian, toByteOffset: size + index * 8, as: UInt64.self)
+    /// Stores the prefix check into bytes 40..<48 of the header at `p`.
+    @inlinable public static func storeCheck(_ check: UInt64, to p: UnsafeMutableRawPointer) {
+        p.storeBytes(of: check.bigEndian, toByteOffset: checkedSize, as: UInt64.self)
     }
 
-    /// Decodes and validates the 40 bytes at `p` against `limits`. Nothing
+    /// Writes entry `index` (host order in, big-endian out) after the header at `p`.
+    @inlinable public static func encodeEntry(offset: UInt64, hash: UInt64, index: Int, to p: UnsafeMutableRawPointer) {
+        p.storeBytes(of: offset.bigEndian, toByteOffset: size + index * entrySize, as: UInt64.self)
+        p.storeBytes(of: hash.bigEndian, toByteOffset: size + index * entrySize + 8, as: UInt64.self)
+    }
+
+    /// Decodes and validates the 48 bytes at `p` against `limits`. Nothing
     /// here trusts the peer: every count is bounded before it sizes a read.
     public static func decode(
         _ p: UnsafeRawPointer, limits: PacketLimits, expectedPacketNumber: UInt64
@@ -115,6 +137,7 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         let normal = be32(12), zero = be32(16), payload = be32(20)
         let number = UInt64(bigEndian: p.loadUnaligned(fromByteOffset: 24, as: UInt64.self))
         let block = be32(32)
+        let check = UInt64(bigEndian: p.loadUnaligned(fromByteOffset: Self.checkedSize, as: UInt64.self))
         let cap = UInt32(Self.maxPages)
         guard normal <= cap else { throw bad("normal-count", "\(normal)", "a packet holds at most \(cap) pages") }
         guard zero <= cap else { throw bad("zero-count", "\(zero)", "a packet holds at most \(cap) pages") }
@@ -163,23 +186,26 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
         }
         return MultiFDPacketHeader(
             flags: flags, normalCount: normal, zeroCount: zero, payloadSize: payload,
-            packetNumber: number, blockID: block)
+            packetNumber: number, blockID: block, check: check)
     }
 
-    /// Decodes `count` big-endian offsets at `raw` into `out` (host order),
-    /// checking each is page-aligned and inside the block.
-    @inlinable public func decodeOffsets(
-        _ raw: UnsafeRawPointer, into out: UnsafeMutablePointer<UInt64>, limits: PacketLimits
+    /// Decodes the big-endian entries at `raw` into `offsets` and `hashes`
+    /// (host order), checking each offset is page-aligned and inside the
+    /// block. The hashes are checked against the pages by the receiver.
+    @inlinable public func decodeEntries(
+        _ raw: UnsafeRawPointer, offsets: UnsafeMutablePointer<UInt64>, hashes: UnsafeMutablePointer<UInt64>,
+        limits: PacketLimits
     ) throws(WireError) {
         let blockSize = limits.blockSizes[Int(blockID)]
         let mask = limits.pageSize - 1
         let count = Int(normalCount + zeroCount)
         for i in 0..<count {
-            let off = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))
+            let off = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * Self.entrySize, as: UInt64.self))
             if off & mask != 0 || off >= blockSize {
                 throw offsetError(off, index: i, blockSize: blockSize, limits: limits)
             }
-            out[i] = off
+            offsets[i] = off
+            hashes[i] = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * Self.entrySize + 8, as: UInt64.self))
         }
     }
 
@@ -216,12 +242,18 @@ public struct PacketLimits: Sendable {
     /// The method the main hello negotiated: whether COMPRESSED packets are
     /// allowed (and then required for page data) and their payload bound.
     public var compression: CompressionMethod
+    /// Bytes of the tag after each page packet's payload: 16 when the
+    /// migration is authenticated, else 0. SYNC packets carry one too.
+    public var tagSize: Int
 
-    public init(channelID: Int, pageSize: UInt64, blocks: [RAMBlockLayout], compression: CompressionMethod = .none) {
+    public init(
+        channelID: Int, pageSize: UInt64, blocks: [RAMBlockLayout], compression: CompressionMethod = .none, tagSize: Int = 0
+    ) {
         self.channelID = channelID
         self.pageSize = pageSize
         self.blockSizes = blocks.map(\.size)
         self.blockNames = blocks.map(\.name)
         self.compression = compression
+        self.tagSize = tagSize
     }
 }

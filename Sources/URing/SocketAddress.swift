@@ -37,6 +37,18 @@ public enum SocketAddress: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// Whether the address stays on this host: a Unix socket, `localhost`,
+    /// 127.0.0.0/8 or ::1. (Names other than localhost count as remote.)
+    public var isLoopback: Bool {
+        switch self {
+        case .unix: return true
+        case .tcp(let host, _):
+            if host == "localhost" || host == "::1" { return true }
+            var addr = in_addr()
+            return inet_pton(AF_INET, host, &addr) == 1 && UInt32(bigEndian: addr.s_addr) >> 24 == 127
+        }
+    }
+
     public var description: String {
         switch self {
         case .tcp(let host, let port): host.contains(":") ? "tcp:[\(host)]:\(port)" : "tcp:\(host):\(port)"

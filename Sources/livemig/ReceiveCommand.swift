@@ -24,6 +24,8 @@ struct ReceiveCommand: ParsableCommand {
 
     @OptionGroup var common: ChannelOptions
 
+    @OptionGroup var trust: TrustOptions
+
     @Option(help: "Create an absent RAM file of this size before listening (e.g. 1GiB).")
     var size: String?
 
@@ -42,9 +44,11 @@ struct ReceiveCommand: ParsableCommand {
         var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(ram))
         config.size = size.flatMap(parseSize)
         config.guestControl = guest.map { FilePath($0) }
+        config.key = try trust.loadKey()
+        trust.warnIfExposed(address, role: "listening on")
         let destination: DestinationMigration
         do {
-            destination = try DestinationMigration(config: config)
+            destination = try DestinationMigration(config: config) { FileHandleStderr.write("livemig: notice: \($0)\n") }
         } catch {
             throw CommandFailure(message: error.description)
         }

@@ -21,6 +21,11 @@ struct SendCommand: ParsableCommand {
 
     @OptionGroup var common: ChannelOptions
 
+    @OptionGroup var trust: TrustOptions
+
+    @Flag(help: "Encrypt page data (ChaCha20-Poly1305, keys from the pre-shared key); needs --psk-file.")
+    var encrypt = false
+
     @Flag(help: "Send with plain sendmsg instead of io_uring (for comparison).")
     var noIoUring = false
 
@@ -72,6 +77,9 @@ struct SendCommand: ParsableCommand {
         if let t = timeout, parseDuration(t) == nil { throw ValidationError("--timeout: '\(t)' is not a duration (e.g. 30s)") }
         if let m = maxRounds, m < 1 { throw ValidationError("--max-rounds must be at least 1") }
         if zerocopy, noIoUring { throw ValidationError("--zerocopy needs io_uring; drop --no-io-uring") }
+        if encrypt, trust.pskFile == nil {
+            throw ValidationError("--encrypt needs --psk-file: the encryption keys come from the pre-shared key")
+        }
         _ = try parseCompression(compress)
         guard (1...99).contains(throttleInitial), (1...99).contains(throttleIncrement) else {
             throw ValidationError("--throttle-initial and --throttle-increment must be from 1 to 99")
@@ -94,6 +102,8 @@ struct SendCommand: ParsableCommand {
         config.useRing = !noIoUring
         config.zeroCopy = zerocopy
         config.compression = try parseCompression(compress)
+        if let key = try trust.loadKey() { config.trust = TrustSetting(key: key, encrypt: encrypt) }
+        trust.warnIfExposed(address, role: "sending to")
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge

@@ -1,0 +1,117 @@
+import Crypto
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
+
+/// Tags main-channel frames (docs/PROTOCOL.md §3): 16 bytes after each
+/// frame, over an implicit per-direction sequence number and the frame.
+/// Without a key the tag is an XXH3-128 checksum (corruption); with a key it
+/// is HMAC-SHA-256 cut to 16 bytes (tampering, replay, reordering and
+/// dropped frames: the sequence number is not sent, so any of them makes
+/// the next tag fail). One sealer per direction; not thread-safe.
+public struct FrameSealer: Sendable {
+    private let key: SymmetricKey?
+    /// Frames tagged so far in this direction.
+    public private(set) var sequence: UInt64 = 0
+
+    public init(key: SymmetricKey?) { self.key = key }
+
+    /// Whether the tags are MACs (a key is in use).
+    public var authenticated: Bool { key != nil }
+
+    /// The tag of the next frame, and the sequence moves on.
+    public mutating func tag(_ frame: UnsafeRawBufferPointer) -> [UInt8] {
+        defer { sequence += 1 }
+        var seq = sequence.bigEndian
+        let seqBytes = withUnsafeBytes(of: &seq) { Array($0) }
+        if let key {
+            var h = HMAC<SHA256>(key: key)
+            h.update(data: seqBytes)
+            h.update(data: frame)
+            return Array(Array(h.finalize()).prefix(16))
+        }
+        var joined = seqBytes
+        joined.append(contentsOf: frame)
+        return joined.withUnsafeBytes { ContentHash.digest($0) }
+    }
+}
+
+/// Authenticates (and with `encrypt`, encrypts) the page packets of one
+/// channel, source → destination (docs/PROTOCOL.md §4).
+///
+/// - Authenticated: a GMAC (AES-256-GCM with an empty message) over the
+///   packet's header, entries and payload, which must lie contiguous in
+///   memory. GMAC runs at about 18 GB/s here.
+/// - Encrypted: ChaCha20-Poly1305 seals the payload, with the header and
+///   entries as associated data (2.3 GB/s here, against 1.0 GB/s for
+///   swift-crypto's AES-GCM encryption on this machine).
+///
+/// The nonce is the packet number: the channel's key is its own (see
+/// `ChannelKeys`), so no nonce repeats under a key, and a replayed, dropped
+/// or reordered packet fails its tag as well as the number check.
+public struct PacketSealer: @unchecked Sendable {
+    // @unchecked: SymmetricKey is immutable; one sealer per channel thread.
+    private let key: SymmetricKey
+    public let encrypts: Bool
+    public static let tagSize = 16
+
+    public init(key: SymmetricKey, encrypts: Bool) {
+        self.key = key
+        self.encrypts = encrypts
+    }
+
+    static func nonceBytes(_ packetNumber: UInt64) -> [UInt8] {
+        var n = [UInt8](repeating: 0, count: 12)
+        for i in 0..<8 { n[4 + i] = UInt8(truncatingIfNeeded: packetNumber >> (56 - 8 * UInt64(i))) }
+        return n
+    }
+
+    /// The GMAC tag of `bytes` (header, entries, payload), into `out` (16 bytes).
+    public func authenticate(_ bytes: UnsafeRawBufferPointer, packetNumber: UInt64, into out: UnsafeMutableRawPointer) throws(TrustError) {
+        do {
+            let nonce = try AES.GCM.Nonce(data: Self.nonceBytes(packetNumber))
+            let box = try AES.GCM.seal(UnsafeRawBufferPointer(start: nil, count: 0), using: key, nonce: nonce, authenticating: bytes)
+            box.tag.withUnsafeBytes { out.copyMemory(from: $0.baseAddress!, byteCount: Self.tagSize) }
+        } catch {
+            throw TrustError("cannot compute a packet MAC: \(error)")
+        }
+    }
+
+    /// Whether `tag` is the GMAC of `bytes`.
+    public func verify(_ bytes: UnsafeRawBufferPointer, packetNumber: UInt64, tag: UnsafeRawBufferPointer) -> Bool {
+        let expected = UnsafeMutableRawPointer.allocate(byteCount: Self.tagSize, alignment: 16)
+        defer { expected.deallocate() }
+        guard (try? authenticate(bytes, packetNumber: packetNumber, into: expected)) != nil else { return false }
+        var diff: UInt8 = 0
+        for i in 0..<Self.tagSize { diff |= expected.load(fromByteOffset: i, as: UInt8.self) ^ tag[i] }
+        return diff == 0
+    }
+
+    /// Encrypts `payload`; returns the ciphertext (same size) and the tag.
+    public func seal(_ payload: UnsafeRawBufferPointer, prefix: UnsafeRawBufferPointer, packetNumber: UInt64) throws(TrustError) -> (
+        ciphertext: Data, tag: Data
+    ) {
+        do {
+            let nonce = try ChaChaPoly.Nonce(data: Self.nonceBytes(packetNumber))
+            let box = try ChaChaPoly.seal(payload, using: key, nonce: nonce, authenticating: prefix)
+            return (box.ciphertext, box.tag)
+        } catch {
+            throw TrustError("cannot encrypt a packet: \(error)")
+        }
+    }
+
+    /// Decrypts and authenticates; nil when the tag does not verify.
+    public func open(
+        _ ciphertext: UnsafeRawBufferPointer, prefix: UnsafeRawBufferPointer, tag: UnsafeRawBufferPointer, packetNumber: UInt64
+    )
+        -> Data?
+    {
+        guard let nonce = try? ChaChaPoly.Nonce(data: Self.nonceBytes(packetNumber)),
+            let box = try? ChaChaPoly.SealedBox(nonce: nonce, ciphertext: Data(ciphertext), tag: Data(tag))
+        else { return nil }
+        return try? ChaChaPoly.open(box, using: key, authenticating: prefix)
+    }
+}

@@ -1,0 +1,113 @@
+import Foundation
+import Testing
+
+@testable import Trust
+
+@Suite("Trust")
+struct TrustTests {
+    static let key = try! PreSharedKey(bytes: [UInt8](repeating: 7, count: 32))
+    static let otherKey = try! PreSharedKey(bytes: [UInt8](repeating: 8, count: 32))
+
+    func scratchPath(_ name: String) -> String {
+        NSTemporaryDirectory() + "livemig-trust-\(UUID().uuidString)-\(name)"
+    }
+
+    @Test func keygenWritesAPrivateKeyThatLoads() throws {
+        let path = scratchPath("k")
+        defer { unlink(path) }
+        try PreSharedKey.generate(path: path)
+        var st = stat()
+        #expect(stat(path, &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o600)
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        #expect(text.count == 65 && text.hasSuffix("\n"))
+        _ = try PreSharedKey.load(path: path)
+        // Never overwrites a key.
+        #expect(throws: TrustError.self) { try PreSharedKey.generate(path: path) }
+    }
+
+    @Test func keyFilesThatAreNotKeysAreRefused() throws {
+        let path = scratchPath("bad")
+        defer { unlink(path) }
+        for (content, mode, words) in [
+            ("abcd\n", 0o600, "at least 32 bytes"),
+            (String(repeating: "zz", count: 32), 0o600, "hexadecimal"),
+            (String(repeating: "ab", count: 32), 0o644, "chmod 600"),
+        ] {
+            unlink(path)
+            try content.write(toFile: path, atomically: false, encoding: .utf8)
+            chmod(path, mode_t(mode))
+            let error = #expect(throws: TrustError.self) { try PreSharedKey.load(path: path) }
+            #expect(error?.description.contains(words) == true, "\(String(describing: error))")
+        }
+        #expect(throws: TrustError.self) { try PreSharedKey.load(path: "/nonexistent/key") }
+    }
+
+    @Test func proofsBindTheTranscriptAndTheDirection() {
+        let hello = [UInt8](repeating: 1, count: 64), challenge = [UInt8](repeating: 2, count: 48)
+        let d = HelloProof.destination(key: Self.key, hello: hello, challenge: challenge)
+        #expect(HelloProof.matches(d, HelloProof.destination(key: Self.key, hello: hello, challenge: challenge)))
+        #expect(!HelloProof.matches(d, HelloProof.destination(key: Self.otherKey, hello: hello, challenge: challenge)))
+        #expect(!HelloProof.matches(d, HelloProof.source(key: Self.key, hello: hello, challenge: challenge)))
+        var other = hello
+        other[30] ^= 1
+        #expect(!HelloProof.matches(d, HelloProof.destination(key: Self.key, hello: other, challenge: challenge)))
+    }
+
+    @Test func frameTagsDependOnTheSequence() {
+        for key in [nil, ChannelKeys(key: Self.key, hello: [1], challenge: [2], sourceNonce: [3], destinationNonce: [4]).toDestination] {
+            var a = FrameSealer(key: key), b = FrameSealer(key: key)
+            let frame: [UInt8] = [0, 4, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1]
+            let t0 = frame.withUnsafeBytes { a.tag($0) }
+            #expect(t0 == frame.withUnsafeBytes { b.tag($0) })
+            // The same frame again (a replay) gets another tag.
+            #expect(t0 != frame.withUnsafeBytes { a.tag($0) })
+            #expect(t0.count == 16)
+        }
+    }
+
+    @Test func packetMACsCatchAnyChange() throws {
+        let keys = ChannelKeys(key: Self.key, hello: [1], challenge: [2], sourceNonce: [3], destinationNonce: [4])
+        let sealer = PacketSealer(key: keys.toDestination, encrypts: false)
+        var bytes = [UInt8](repeating: 0x5A, count: 8192)
+        let tag = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 16)
+        defer { tag.deallocate() }
+        try bytes.withUnsafeBytes { try sealer.authenticate($0, packetNumber: 9, into: tag.baseAddress!) }
+        #expect(bytes.withUnsafeBytes { sealer.verify($0, packetNumber: 9, tag: UnsafeRawBufferPointer(tag)) })
+        #expect(!bytes.withUnsafeBytes { sealer.verify($0, packetNumber: 10, tag: UnsafeRawBufferPointer(tag)) })
+        bytes[4000] ^= 0x10
+        #expect(!bytes.withUnsafeBytes { sealer.verify($0, packetNumber: 9, tag: UnsafeRawBufferPointer(tag)) })
+        let other = ChannelKeys(key: Self.otherKey, hello: [1], challenge: [2], sourceNonce: [3], destinationNonce: [4])
+        bytes[4000] ^= 0x10
+        #expect(
+            !bytes.withUnsafeBytes {
+                PacketSealer(key: other.toDestination, encrypts: false).verify($0, packetNumber: 9, tag: UnsafeRawBufferPointer(tag))
+            })
+    }
+
+    @Test func encryptedPacketsRoundTripAndRefuseTampering() throws {
+        let keys = ChannelKeys(key: Self.key, hello: [1], challenge: [2], sourceNonce: [3], destinationNonce: [4])
+        let sealer = PacketSealer(key: keys.toDestination, encrypts: true)
+        let payload = [UInt8]((0..<4096).map { UInt8(truncatingIfNeeded: $0) }), prefix = [UInt8](repeating: 3, count: 64)
+        let (ct, tag) = try payload.withUnsafeBytes { p in try prefix.withUnsafeBytes { try sealer.seal(p, prefix: $0, packetNumber: 1) } }
+        #expect(Array(ct) != payload)
+        let opened = ct.withUnsafeBytes { c in
+            prefix.withUnsafeBytes { p in tag.withUnsafeBytes { sealer.open(c, prefix: p, tag: $0, packetNumber: 1) } }
+        }
+        #expect(opened.map(Array.init) == payload)
+        var badPrefix = prefix
+        badPrefix[0] ^= 1
+        let refused = ct.withUnsafeBytes { c in
+            badPrefix.withUnsafeBytes { p in tag.withUnsafeBytes { sealer.open(c, prefix: p, tag: $0, packetNumber: 1) } }
+        }
+        #expect(refused == nil)
+    }
+
+    @Test func contentHashesSeeEveryByte() {
+        var page = [UInt8](repeating: 0, count: 4096)
+        let zero = ContentHash.zeroPage(4096)
+        #expect(page.withUnsafeBytes { ContentHash.page($0.baseAddress!, length: 4096) } == zero)
+        page[4095] = 1
+        #expect(page.withUnsafeBytes { ContentHash.page($0.baseAddress!, length: 4096) } != zero)
+    }
+}
