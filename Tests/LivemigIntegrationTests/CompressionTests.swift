@@ -124,16 +124,13 @@ struct CompressionTests {
         let f = try fake.handshake(dstSize: size, channels: 1, compression: .zstd)
         let ch = try f.channel(0, of: 1)
         let frame = Self.onePageFrame
-        try ch.sendAll(
-            fake.header(normal: 1, zero: 0, payload: UInt32(frame.count), offsets: [8192], flags: .compressed) + frame)
-        var sync = [UInt8](repeating: 0, count: MultiFDPacketHeader.size)
-        sync.withUnsafeMutableBytes {
-            MultiFDPacketHeader(flags: .sync, normalCount: 0, zeroCount: 0, payloadSize: 0, packetNumber: 1, blockID: 0)
-                .encode(to: $0.baseAddress!)
-        }
-        try ch.sendAll(sync)
-        try f.main.sendAll(MainMessage.endOfRound(round: 1).encoded())
-        try f.main.sendAll(MainMessage.complete(CompletionSummary(rounds: 1, normalPages: 1, zeroPages: 0, packets: 1)).encoded())
+        try ch.socket.sendAll(
+            TestPacket.make(
+                normal: 1, zero: 0, offsets: [8192], flags: .compressed, data: frame,
+                hashes: TestPacket.hashes(of: [UInt8](repeating: 0x41, count: 4096))))
+        try ch.socket.sendAll(TestPacket.sync(number: 1))
+        try f.main.send(.endOfRound(round: 1))
+        try f.main.send(.complete(summary(rounds: 1, normal: 1, zero: 0, packets: 1, hashes: [])))
         // Only one page of 256 arrived: the completion check refuses, after
         // the page was placed.
         let reply = try? f.ctl.next()
@@ -149,7 +146,7 @@ struct CompressionTests {
     @Test("a COMPRESSED packet when the hello negotiated none is refused")
     func compressedWithoutNegotiation() throws {
         let frame = Self.onePageFrame
-        let packet = fake.header(normal: 1, zero: 0, payload: UInt32(frame.count), offsets: [0], flags: .compressed) + frame
+        let packet = fake.header(normal: 1, zero: 0, payload: UInt32(frame.count), offsets: [0], flags: .compressed, data: frame)
         let r = try fake.fakeSource(dstSize: 1 << 20, packet: packet)
         expectRefused(r, size: 1 << 20, naming: ["'flags'", "negotiated no compression"])
     }
@@ -157,7 +154,7 @@ struct CompressionTests {
     @Test("a payload that is not a zstd frame is refused before memory is written")
     func corruptFrame() throws {
         let junk = [UInt8](repeating: 0xC3, count: 64)
-        let packet = fake.header(normal: 2, zero: 0, payload: UInt32(junk.count), offsets: [0, 4096], flags: .compressed) + junk
+        let packet = fake.header(normal: 2, zero: 0, payload: UInt32(junk.count), offsets: [0, 4096], flags: .compressed, data: junk)
         let r = try fake.fakeSource(dstSize: 1 << 20, packet: packet, compression: .zstd)
         expectRefused(r, size: 1 << 20, naming: ["'payload'", "not a zstd frame"])
     }
@@ -166,7 +163,7 @@ struct CompressionTests {
     func sizeMismatch() throws {
         // One page's frame in a packet that announces two pages.
         let frame = Self.onePageFrame
-        let packet = fake.header(normal: 2, zero: 0, payload: UInt32(frame.count), offsets: [0, 4096], flags: .compressed) + frame
+        let packet = fake.header(normal: 2, zero: 0, payload: UInt32(frame.count), offsets: [0, 4096], flags: .compressed, data: frame)
         let r = try fake.fakeSource(dstSize: 1 << 20, packet: packet, compression: .zstd)
         expectRefused(r, size: 1 << 20, naming: ["'decompressed-size'", "4096", "8192"])
     }
@@ -181,7 +178,7 @@ struct CompressionTests {
 
     @Test("uncompressed page data when zstd was negotiated is refused")
     func uncompressedUnderZstd() throws {
-        let packet = fake.header(normal: 1, zero: 0, payload: 4096, offsets: [0]) + [UInt8](repeating: 1, count: 4096)
+        let packet = fake.header(normal: 1, zero: 0, payload: 4096, offsets: [0], data: [UInt8](repeating: 1, count: 4096))
         let r = try fake.fakeSource(dstSize: 1 << 20, packet: packet, compression: .zstd)
         expectRefused(r, size: 1 << 20, naming: ["'flags'", "must be COMPRESSED"])
     }
@@ -190,7 +187,7 @@ struct CompressionTests {
     func unknownMethod() throws {
         let receiver = try ListeningReceiver(size: 1 << 20)
         var hello = ChannelHello(session: .random(), kind: .main, channelID: 0, channelCount: 2).encoded()
-        hello[25] = 9
+        hello[25] = 9  // compression
         let s = try receiver.connect()
         try s.sendAll(hello)
         let r = receiver.process.wait(timeout: 15)

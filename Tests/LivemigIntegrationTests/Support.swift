@@ -183,13 +183,13 @@ struct ListeningReceiver {
 
     /// `fill: nil` leaves the destination file absent (the receiver creates
     /// it when the layout arrives); otherwise it is `size` bytes of `fill`.
-    init(size: Int, fill: UInt8? = 0x77, channels: Int? = nil) throws {
+    init(size: Int, fill: UInt8? = 0x77, channels: Int? = nil, extra: [String] = []) throws {
         scratch = try Scratch()
         dst = scratch.path("dst.ram")
         if let fill { try writeFilled(dst, bytes: size, value: fill) }
         addr = try SocketAddress(parsing: "unix:" + scratch.path("s"))
         process = try LivemigProcess(
-            ["receive", "--ram", dst, "--listen", addr.description] + (channels.map { ["--channels", "\($0)"] } ?? []))
+            ["receive", "--ram", dst, "--listen", addr.description] + (channels.map { ["--channels", "\($0)"] } ?? []) + extra)
         #expect(process.waitForStderr("listening"))
     }
 
