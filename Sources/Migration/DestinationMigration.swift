@@ -1,5 +1,6 @@
 import GuestMemory
 import MigrationWire
+import OSCall
 import Synchronization
 import SystemPackage
 import URing
@@ -348,7 +349,7 @@ public final class DestinationMigration: Sendable {
         do throws(GuestMemoryError) {
             let control = try GuestControl.openOrCreate(path: path, for: ram.block)
             let pid = control.guestPID
-            if control.runState == .running, pid > 0, kill(pid, 0) == 0, control.guestThreads > 0 {
+            if control.runState == .running, pid > 0, SystemCall.processExists(pid), control.guestThreads > 0 {
                 throw GuestMemoryError("control file \(path) belongs to a guest that is running (pid \(pid)); give another path")
             }
             try control.writeState(state)

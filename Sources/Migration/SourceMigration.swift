@@ -1,6 +1,7 @@
 import Dispatch
 import GuestMemory
 import MigrationWire
+import OSCall
 import Synchronization
 import URing
 import WorkerThreads
@@ -318,7 +319,7 @@ public final class SourceMigration: Sendable {
         while g.pausedThreads < g.guestThreads {
             try latch.check()
             let pid = g.guestPID
-            if pid > 0, kill(pid, 0) != 0, errno == ESRCH { break }
+            if pid > 0, !SystemCall.processExists(pid) { break }
             if Monotonic.now > deadline {
                 throw MigrationError(.timeout, "the guest did not acknowledge the pause within \(config.pauseTimeout) s")
             }
