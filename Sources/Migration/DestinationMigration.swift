@@ -23,6 +23,10 @@ public struct DestinationConfig: Sendable {
     public var helloTimeout = 10.0
     /// Where to store a live guest's state (created when absent).
     public var guestControl: FilePath?
+    /// How long the source may move no bytes during the data phase
+    /// (`ProgressWatchdog`); also sets the TCP keepalive and user timeout
+    /// of each accepted connection (`Socket.setPeerTimeout`).
+    public var peerTimeout = 10.0
 
     public init(address: SocketAddress, channels: Int, ramPath: FilePath) {
         self.address = address
@@ -41,6 +45,8 @@ public final class DestinationMigration: Sendable {
     public let config: DestinationConfig
     public let counters = TransferCounters()
     public let latch = FailureLatch()
+    /// Fails the migration when the source stops moving bytes.
+    public let watchdog: ProgressWatchdog
     private let listener: Listener
     private let ramFile = Mutex<RAMFile?>(nil)
     /// The RAM was mapped and pre-faulted before listening: receivers write
@@ -52,6 +58,7 @@ public final class DestinationMigration: Sendable {
     /// then listens. The source may connect once this returns.
     public init(config: DestinationConfig) throws(MigrationError) {
         self.config = config
+        watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
         if let size = config.size {
             let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile.create(path: config.ramPath, size: size) }
             ramFile.withLock { $0 = ram }
@@ -64,7 +71,7 @@ public final class DestinationMigration: Sendable {
             prefaulted = false
         }
         do {
-            listener = try Listener(config.address)
+            listener = try Listener(config.address, peerTimeout: config.peerTimeout)
         } catch {
             throw MigrationError(error)
         }
@@ -125,6 +132,8 @@ public final class DestinationMigration: Sendable {
                 for s in barrier.resume { s.signal() }
             }
             let setupTime = Monotonic.now - start
+            watchdog.start(latch: latch) { [counters] in counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) }
+            defer { watchdog.stop() }
             for r in receivers {
                 let latch = self.latch
                 threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })

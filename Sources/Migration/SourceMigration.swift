@@ -28,6 +28,10 @@ public struct SourceConfig: Sendable {
     public var handshakeTimeout = 60.0
     /// How long the guest may take to acknowledge a pause.
     public var pauseTimeout = 5.0
+    /// How long the destination may move no bytes during the data phase
+    /// (`ProgressWatchdog`); also sets the TCP keepalive and user timeout
+    /// of each connection (`Socket.setPeerTimeout`).
+    public var peerTimeout = 10.0
     /// Convergence rules for a live guest.
     public var policy = ConvergencePolicy()
     /// Test hook: hold the guest paused this long before the final round,
@@ -69,6 +73,10 @@ public final class SourceMigration: Sendable {
     public let counters = TransferCounters()
     public let progress = LiveProgress()
     public let latch = FailureLatch()
+    /// Fails the migration when the destination stops moving bytes, or a
+    /// live precopy overruns `policy.timeout` mid-round. Whoever begins
+    /// switchover calls `watchdog.disarmDeadline()` first.
+    public let watchdog: ProgressWatchdog
     /// Messages for the user (fallbacks taken), read after `run()`.
     public let warnings = Mutex<[String]>([])
     private let onRound: (@Sendable (RoundRecord) -> Void)?
@@ -80,6 +88,7 @@ public final class SourceMigration: Sendable {
         self.config = config
         self.guest = guest
         self.onRound = onRound
+        watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
     }
 
     /// Stops the migration from any thread (a signal handler's queue).
@@ -141,6 +150,8 @@ public final class SourceMigration: Sendable {
             }
             var stats = MigrationStats(status: .active)
             stats.setupTime = UInt64((Monotonic.now - start) * 1000)
+            startWatchdog()
+            defer { watchdog.stop() }
 
             let multifd = MultiFDSend(transports: transports, latch: latch, batchesPerJob: Self.batchesPerJob)
             pool = multifd
@@ -179,6 +190,30 @@ public final class SourceMigration: Sendable {
             if let g = guest, ownsGuest { restore(g) }
             throw latch.error ?? error
         }
+    }
+
+    /// Starts the watchdog for the data phase: the silence clock stands
+    /// still while the guest has yet to acknowledge a pause (that wait has
+    /// its own deadline), and a live precopy ends at `policy.timeout` even
+    /// mid-round, until the pause request (switchover) disarms it.
+    private func startWatchdog() {
+        let counters = counters, progress = progress
+        var deadline: ProgressWatchdog.Deadline?
+        if let g = guest, let t = config.policy.timeout {
+            deadline = ProgressWatchdog.Deadline(at: Monotonic.now + t) {
+                guard g.runState == .running else { return nil }
+                let round = progress.round.load(ordering: .relaxed)
+                return MigrationError(
+                    .timeout,
+                    "did not converge within \(t) s (round \(round) still running); the guest dirties pages faster than they can be sent: "
+                        + "try --auto-converge, a higher --max-bandwidth or a longer --downtime-limit")
+            }
+        }
+        let guest = guest
+        watchdog.start(
+            latch: latch, deadline: deadline,
+            waitingLocally: { guest.map { $0.runState == .pauseRequested && $0.pausedThreads < $0.guestThreads } ?? false },
+            progress: { counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) })
     }
 
     // MARK: - live precopy
@@ -344,7 +379,7 @@ public final class SourceMigration: Sendable {
     func sendRound(_ bitmap: DirtyBitmap, through multifd: MultiFDSend, limit: Double?) throws(MigrationError) -> Int {
         var pages = MultiFDPages()
         let pageSize = ram.block.pageSize
-        let limiter = limit.map { RateLimiter(bytesPerSecond: $0, counters: counters) }
+        let limiter = limit.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
         var count = 0
         do {
             try bitmap.harvestAll { page in
@@ -383,7 +418,9 @@ public final class SourceMigration: Sendable {
 
     private func connect() throws(MigrationError) -> Socket {
         do {
-            return try Socket.connect(to: config.address, timeout: config.connectTimeout)
+            let s = try Socket.connect(to: config.address, timeout: config.connectTimeout)
+            try s.setPeerTimeout(config.peerTimeout)
+            return s
         } catch {
             throw MigrationError(error)
         }
@@ -472,12 +509,15 @@ public final class SourceMigration: Sendable {
 struct RateLimiter {
     let bytesPerSecond: Double
     let counters: TransferCounters
+    /// Held while we sleep: the silence is ours, not the peer's.
+    let watchdog: ProgressWatchdog?
     let start = Monotonic.now
     let startBytes: UInt64
 
-    init(bytesPerSecond: Double, counters: TransferCounters) {
+    init(bytesPerSecond: Double, counters: TransferCounters, watchdog: ProgressWatchdog? = nil) {
         self.bytesPerSecond = bytesPerSecond
         self.counters = counters
+        self.watchdog = watchdog
         startBytes = counters.read(counters.multifdBytes)
     }
 
@@ -485,7 +525,10 @@ struct RateLimiter {
         let sent = Double(counters.read(counters.multifdBytes) - startBytes)
         let due = start + sent / bytesPerSecond
         let now = Monotonic.now
-        if due > now { usleep(UInt32(min(1.0, due - now) * 1e6)) }
+        guard due > now else { return }
+        watchdog?.hold()
+        usleep(UInt32(min(1.0, due - now) * 1e6))
+        watchdog?.release()
     }
 }
 

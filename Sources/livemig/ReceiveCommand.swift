@@ -41,6 +41,7 @@ struct ReceiveCommand: ParsableCommand {
         let address = try parseAddress(listen, option: "--listen")
         var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(ram))
         config.size = size.flatMap(parseSize)
+        config.peerTimeout = common.peerTimeoutSeconds
         config.guestControl = guest.map { FilePath($0) }
         let destination: DestinationMigration
         do {

@@ -94,6 +94,7 @@ struct SendCommand: ParsableCommand {
         config.useRing = !noIoUring
         config.zeroCopy = zerocopy
         config.compression = try parseCompression(compress)
+        config.peerTimeout = common.peerTimeoutSeconds
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge
