@@ -150,7 +150,7 @@ public final class SourceMigration: Sendable {
             }
             var stats = MigrationStats(status: .active)
             stats.setupTime = UInt64((Monotonic.now - start) * 1000)
-            startWatchdog()
+            startWatchdog(main: main)
             defer { watchdog.stop() }
 
             let multifd = MultiFDSend(transports: transports, latch: latch, batchesPerJob: Self.batchesPerJob)
@@ -196,7 +196,13 @@ public final class SourceMigration: Sendable {
     /// still while the guest has yet to acknowledge a pause (that wait has
     /// its own deadline), and a live precopy ends at `policy.timeout` even
     /// mid-round, until the pause request (switchover) disarms it.
-    private func startWatchdog() {
+    ///
+    /// Also registers a waker that shuts the main socket both ways: it runs
+    /// after the error-frame waker (registered before the handshake), so
+    /// the frame is queued first, and it releases a main-channel write
+    /// blocked on a peer that stopped reading.
+    private func startWatchdog(main: Socket) {
+        latch.onFailure { main.shutdown() }
         let counters = counters, progress = progress
         var deadline: ProgressWatchdog.Deadline?
         if let g = guest, let t = config.policy.timeout {
