@@ -12,7 +12,8 @@ let package = Package(
         .executable(name: "livemig", targets: ["livemig"]),
         // For the nested Benchmarks/ package (a path dependency sees products only).
         .library(
-            name: "LivemigCore", targets: ["CShims", "GuestMemory", "MigrationWire", "Trust", "URing", "WorkerThreads", "Migration"]),
+            name: "LivemigCore",
+            targets: ["CShims", "OSCall", "GuestMemory", "MigrationWire", "Trust", "URing", "WorkerThreads", "Migration"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -28,12 +29,16 @@ let package = Package(
             path: "CShims",
             linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("zstd"), .linkedLibrary("xxhash")]
         ),
+        // The system-call conventions in one place: EINTR retried, errno
+        // captured as an Errno, the monotonic clock, process liveness.
+        .target(
+            name: "OSCall", dependencies: [.product(name: "SystemPackage", package: "swift-system")], swiftSettings: strict),
         // Joinable OS threads whose bodies never inherit an actor's isolation.
         .target(name: "WorkerThreads", dependencies: ["CShims"], swiftSettings: strict),
         // The guest's RAM file, page geometry and the dirty bitmap. No network.
         .target(
             name: "GuestMemory",
-            dependencies: ["CShims", "WorkerThreads", .product(name: "SystemPackage", package: "swift-system")],
+            dependencies: ["CShims", "OSCall", "WorkerThreads", .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: strict
         ),
         // Wire formats: encode, decode, validate. Pure: no sockets, no files.
@@ -48,25 +53,25 @@ let package = Package(
         // Sockets, addresses and the io_uring ring with its plain-syscall fallback.
         .target(
             name: "URing",
-            dependencies: ["CShims", .product(name: "SystemPackage", package: "swift-system")],
+            dependencies: ["CShims", "OSCall", .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: strict
         ),
         // Source and destination engines: channels, hand-off, rounds, statistics.
         .target(
             name: "Migration",
             dependencies: [
-                "CShims", "GuestMemory", "MigrationWire", "Trust", "URing", "WorkerThreads",
+                "CShims", "OSCall", "GuestMemory", "MigrationWire", "Trust", "URing", "WorkerThreads",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict
         ),
         // The stress guest (patterns, rates, counter workload) and its verifier.
-        .target(name: "Workload", dependencies: ["CShims", "GuestMemory", "WorkerThreads"], swiftSettings: strict),
+        .target(name: "Workload", dependencies: ["CShims", "OSCall", "GuestMemory", "WorkerThreads"], swiftSettings: strict),
         // The command line: parsing, output formatting, exit codes.
         .executableTarget(
             name: "livemig",
             dependencies: [
-                "CShims", "GuestMemory", "MigrationWire", "Trust", "URing", "Migration", "Workload", "WorkerThreads",
+                "CShims", "OSCall", "GuestMemory", "MigrationWire", "Trust", "URing", "Migration", "Workload", "WorkerThreads",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -78,6 +83,7 @@ let package = Package(
                 "GuestMemory", "TestSupport", "WorkerThreads", "CShims", .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        .testTarget(name: "OSCallTests", dependencies: ["OSCall", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire", "TestSupport"]),
         .testTarget(name: "TrustTests", dependencies: ["Trust"]),

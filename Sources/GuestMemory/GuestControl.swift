@@ -1,4 +1,5 @@
 import CShims
+import OSCall
 import SystemPackage
 
 #if canImport(Glibc)
@@ -108,16 +109,16 @@ public final class GuestControl: @unchecked Sendable {
         let size = fileSize(ramSize: ram.size, pageSize: ram.pageSize)
         let fd = open(path.string, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
-            let e = Errno(rawValue: errno)
+            let e = SystemCall.lastError
             throw GuestMemoryError("cannot create control file \(path): \(e)", errno: e)
         }
         defer { close(fd) }
         guard ftruncate(fd, off_t(size)) == 0 else {
-            let e = Errno(rawValue: errno)
+            let e = SystemCall.lastError
             throw GuestMemoryError("cannot size control file \(path): \(e)", errno: e)
         }
         guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            let e = Errno(rawValue: errno)
+            let e = SystemCall.lastError
             throw GuestMemoryError("cannot map control file \(path): \(e)", errno: e)
         }
         let words = DirtyBitmap.wordCount(pages: Int(ram.size / ram.pageSize))
@@ -140,7 +141,7 @@ public final class GuestControl: @unchecked Sendable {
         self.path = path
         let fd = open(path.string, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else {
-            let e = Errno(rawValue: errno)
+            let e = SystemCall.lastError
             if e == .noSuchFileOrDirectory {
                 throw GuestMemoryError("control file \(path) does not exist; start the guest (livemig stress) first", errno: e)
             }
@@ -153,7 +154,7 @@ public final class GuestControl: @unchecked Sendable {
             throw GuestMemoryError("control file \(path) is \(st.st_size) bytes, too small to be a livemig control file")
         }
         guard let p = mmap(nil, Int(st.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            let e = Errno(rawValue: errno)
+            let e = SystemCall.lastError
             throw GuestMemoryError("cannot map control file \(path): \(e)", errno: e)
         }
         base = p
@@ -284,7 +285,7 @@ public final class GuestControl: @unchecked Sendable {
     public var pauseHolderVanished: Bool {
         if monotonicNanoseconds() > leaseDeadline { return true }
         let pid = sourcePID
-        return pid > 0 && kill(pid, 0) != 0 && errno == ESRCH
+        return pid > 0 && !SystemCall.processExists(pid)
     }
 
     // MARK: - guest state
@@ -326,9 +327,6 @@ final class MappingOwner {
     deinit { munmap(base, length) }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (shared by the processes of one host).
-public func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}
+/// CLOCK_MONOTONIC in nanoseconds (shared by the processes of one host):
+/// `Monotonic.nanoseconds`, under the name the guest side has always used.
+@inlinable public func monotonicNanoseconds() -> UInt64 { Monotonic.nanoseconds }

@@ -1,4 +1,5 @@
 import CShims
+import OSCall
 import Synchronization
 import SystemPackage
 import WorkerThreads
@@ -99,9 +100,10 @@ public final class RAMFile: @unchecked Sendable {
         do throws(GuestMemoryError) {
             existing = try fileSize(fd, path)
             if existing == 0 {
-                if ftruncate(fd.rawValue, off_t(size)) != 0 {
-                    let e = Errno(rawValue: Glibc.errno)
-                    throw GuestMemoryError("cannot size RAM file \(path) to \(size) bytes: \(e)", errno: e)
+                do throws(Errno) {
+                    _ = try SystemCall.retrying { ftruncate(fd.rawValue, off_t(size)) }
+                } catch {
+                    throw GuestMemoryError("cannot size RAM file \(path) to \(size) bytes: \(error)", errno: error)
                 }
             } else if existing != size {
                 throw GuestMemoryError(
@@ -147,9 +149,10 @@ public final class RAMFile: @unchecked Sendable {
     /// Pre-faults `length` bytes at `offset` (both page-aligned).
     public func populate(offset: UInt64, length: UInt64, forWriting: Bool) throws(GuestMemoryError) {
         let advice = forWriting ? LM_MADV_POPULATE_WRITE : LM_MADV_POPULATE_READ
-        if madvise(base + Int(offset), Int(length), advice) != 0 {
-            let e = Errno(rawValue: Glibc.errno)
-            throw GuestMemoryError("cannot pre-fault RAM file \(path): madvise: \(e)", errno: e)
+        do throws(Errno) {
+            _ = try SystemCall.retrying { madvise(base + Int(offset), Int(length), advice) }
+        } catch {
+            throw GuestMemoryError("cannot pre-fault RAM file \(path): madvise: \(error)", errno: error)
         }
     }
 
@@ -216,11 +219,11 @@ public final class RAMFile: @unchecked Sendable {
     public func read(into buffer: UnsafeMutableRawPointer, offset: UInt64, length: Int) throws(GuestMemoryError) {
         var done = 0
         while done < length {
-            let n = pread(fd.rawValue, buffer + done, length - done, off_t(offset) + off_t(done))
-            if n < 0 && Glibc.errno == EINTR { continue }
-            if n < 0 {
-                let e = Errno(rawValue: Glibc.errno)
-                throw GuestMemoryError("cannot read RAM file \(path) at offset \(offset + UInt64(done)): \(e)", errno: e)
+            let n: Int
+            do throws(Errno) {
+                n = try SystemCall.retrying { pread(fd.rawValue, buffer + done, length - done, off_t(offset) + off_t(done)) }
+            } catch {
+                throw GuestMemoryError("cannot read RAM file \(path) at offset \(offset + UInt64(done)): \(error)", errno: error)
             }
             if n == 0 {
                 throw GuestMemoryError(
@@ -239,11 +242,15 @@ public final class RAMFile: @unchecked Sendable {
         precondition(access == .readWrite, "write into a read-only RAM file")
         var done = 0
         while done < length {
-            let n = pwrite(fd.rawValue, buffer + done, length - done, off_t(offset) + off_t(done))
-            if n < 0 && Glibc.errno == EINTR { continue }
-            if n <= 0 {
-                let e = n < 0 ? Errno(rawValue: Glibc.errno) : .ioError
-                throw GuestMemoryError("cannot write RAM file \(path) at offset \(offset + UInt64(done)): \(e)", errno: e)
+            let n: Int
+            do throws(Errno) {
+                n = try SystemCall.retrying { pwrite(fd.rawValue, buffer + done, length - done, off_t(offset) + off_t(done)) }
+            } catch {
+                throw GuestMemoryError("cannot write RAM file \(path) at offset \(offset + UInt64(done)): \(error)", errno: error)
+            }
+            if n == 0 {
+                throw GuestMemoryError(
+                    "cannot write RAM file \(path) at offset \(offset + UInt64(done)): \(Errno.ioError)", errno: .ioError)
             }
             done += n
         }
@@ -267,9 +274,10 @@ public final class RAMFile: @unchecked Sendable {
 
     private static func fileSize(_ fd: FileDescriptor, _ path: FilePath) throws(GuestMemoryError) -> UInt64 {
         var st = stat()
-        if fstat(fd.rawValue, &st) != 0 {
-            let e = Errno(rawValue: Glibc.errno)
-            throw GuestMemoryError("cannot stat RAM file \(path): \(e)", errno: e)
+        do throws(Errno) {
+            _ = try SystemCall.retrying { fstat(fd.rawValue, &st) }
+        } catch {
+            throw GuestMemoryError("cannot stat RAM file \(path): \(error)", errno: error)
         }
         if (st.st_mode & S_IFMT) != S_IFREG {
             throw GuestMemoryError("RAM file \(path) is not a regular file")
@@ -295,7 +303,7 @@ public final class RAMFile: @unchecked Sendable {
     ) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
         let prot = access == .readOnly ? PROT_READ : (PROT_READ | PROT_WRITE)
         guard let p = mmap(nil, Int(block.size), prot, MAP_SHARED, fd.rawValue, 0), p != MAP_FAILED else {
-            let e = Errno(rawValue: Glibc.errno)
+            let e = SystemCall.lastError
             throw GuestMemoryError("cannot map RAM file \(path) (\(block.size) bytes): \(e)", errno: e)
         }
         return p

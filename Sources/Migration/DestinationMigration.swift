@@ -1,5 +1,6 @@
 import GuestMemory
 import MigrationWire
+import OSCall
 import Synchronization
 import SystemPackage
 import Trust
@@ -26,6 +27,10 @@ public struct DestinationConfig: Sendable {
     /// The pre-shared key every channel must prove (nil: integrity
     /// checksums only). Whether to encrypt is the source's choice.
     public var key: PreSharedKey?
+    /// How long the source may move no bytes during the data phase
+    /// (`ProgressWatchdog`); also sets the TCP keepalive and user timeout
+    /// of each accepted connection (`Socket.setPeerTimeout`).
+    public var peerTimeout = 10.0
 
     public init(address: SocketAddress, channels: Int, ramPath: FilePath) {
         self.address = address
@@ -48,6 +53,8 @@ public final class DestinationMigration: Sendable {
     /// idle port probe, a channel of another session): they never fail
     /// the migration, but the user should know.
     private let notice: @Sendable (String) -> Void
+    /// Fails the migration when the source stops moving bytes.
+    public let watchdog: ProgressWatchdog
     private let listener: Listener
     private let ramFile = Mutex<RAMFile?>(nil)
     /// The RAM was mapped and pre-faulted before listening: receivers write
@@ -60,6 +67,7 @@ public final class DestinationMigration: Sendable {
     public init(config: DestinationConfig, notice: @escaping @Sendable (String) -> Void = { _ in }) throws(MigrationError) {
         self.config = config
         self.notice = notice
+        watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
         if let size = config.size {
             let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile.create(path: config.ramPath, size: size) }
             ramFile.withLock { $0 = ram }
@@ -72,7 +80,7 @@ public final class DestinationMigration: Sendable {
             prefaulted = false
         }
         do {
-            listener = try Listener(config.address)
+            listener = try Listener(config.address, peerTimeout: config.peerTimeout)
         } catch {
             throw MigrationError(error)
         }
@@ -135,6 +143,8 @@ public final class DestinationMigration: Sendable {
                 for s in barrier.resume { s.signal() }
             }
             let setupTime = Monotonic.now - start
+            watchdog.start(latch: latch) { [counters] in counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) }
+            defer { watchdog.stop() }
             for r in receivers {
                 let latch = self.latch
                 threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })
@@ -361,7 +371,7 @@ public final class DestinationMigration: Sendable {
         do throws(GuestMemoryError) {
             let control = try GuestControl.openOrCreate(path: path, for: ram.block)
             let pid = control.guestPID
-            if control.runState == .running, pid > 0, kill(pid, 0) == 0, control.guestThreads > 0 {
+            if control.runState == .running, pid > 0, SystemCall.processExists(pid), control.guestThreads > 0 {
                 throw GuestMemoryError("control file \(path) belongs to a guest that is running (pid \(pid)); give another path")
             }
             try control.writeState(state)

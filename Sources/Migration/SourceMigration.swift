@@ -1,6 +1,7 @@
 import Dispatch
 import GuestMemory
 import MigrationWire
+import OSCall
 import Synchronization
 import Trust
 import URing
@@ -30,6 +31,10 @@ public struct SourceConfig: Sendable {
     public var handshakeTimeout = 60.0
     /// How long the guest may take to acknowledge a pause.
     public var pauseTimeout = 5.0
+    /// How long the destination may move no bytes during the data phase
+    /// (`ProgressWatchdog`); also sets the TCP keepalive and user timeout
+    /// of each connection (`Socket.setPeerTimeout`).
+    public var peerTimeout = 10.0
     /// Convergence rules for a live guest.
     public var policy = ConvergencePolicy()
     /// Test hook: hold the guest paused this long before the final round,
@@ -71,6 +76,10 @@ public final class SourceMigration: Sendable {
     public let counters = TransferCounters()
     public let progress = LiveProgress()
     public let latch = FailureLatch()
+    /// Fails the migration when the destination stops moving bytes, or a
+    /// live precopy overruns `policy.timeout` mid-round. Whoever begins
+    /// switchover calls `watchdog.disarmDeadline()` first.
+    public let watchdog: ProgressWatchdog
     /// Messages for the user (fallbacks taken), read after `run()`.
     public let warnings = Mutex<[String]>([])
     private let onRound: (@Sendable (RoundRecord) -> Void)?
@@ -82,6 +91,7 @@ public final class SourceMigration: Sendable {
         self.config = config
         self.guest = guest
         self.onRound = onRound
+        watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
     }
 
     /// Stops the migration from any thread (a signal handler's queue).
@@ -145,6 +155,8 @@ public final class SourceMigration: Sendable {
             }
             var stats = MigrationStats(status: .active)
             stats.setupTime = UInt64((Monotonic.now - start) * 1000)
+            startWatchdog(main: main)
+            defer { watchdog.stop() }
 
             let multifd = MultiFDSend(transports: transports, latch: latch, batchesPerJob: Self.batchesPerJob)
             pool = multifd
@@ -183,6 +195,36 @@ public final class SourceMigration: Sendable {
             if let g = guest, ownsGuest { restore(g) }
             throw latch.error ?? error
         }
+    }
+
+    /// Starts the watchdog for the data phase: the silence clock stands
+    /// still while the guest has yet to acknowledge a pause (that wait has
+    /// its own deadline), and a live precopy ends at `policy.timeout` even
+    /// mid-round, until the pause request (switchover) disarms it.
+    ///
+    /// Also registers a waker that shuts the main socket both ways: it runs
+    /// after the error-frame waker (registered before the handshake), so
+    /// the frame is queued first, and it releases a main-channel write
+    /// blocked on a peer that stopped reading.
+    private func startWatchdog(main: Socket) {
+        latch.onFailure { main.shutdown() }
+        let counters = counters, progress = progress
+        var deadline: ProgressWatchdog.Deadline?
+        if let g = guest, let t = config.policy.timeout {
+            deadline = ProgressWatchdog.Deadline(at: Monotonic.now + t) {
+                guard g.runState == .running else { return nil }
+                let round = progress.round.load(ordering: .relaxed)
+                return MigrationError(
+                    .timeout,
+                    "did not converge within \(t) s (round \(round) still running); the guest dirties pages faster than they can be sent: "
+                        + "try --auto-converge, a higher --max-bandwidth or a longer --downtime-limit")
+            }
+        }
+        let guest = guest
+        watchdog.start(
+            latch: latch, deadline: deadline,
+            waitingLocally: { guest.map { $0.runState == .pauseRequested && $0.pausedThreads < $0.guestThreads } ?? false },
+            progress: { counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) })
     }
 
     // MARK: - live precopy
@@ -255,6 +297,8 @@ public final class SourceMigration: Sendable {
         // destination's confirmation that it holds every page and the state.
         let precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
         let pauseStart = Monotonic.now
+        // --timeout bounds precopy only; the switchover has its own deadline.
+        watchdog.disarmDeadline()
         try pause(g, lease: lease)
         if let hold = config.testHoldPause { usleep(UInt32(hold * 1e6)) }
         round += 1
@@ -323,7 +367,7 @@ public final class SourceMigration: Sendable {
         while g.pausedThreads < g.guestThreads {
             try latch.check()
             let pid = g.guestPID
-            if pid > 0, kill(pid, 0) != 0, errno == ESRCH { break }
+            if pid > 0, !SystemCall.processExists(pid) { break }
             if Monotonic.now > deadline {
                 throw MigrationError(.timeout, "the guest did not acknowledge the pause within \(config.pauseTimeout) s")
             }
@@ -348,7 +392,7 @@ public final class SourceMigration: Sendable {
     func sendRound(_ bitmap: DirtyBitmap, through multifd: MultiFDSend, limit: Double?) throws(MigrationError) -> Int {
         var pages = MultiFDPages()
         let pageSize = ram.block.pageSize
-        let limiter = limit.map { RateLimiter(bytesPerSecond: $0, counters: counters) }
+        let limiter = limit.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
         var count = 0
         do {
             try bitmap.harvestAll { page in
@@ -389,7 +433,9 @@ public final class SourceMigration: Sendable {
 
     private func connect() throws(MigrationError) -> Socket {
         do {
-            return try Socket.connect(to: config.address, timeout: config.connectTimeout)
+            let s = try Socket.connect(to: config.address, timeout: config.connectTimeout)
+            try s.setPeerTimeout(config.peerTimeout)
+            return s
         } catch {
             throw MigrationError(error)
         }
@@ -482,12 +528,15 @@ public final class SourceMigration: Sendable {
 struct RateLimiter {
     let bytesPerSecond: Double
     let counters: TransferCounters
+    /// Held while we sleep: the silence is ours, not the peer's.
+    let watchdog: ProgressWatchdog?
     let start = Monotonic.now
     let startBytes: UInt64
 
-    init(bytesPerSecond: Double, counters: TransferCounters) {
+    init(bytesPerSecond: Double, counters: TransferCounters, watchdog: ProgressWatchdog? = nil) {
         self.bytesPerSecond = bytesPerSecond
         self.counters = counters
+        self.watchdog = watchdog
         startBytes = counters.read(counters.multifdBytes)
     }
 
@@ -495,7 +544,10 @@ struct RateLimiter {
         let sent = Double(counters.read(counters.multifdBytes) - startBytes)
         let due = start + sent / bytesPerSecond
         let now = Monotonic.now
-        if due > now { usleep(UInt32(min(1.0, due - now) * 1e6)) }
+        guard due > now else { return }
+        watchdog?.hold()
+        usleep(UInt32(min(1.0, due - now) * 1e6))
+        watchdog?.release()
     }
 }
 

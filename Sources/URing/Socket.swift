@@ -1,4 +1,5 @@
 import CShims
+import OSCall
 import SystemPackage
 
 #if canImport(Glibc)
@@ -29,10 +30,17 @@ public final class Socket: Sendable {
         while true {
             do throws(SocketError) {
                 return try address.withSockaddr { sa, len, family throws(SocketError) in
-                    let fd = Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-                    guard fd >= 0 else { throw .system("socket", Errno(rawValue: errno)) }
-                    if Glibc.connect(fd, sa, len) != 0 {
-                        let e = Errno(rawValue: errno)
+                    let fd: Int32
+                    do throws(Errno) {
+                        fd = try SystemCall.once { Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+                    } catch {
+                        throw .system("socket", error)
+                    }
+                    // Once: after EINTR the connection goes on in the
+                    // kernel, and a second connect fails with EALREADY.
+                    do throws(Errno) {
+                        _ = try SystemCall.once { Glibc.connect(fd, sa, len) }
+                    } catch let e {
                         close(fd)
                         if e == .noSuchFileOrDirectory {
                             throw SocketError(
@@ -55,6 +63,41 @@ public final class Socket: Sendable {
         var one: Int32 = 1
         if family == AF_INET || family == AF_INET6 {
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        }
+    }
+
+    /// Lets the kernel end a connection whose peer host died or whose link
+    /// was cut, in about twice `seconds`, even while nobody sends: TCP
+    /// keepalive probes after `seconds` of silence (`SO_KEEPALIVE`,
+    /// `TCP_KEEPIDLE`), three more a third of that apart (`TCP_KEEPINTVL`,
+    /// `TCP_KEEPCNT`), and written data left unacknowledged that long
+    /// (`TCP_USER_TIMEOUT`) fails reads and writes with ETIMEDOUT.
+    ///
+    /// Twice, not once: in the data phase the migration's progress watchdog
+    /// stops after `seconds` with a clearer message; this is the backstop
+    /// for the waits it does not watch. No-op on a Unix socket.
+    public func setPeerTimeout(_ seconds: Double) throws(SocketError) {
+        precondition(seconds > 0, "peer timeout must be positive")
+        var domain: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard (try? SystemCall.once({ getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) })) != nil,
+            domain == AF_INET || domain == AF_INET6
+        else { return }
+        let idle = max(1, Int32(seconds.rounded(.up)))
+        let options: [(level: Int32, name: Int32, value: Int32, label: String)] = [
+            (SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE"),
+            (Int32(IPPROTO_TCP), TCP_KEEPIDLE, idle, "TCP_KEEPIDLE"),
+            (Int32(IPPROTO_TCP), TCP_KEEPINTVL, max(1, Int32((seconds / 3).rounded(.up))), "TCP_KEEPINTVL"),
+            (Int32(IPPROTO_TCP), TCP_KEEPCNT, 3, "TCP_KEEPCNT"),
+            (Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, Int32(min(seconds * 2000, Double(Int32.max))), "TCP_USER_TIMEOUT"),
+        ]
+        for o in options {
+            var value = o.value
+            do throws(Errno) {
+                _ = try SystemCall.once { setsockopt(fd, o.level, o.name, &value, socklen_t(MemoryLayout<Int32>.size)) }
+            } catch {
+                throw SocketError(.system, "cannot set \(o.label) to \(o.value) on the connection to \(peer): \(error)", errno: error)
+            }
         }
     }
 
@@ -82,13 +125,11 @@ public final class Socket: Sendable {
         let failure: SocketError? = bytes.withUnsafeBytes { b -> SocketError? in
             var done = 0
             while done < b.count {
-                let n = send(fd, b.baseAddress! + done, b.count - done, Int32(MSG_NOSIGNAL))
-                if n < 0 {
-                    let e = Errno(rawValue: errno)
-                    if e == .interrupted { continue }
-                    return .system("sending to \(peer)", e)
+                do throws(Errno) {
+                    done += try SystemCall.retrying { send(fd, b.baseAddress! + done, b.count - done, Int32(MSG_NOSIGNAL)) }
+                } catch {
+                    return .system("sending to \(peer)", error)
                 }
-                done += n
             }
             return nil
         }
@@ -100,12 +141,11 @@ public final class Socket: Sendable {
     /// port probe, not a migration.
     public func peerSendsData() -> Bool {
         var byte: UInt8 = 0
-        while true {
-            let n = recv(fd, &byte, 1, Int32(MSG_PEEK))
-            if n > 0 { return true }
-            if n < 0, errno == EINTR { continue }
-            if n < 0, errno == EAGAIN || errno == EWOULDBLOCK { return true }  // let the hello read time out with a message
-            return false
+        do throws(Errno) {
+            return try SystemCall.retrying { recv(fd, &byte, 1, Int32(MSG_PEEK)) } > 0
+        } catch {
+            // EAGAIN: let the hello read time out with a message.
+            return error == .resourceTemporarilyUnavailable || error == .wouldBlock
         }
     }
 
@@ -135,17 +175,16 @@ public final class Socket: Sendable {
     public func receiveExact(_ buffer: UnsafeMutableRawPointer, count: Int, what: @autoclosure () -> String) throws(SocketError) {
         var done = 0
         while done < count {
-            let n = recv(fd, buffer + done, count - done, Int32(MSG_WAITALL))
+            let n: Int
+            do throws(Errno) {
+                n = try SystemCall.retrying { recv(fd, buffer + done, count - done, Int32(MSG_WAITALL)) }
+            } catch  where error == .resourceTemporarilyUnavailable || error == .wouldBlock {
+                throw SocketError(.timedOut, "\(what()) from \(peer): nothing arrived in time", errno: error)
+            } catch {
+                throw .system("\(what()) from \(peer)", error)
+            }
             if n == 0 {
                 throw SocketError(.peerClosed, "\(what()) from \(peer): the peer closed the connection after \(done) of \(count) bytes")
-            }
-            if n < 0 {
-                let e = Errno(rawValue: errno)
-                if e == .interrupted { continue }
-                if e == .resourceTemporarilyUnavailable || e == .wouldBlock {
-                    throw SocketError(.timedOut, "\(what()) from \(peer): nothing arrived in time", errno: e)
-                }
-                throw .system("\(what()) from \(peer)", e)
             }
             done += n
         }
@@ -163,14 +202,14 @@ public final class Socket: Sendable {
             var msg = msghdr()
             msg.msg_iov = cursor.current
             msg.msg_iovlen = cursor.remainingCount
-            let n = recvmsg(fd, &msg, Int32(MSG_WAITALL))
+            let n: Int
+            do throws(Errno) {
+                n = try SystemCall.retrying { recvmsg(fd, &msg, Int32(MSG_WAITALL)) }
+            } catch {
+                throw .system("\(what()) from \(peer)", error)
+            }
             if n == 0 {
                 throw SocketError(.peerClosed, "\(what()) from \(peer): the peer closed the connection after \(done) of \(total) bytes")
-            }
-            if n < 0 {
-                let e = Errno(rawValue: errno)
-                if e == .interrupted { continue }
-                throw .system("\(what()) from \(peer)", e)
             }
             done += n
             cursor.advance(by: n)
@@ -214,11 +253,15 @@ public struct IOVecCursor {
 public final class Listener: Sendable {
     public let fd: Int32
     public let address: SocketAddress
+    /// Applied to every accepted TCP connection (`Socket.setPeerTimeout`).
+    public let peerTimeout: Double?
 
     /// Binds and listens. A stale Unix socket file (nobody accepting) is
-    /// replaced; a live one is "address in use".
-    public init(_ address: SocketAddress, backlog: Int32 = 64) throws(SocketError) {
+    /// replaced; a live one is "address in use". `peerTimeout`: see
+    /// `Socket.setPeerTimeout`, applied to each accepted connection.
+    public init(_ address: SocketAddress, backlog: Int32 = 64, peerTimeout: Double? = nil) throws(SocketError) {
         self.address = address
+        self.peerTimeout = peerTimeout
         if case .unix(let path) = address, access(path, F_OK) == 0 {
             var st = stat()
             guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFSOCK else {
@@ -230,14 +273,20 @@ public final class Listener: Sendable {
             unlink(path)  // a stale socket file nobody accepts on
         }
         fd = try address.withSockaddr { sa, len, family throws(SocketError) in
-            let fd = Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            guard fd >= 0 else { throw .system("socket", Errno(rawValue: errno)) }
+            let fd: Int32
+            do throws(Errno) {
+                fd = try SystemCall.once { Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+            } catch {
+                throw .system("socket", error)
+            }
             var one: Int32 = 1
             setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-            if bind(fd, sa, len) != 0 || listen(fd, backlog) != 0 {
-                let e = Errno(rawValue: errno)
+            do throws(Errno) {
+                _ = try SystemCall.once { bind(fd, sa, len) }
+                _ = try SystemCall.once { listen(fd, backlog) }
+            } catch {
                 close(fd)
-                throw .system("cannot listen on \(address)", e)
+                throw .system("cannot listen on \(address)", error)
             }
             return fd
         }
@@ -260,35 +309,34 @@ public final class Listener: Sendable {
         let deadline = timeout.map { Monotonic.now + $0 }
         while true {
             let wait = deadline.map { max(0, Int32(($0 - Monotonic.now) * 1000)) } ?? -1
-            let r = poll(&pfds, nfds_t(pfds.count), wait)
-            if r < 0 {
-                let e = Errno(rawValue: errno)
-                if e == .interrupted { continue }
-                throw .system("waiting for a connection on \(address)", e)
+            let r: Int32
+            do {
+                // Not `retrying`: after EINTR the wait is computed anew.
+                r = try SystemCall.once { poll(&pfds, nfds_t(pfds.count), wait) }
+            } catch  where error == .interrupted {
+                continue
+            } catch {
+                throw .system("waiting for a connection on \(address)", error)
             }
             if r == 0 { throw SocketError(.timedOut, "no connection arrived on \(address) in time") }
             if pfds.count > 1, pfds[1].revents != 0 {
                 throw SocketError(.interrupted, "the peer spoke on its control channel while we waited for a connection")
             }
-            let c = Glibc.accept(fd, nil, nil)
-            if c < 0 {
-                let e = Errno(rawValue: errno)
-                if e == .interrupted || e == .resourceTemporarilyUnavailable || e == .connectionAbort { continue }
-                throw .system("accepting on \(address)", e)
+            let c: Int32
+            do throws(Errno) {
+                c = try SystemCall.retrying { Glibc.accept(fd, nil, nil) }
+            } catch  where error == .resourceTemporarilyUnavailable || error == .connectionAbort {
+                continue  // the connection went away before we took it: wait for the next
+            } catch {
+                throw .system("accepting on \(address)", error)
             }
             _ = fcntl(c, F_SETFD, FD_CLOEXEC)
             let s = Socket(fd: c, peer: "\(address) (accepted)")
-            if case .tcp = address { s.tune(family: AF_INET) }
+            if case .tcp = address {
+                s.tune(family: AF_INET)
+                if let peerTimeout { try s.setPeerTimeout(peerTimeout) }
+            }
             return s
         }
-    }
-}
-
-/// Seconds on the monotonic clock.
-public enum Monotonic {
-    public static var now: Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 }

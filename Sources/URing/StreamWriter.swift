@@ -1,4 +1,5 @@
 import CShims
+import OSCall
 import SystemPackage
 
 #if canImport(Glibc)
@@ -89,7 +90,7 @@ public final class URingSendWriter: StreamWriter {
     static func createRing(entries: UInt32, flags: UInt32) throws(SocketError) -> OpaquePointer {
         var err: Int32 = 0
         guard let r = lm_ring_create(entries, flags, &err) else {
-            let e = Errno(rawValue: -err)
+            let e = SystemCall.error(negated: err)
             let why: String
             switch e {
             case .noFunction: why = "io_uring is not available (io_uring_setup: ENOSYS, a seccomp filter or an old kernel)"
@@ -135,23 +136,23 @@ public final class URingSendWriter: StreamWriter {
                 zeroCopy
                 ? lm_ring_prep_sendv_zc(ring, 0, socket.fd, cursor.current, UInt32(cursor.remainingCount), flags, true, 0)
                 : lm_ring_prep_sendv(ring, 0, socket.fd, cursor.current, UInt32(cursor.remainingCount), flags, 0)
-            if prep < 0 { throw .system("io_uring submission on \(socket.peer)", Errno(rawValue: -prep)) }
-            let submitted = lm_ring_submit_and_wait(ring, 1)
-            if submitted < 0 {
-                let e = Errno(rawValue: -submitted)
-                if e == .interrupted { continue }
-                throw .system("io_uring_submit_and_wait to \(socket.peer)", e)
+            if prep < 0 { throw .system("io_uring submission on \(socket.peer)", SystemCall.error(negated: prep)) }
+            do throws(Errno) {
+                _ = try SystemCall.retryingNegated { lm_ring_submit_and_wait(ring, 1) }
+            } catch {
+                throw .system("io_uring_submit_and_wait to \(socket.peer)", error)
             }
             var data: UInt64 = 0, res: Int32 = 0, cqeFlags: UInt32 = 0
             let rc = lm_ring_wait(ring, &data, &res, &cqeFlags)
-            if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", Errno(rawValue: -rc)) }
+            if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", SystemCall.error(negated: rc)) }
             if cqeFlags & LM_IORING_CQE_F_MORE != 0 {
                 // Zero copy: the buffers (our header, guest pages) stay in
                 // the kernel's hands until the notification arrives.
                 try awaitNotification(ring)
             }
             if res < 0 {
-                let e = Errno(rawValue: -res)
+                // The send itself was interrupted: submit the rest again.
+                let e = SystemCall.error(negated: res)
                 if e == .interrupted || e == .resourceTemporarilyUnavailable { continue }
                 throw .system("sending to \(socket.peer)", e)
             }
@@ -165,7 +166,7 @@ public final class URingSendWriter: StreamWriter {
     private func awaitNotification(_ ring: OpaquePointer) throws(SocketError) {
         var data: UInt64 = 0, res: Int32 = 0, cqeFlags: UInt32 = 0
         let rc = lm_ring_wait(ring, &data, &res, &cqeFlags)
-        if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", Errno(rawValue: -rc)) }
+        if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", SystemCall.error(negated: rc)) }
         guard cqeFlags & LM_IORING_CQE_F_NOTIF != 0 else {
             throw SocketError(.system, "io_uring: expected a zero-copy notification, got flags \(cqeFlags)")
         }
@@ -188,11 +189,11 @@ public final class PlainSendWriter: StreamWriter {
         while done < total {
             msg.msg_iov = cursor.current
             msg.msg_iovlen = cursor.remainingCount
-            let n = sendmsg(socket.fd, &msg, Int32(MSG_NOSIGNAL))
-            if n < 0 {
-                let e = Errno(rawValue: errno)
-                if e == .interrupted { continue }
-                throw .system("sending to \(socket.peer)", e)
+            let n: Int
+            do throws(Errno) {
+                n = try SystemCall.retrying { sendmsg(socket.fd, &msg, Int32(MSG_NOSIGNAL)) }
+            } catch {
+                throw .system("sending to \(socket.peer)", error)
             }
             done += n
             cursor.advance(by: n)

@@ -1,5 +1,6 @@
 import CShims
 import GuestMemory
+import OSCall
 import Synchronization
 import WorkerThreads
 
@@ -90,7 +91,7 @@ public final class StressGuest: Sendable {
             case .pauseRequested where !control.pauseHolderVanished:
                 throw GuestMemoryError(
                     "the guest in \(control.path) is held paused by a running migration (source pid \(control.sourcePID))")
-            case .running where control.guestThreads > 0 && control.guestPID > 0 && kill(control.guestPID, 0) == 0:
+            case .running where control.guestThreads > 0 && control.guestPID > 0 && SystemCall.processExists(control.guestPID):
                 throw GuestMemoryError("another guest (pid \(control.guestPID)) is running on \(control.path)")
             default: break
             }

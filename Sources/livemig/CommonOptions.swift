@@ -14,11 +14,24 @@ struct ChannelOptions: ParsableArguments {
     @Option(help: "Print the final statistics as 'human' text or one 'json' object (QEMU query-migrate names).")
     var format: OutputFormat = .human
 
+    @Option(
+        help: """
+            Fail when the peer moves no bytes for this long during the transfer (e.g. 10s, at least 1s); \
+            also sets TCP keepalive and user timeout so a dead host or cut link ends the migration.
+            """)
+    var peerTimeout: String = "10s"
+
     func validate() throws {
         guard (1...64).contains(channels) else {
             throw ValidationError("--channels must be from 1 to 64, got \(channels)")
         }
+        guard let t = parseDuration(peerTimeout), t >= 1 else {
+            throw ValidationError("--peer-timeout: '\(peerTimeout)' is not a duration of at least 1s (e.g. 10s)")
+        }
     }
+
+    /// `--peer-timeout` in seconds (validated).
+    var peerTimeoutSeconds: Double { parseDuration(peerTimeout)! }
 }
 
 /// Parses an address option, as a usage error when it is malformed.

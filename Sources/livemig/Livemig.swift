@@ -1,5 +1,6 @@
 import ArgumentParser
 import CShims
+import OSCall
 
 #if canImport(Glibc)
     import Glibc
@@ -29,7 +30,7 @@ enum LivemigMain {
         // Tests take io_uring away as a container's seccomp filter would.
         if getenv("LIVEMIG_TEST_DENY_IO_URING") != nil {
             let rc = lm_deny_io_uring()
-            if rc != 0 { fail("cannot install the test seccomp filter: errno \(-rc)", status: exitFailure) }
+            if rc != 0 { fail("cannot install the test seccomp filter: \(SystemCall.error(negated: rc))", status: exitFailure) }
         }
         // A vanished peer must be an error we report, not a silent SIGPIPE.
         signal(SIGPIPE, SIG_IGN)

@@ -43,6 +43,7 @@ struct ReceiveCommand: ParsableCommand {
         let address = try parseAddress(listen, option: "--listen")
         var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(ram))
         config.size = size.flatMap(parseSize)
+        config.peerTimeout = common.peerTimeoutSeconds
         config.guestControl = guest.map { FilePath($0) }
         config.key = try trust.loadKey()
         trust.warnIfExposed(address, role: "listening on")

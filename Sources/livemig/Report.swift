@@ -2,6 +2,7 @@ import CShims
 import FoundationEssentials
 import GuestMemory
 import Migration
+import OSCall
 import Synchronization
 import URing
 import WorkerThreads
@@ -148,8 +149,7 @@ final class SignalWatch {
         reader = WorkerThread(name: "signals") {
             var byte: UInt8 = 0
             while true {
-                let n = read(fd, &byte, 1)
-                if n < 0 && errno == EINTR { continue }
+                let n = (try? SystemCall.retrying { read(fd, &byte, 1) }) ?? -1
                 guard n == 1, byte != 0 else { return }  // 0: end() was called
                 cancel("cancelled by \(Int32(byte) == SIGINT ? "SIGINT" : "SIGTERM")")
             }
@@ -171,7 +171,7 @@ final class EventLog: Sendable {
     init(path: String) throws {
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_APPEND, 0o644)
         guard fd >= 0 else {
-            throw CommandFailure(message: "cannot write the events file \(path): \(String(cString: strerror(errno)))")
+            throw CommandFailure(message: "cannot write the events file \(path): \(SystemCall.lastError)")
         }
         self.fd = fd
     }

@@ -104,6 +104,7 @@ struct SendCommand: ParsableCommand {
         config.compression = try parseCompression(compress)
         if let key = try trust.loadKey() { config.trust = TrustSetting(key: key, encrypt: encrypt) }
         trust.warnIfExposed(address, role: "sending to")
+        config.peerTimeout = common.peerTimeoutSeconds
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge
