@@ -149,6 +149,16 @@ public final class RAMFile: @unchecked Sendable {
         let advice = forWriting ? LM_MADV_POPULATE_WRITE : LM_MADV_POPULATE_READ
         if madvise(base + Int(offset), Int(length), advice) != 0 {
             let e = Errno(rawValue: Glibc.errno)
+            // A full file system makes MADV_POPULATE_WRITE fail with EFAULT
+            // (the fault's SIGBUS), which reads as a bad pointer: say what it is.
+            if forWriting, e == .badAddress || e == .noSpace,
+                let free = FileSystemSpace.available(fd: fd.rawValue), free < block.pageSize * 16
+            {
+                throw GuestMemoryError(
+                    "cannot pre-fault RAM file \(path) (\(block.size) bytes): its file system is full (\(free) bytes free); "
+                        + "free space there or give a path on a file system with room for the whole file",
+                    errno: .noSpace)
+            }
             throw GuestMemoryError("cannot pre-fault RAM file \(path): madvise: \(e)", errno: e)
         }
     }

@@ -24,16 +24,30 @@ struct ReceiveCommand: ParsableCommand {
 
     @OptionGroup var common: ChannelOptions
 
-    @Option(help: "Create an absent RAM file of this size before listening (e.g. 1GiB).")
+    @Option(parsing: .unconditional, help: "Create an absent RAM file of this size before listening (e.g. 1GiB).")
     var size: String?
+
+    @Option(
+        parsing: .unconditional,
+        help: "Refuse to create a RAM file larger than this, for --size or the source's size (default: the host's physical memory)."
+    )
+    var maxSize: String?
 
     @Option(help: "Receive a live guest: store its state in this control file (created when absent).")
     var guest: String?
 
     func validate() throws {
         _ = try parseAddress(listen, option: "--listen")
-        if let size, parseSize(size) == nil {
-            throw ValidationError("--size: '\(size)' is not a size (examples: 4096, 64MiB, 1GiB)")
+        if let size {
+            guard let n = parseSize(size) else {
+                throw ValidationError("--size: '\(size)' is not a size (examples: 4096, 64MiB, 1GiB)")
+            }
+            guard n > 0 else { throw ValidationError("--size must be at least one page (4096 bytes), got \(size)") }
+        }
+        if let maxSize {
+            guard let n = parseSize(maxSize), n > 0 else {
+                throw ValidationError("--max-size: '\(maxSize)' is not a size above 0 (examples: 64MiB, 16GiB)")
+            }
         }
     }
 
@@ -42,12 +56,16 @@ struct ReceiveCommand: ParsableCommand {
         var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(ram))
         config.size = size.flatMap(parseSize)
         config.guestControl = guest.map { FilePath($0) }
+        if let m = maxSize.flatMap(parseSize) { config.maxSize = m }
+        config.onWarning = { FileHandleStderr.write("livemig: warning: \($0)\n") }
         let destination: DestinationMigration
         do {
             destination = try DestinationMigration(config: config)
         } catch {
             throw CommandFailure(message: error.description)
         }
+        // On every way out, success, failure or a signal's cancel (docs/PROTOCOL.md §1).
+        defer { destination.removeSocketFile() }
         // Watch signals before saying we listen: a script that signals us
         // once it reads that line must find the watch in place.
         let signals = SignalWatch { destination.cancel($0) }
