@@ -73,7 +73,11 @@ public final class DestinationMigration: Sendable {
         var created = false
         if let size = config.size {
             let exists = access(config.ramPath.string, F_OK) == 0
-            if !exists { try Self.checkBounds(size, for: config, what: "--size \(size)", fix: "give a smaller --size") }
+            if !exists {
+                try Self.checkBounds(
+                    size, for: config, what: "--size \(size)",
+                    fix: "give a smaller --size, or a larger --max-size if this host should hold it")
+            }
             do {
                 let lock = try Self.claim(config.ramPath, create: true)
                 created = lock.created
@@ -346,13 +350,15 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    /// Marks what the migration is about to overwrite: a RAM file that
-    /// existed (extended attribute, `IncompleteMark`) and an existing
-    /// control file (run state incomplete). Until completion clears them,
-    /// no guest command takes these files for a good guest.
+    /// Marks what the migration is about to overwrite: the RAM file
+    /// (extended attribute, `IncompleteMark`) and an existing control file
+    /// (run state incomplete). Until completion clears them, no guest
+    /// command takes these files for a good guest. A RAM file this process
+    /// created is removed on failure anyway; its mark covers a receiver
+    /// killed before it could remove it.
     private func markIncomplete() throws(MigrationError) {
         do throws(GuestMemoryError) {
-            if !createdRAM, !(try IncompleteMark.set(on: config.ramPath)) {
+            if !(try IncompleteMark.set(on: config.ramPath)) {
                 config.onWarning?(
                     "the file system of \(config.ramPath) takes no user extended attributes: a failed migration cannot mark the file "
                         + "incomplete (\(IncompleteMark.attribute)); do not use it after a failure")
@@ -368,7 +374,6 @@ public final class DestinationMigration: Sendable {
 
     /// The RAM is complete: every page arrived and the totals matched.
     private func clearIncompleteMark() throws(MigrationError) {
-        guard !createdRAM else { return }
         do {
             try IncompleteMark.clear(on: config.ramPath)
         } catch {

@@ -114,25 +114,27 @@ struct SafetyTests {
     @Test("two send --guest on one guest: the second is refused, the first goes on")
     func secondSenderRefused() throws {
         let scratch = try Scratch()
-        let ram = scratch.path("g.ram"), ctl = scratch.path("g.ctl")
-        let g = try startGuest(ram, ctl, size: "16MiB")
+        let ram = scratch.path("g.ram"), ctl = scratch.path("g.ctl"), events = scratch.path("events")
+        let g = try startGuest(ram, ctl)
         let addr = "unix:" + scratch.path("s")
         let receiver = try LivemigProcess(["receive", "--ram", scratch.path("d.ram"), "--guest", scratch.path("d.ctl"), "--listen", addr])
         #expect(receiver.waitForStderr("listening"))
-        // 16 MiB at 1 MiB/s: the first migration takes many seconds.
-        let first = try LivemigProcess(["send", "--ram", ram, "--guest", ctl, "--to", addr, "--max-bandwidth", "1MiB/s"])
-        usleep(500_000)
+        // The first source holds the paused guest for 3 s at switchover.
+        let first = try LivemigProcess(
+            ["send", "--ram", ram, "--guest", ctl, "--to", addr, "--events", events], env: ["LIVEMIG_TEST_HOLD_PAUSE": "3"])
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline, (try? String(contentsOfFile: events, encoding: .utf8))?.contains("switchover") != true {
+            usleep(10_000)
+        }
         let second = try livemig(["send", "--ram", ram, "--guest", ctl, "--to", addr], timeout: 20)
         #expect(second.status == 1, "\(second.stderr)")
         #expect(second.stderr.contains("already being migrated by another livemig process (pid \(first.pid)"), "\(second.stderr)")
         #expect(first.process.isRunning, "the first migration must go on")
-        kill(first.pid, SIGINT)
-        let f = first.wait(timeout: 20)
-        #expect(f.status == 1)
-        #expect(f.stderr.contains("The guest keeps running on the source (pid \(g.pid))"), "\(f.stderr)")
-        receiver.wait(timeout: 20)
-        #expect(stop(g).status == 0)
-        #expect(try livemig(["verify", "--ram", ram, "--control", ctl]).status == 0)
+        let f = first.wait(timeout: 30)
+        #expect(f.status == 0, "\(f.stderr)")
+        #expect(receiver.wait(timeout: 20).status == 0)
+        #expect(g.wait(timeout: 20).stdout.contains("migrated"))
+        #expect(try livemig(["verify", "--ram", scratch.path("d.ram"), "--control", scratch.path("d.ctl")]).status == 0)
     }
 
     // MARK: - a failed migration leaves no file that looks good
@@ -312,8 +314,10 @@ struct SafetyTests {
     func lowRateHonoursDuration() throws {
         let scratch = try Scratch()
         let r = try livemig(
-            ["stress", "--ram", scratch.path("g.ram"), "--control", scratch.path("g.ctl"), "--size", "1MiB", "--rate", "4KiB/s",
-             "--duration", "300ms"], timeout: 30)
+            [
+                "stress", "--ram", scratch.path("g.ram"), "--control", scratch.path("g.ctl"), "--size", "1MiB", "--rate", "4KiB/s",
+                "--duration", "300ms",
+            ], timeout: 30)
         #expect(r.status == 0, "\(r.stderr)")
         #expect(r.seconds < 3, "the guest ran \(r.seconds) s for a 300 ms duration")
         #expect(r.stdout.contains("duration reached"), "\(r.stdout)")
