@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -49,6 +50,44 @@ int lm_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns) {
 int lm_futex_wake(uint32_t *word, int count) {
     long r = syscall(SYS_futex, word, FUTEX_WAKE, count, NULL, NULL, 0);
     return r >= 0 ? (int)r : -errno;
+}
+
+#ifndef F_OFD_GETLK
+#define F_OFD_GETLK 36
+#define F_OFD_SETLK 37
+#endif
+
+static int lm_ofd_setlk(int fd, int64_t byte) {
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1, .l_pid = 0};
+    return fcntl(fd, F_OFD_SETLK, &fl) == 0 ? 0 : -errno;
+}
+
+int lm_ofd_lock(int fd, int64_t byte, int64_t beacon) {
+    int r = lm_ofd_setlk(fd, byte);
+    if (r == -EACCES) r = -EAGAIN;  // POSIX allows either for "held"
+    if (r != 0 || beacon < 0) return r;
+    // Best effort: without the beacon a refusal cannot name this process.
+    (void)lm_ofd_setlk(fd, beacon);
+    return 0;
+}
+
+int lm_ofd_holder(int fd, int64_t start, int64_t length, int64_t *held_start) {
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = start, .l_len = length, .l_pid = 0};
+    if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return -errno;
+    if (fl.l_type == F_UNLCK) return 0;
+    *held_start = fl.l_start;
+    return 1;
+}
+
+int lm_setxattr(const char *path, const char *name, const void *value, size_t size) {
+    return setxattr(path, name, value, size, 0) == 0 ? 0 : -errno;
+}
+
+int lm_removexattr(const char *path, const char *name) { return removexattr(path, name) == 0 ? 0 : -errno; }
+
+int64_t lm_getxattr_size(const char *path, const char *name) {
+    ssize_t n = getxattr(path, name, NULL, 0);
+    return n >= 0 ? (int64_t)n : -errno;
 }
 
 bool lm_buffer_is_zero(const void *p, size_t length) {

@@ -115,6 +115,32 @@ int lm_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns);
 /// futex(FUTEX_WAKE); returns the number woken or -errno.
 int lm_futex_wake(uint32_t *word, int count);
 
+// ---- open-file-description locks (fcntl(2) is variadic) ----------------
+// Write locks on single bytes, one byte per role, taken with F_OFD_SETLK:
+// they belong to the open file description, so they are released when its
+// last descriptor closes or the process dies, and other descriptors the
+// process opens on the same file neither conflict nor release them.
+
+/// F_OFD_SETLK of a write lock on byte `byte` of `fd` (open for writing),
+/// plus one on byte `beacon` when it is >= 0 (a byte past the data whose
+/// offset names the holder; see lm_ofd_holder). Never waits. Returns 0,
+/// -EAGAIN when another open file description holds a conflicting lock, or
+/// another -errno.
+int lm_ofd_lock(int fd, int64_t byte, int64_t beacon);
+/// F_OFD_GETLK: whether another open file description holds a lock on any
+/// byte of [start, start + length). Returns 0 when none, 1 when one does
+/// (its first byte in *held_start), or -errno.
+int lm_ofd_holder(int fd, int64_t start, int64_t length, int64_t *held_start);
+
+// ---- extended attributes (<sys/xattr.h> is not in Swift's Glibc module) ---
+
+/// setxattr(path, name, value, size, 0). Returns 0 or -errno.
+int lm_setxattr(const char *path, const char *name, const void *value, size_t size);
+/// removexattr(path, name). Returns 0 or -errno (-ENODATA: not set).
+int lm_removexattr(const char *path, const char *name);
+/// getxattr(path, name, NULL, 0): the value's size, or -errno (-ENODATA).
+int64_t lm_getxattr_size(const char *path, const char *name);
+
 // ---- page content ------------------------------------------------------
 
 /// True when `length` bytes at `p` are all zero. `p` is 8-byte aligned and

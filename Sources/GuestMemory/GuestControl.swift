@@ -51,6 +51,10 @@ public final class GuestControl: @unchecked Sendable {
         case migrated = 2
         /// Freshly written by a destination: the guest state awaits `--resume`.
         case incoming = 3
+        /// A destination is receiving into this file, or failed to: the
+        /// state and the RAM are not a guest. Set when the layout is
+        /// accepted; only a completed migration replaces it (with incoming).
+        case incomplete = 4
 
         public var description: String {
             switch self {
@@ -58,6 +62,7 @@ public final class GuestControl: @unchecked Sendable {
             case .pauseRequested: "pause requested"
             case .migrated: "migrated"
             case .incoming: "incoming"
+            case .incomplete: "incomplete"
             }
         }
     }

@@ -152,6 +152,16 @@ public final class RAMFile: @unchecked Sendable {
         do throws(Errno) {
             _ = try SystemCall.retrying { madvise(base + Int(offset), Int(length), advice) }
         } catch {
+            // A full file system makes MADV_POPULATE_WRITE fail with EFAULT
+            // (the fault's SIGBUS), which reads as a bad pointer: say what it is.
+            if forWriting, error == .badAddress || error == .noSpace,
+                let free = FileSystemSpace.available(fd: fd.rawValue), free < block.pageSize * 16
+            {
+                throw GuestMemoryError(
+                    "cannot pre-fault RAM file \(path) (\(block.size) bytes): its file system is full (\(free) bytes free); "
+                        + "free space there or give a path on a file system with room for the whole file",
+                    errno: .noSpace)
+            }
             throw GuestMemoryError("cannot pre-fault RAM file \(path): madvise: \(error)", errno: error)
         }
     }

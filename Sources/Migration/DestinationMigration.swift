@@ -31,6 +31,12 @@ public struct DestinationConfig: Sendable {
     /// (`ProgressWatchdog`); also sets the TCP keepalive and user timeout
     /// of each accepted connection (`Socket.setPeerTimeout`).
     public var peerTimeout = 10.0
+    /// The largest RAM file this destination creates, for `size` or for a
+    /// size the source announces (default: the host's physical memory).
+    public var maxSize: UInt64 = FileSystemSpace.physicalMemory
+    /// Called with a warning that does not stop the migration (a file
+    /// system without user extended attributes).
+    public var onWarning: (@Sendable (String) -> Void)?
 
     public init(address: SocketAddress, channels: Int, ramPath: FilePath) {
         self.address = address
@@ -61,18 +67,48 @@ public final class DestinationMigration: Sendable {
     /// into the mapping. Otherwise (created when the layout arrives) they
     /// pwrite into the file (`PacketReceiver.writeThrough`).
     private let prefaulted: Bool
+    /// This process's claim on the RAM file (the writer byte), from before
+    /// it writes anything until it exits: a running guest's RAM or another
+    /// receiver's is refused (`OwnerLock`).
+    private let ramLock = Mutex<OwnerLock?>(nil)
+    /// The destination control file's receiver byte, held from `init`.
+    private let controlLock: OwnerLock?
+    /// The listening socket's file (a Unix address), to remove at exit.
+    private let socketFile: (path: String, device: UInt64, inode: UInt64)?
 
     /// Maps (and pre-faults) the RAM file if it exists or `size` is given,
     /// then listens. The source may connect once this returns.
+    ///
+    /// Before anything is created: a `size` beyond `maxSize` or the free
+    /// space is refused, and so are a RAM file another livemig process
+    /// writes and a control file whose guest runs.
     public init(config: DestinationConfig, notice: @escaping @Sendable (String) -> Void = { _ in }) throws(MigrationError) {
         self.config = config
         self.notice = notice
         watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
+        if let path = config.guestControl { controlLock = try Self.claimControl(path) } else { controlLock = nil }
+        var created = false
         if let size = config.size {
-            let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile.create(path: config.ramPath, size: size) }
-            ramFile.withLock { $0 = ram }
+            let exists = access(config.ramPath.string, F_OK) == 0
+            if !exists {
+                try Self.checkBounds(
+                    size, for: config, what: "--size \(size)",
+                    fix: "give a smaller --size, or a larger --max-size if this host should hold it")
+            }
+            do {
+                let lock = try Self.claim(config.ramPath, create: true)
+                created = lock.created
+                ramLock.withLock { $0 = lock }
+                let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile.create(path: config.ramPath, size: size) }
+                ramFile.withLock { $0 = ram }
+            } catch {
+                if created { unlink(config.ramPath.string) }
+                throw error
+            }
             prefaulted = true
         } else if (try? FileDescriptor.open(config.ramPath, .readOnly).close()) != nil {
+            let lock = try Self.claim(config.ramPath, create: false)
+            ramLock.withLock { $0 = lock }
             let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile(path: config.ramPath, access: .readWrite) }
             ramFile.withLock { $0 = ram }
             prefaulted = true
@@ -82,9 +118,30 @@ public final class DestinationMigration: Sendable {
         do {
             listener = try Listener(config.address, peerTimeout: config.peerTimeout)
         } catch {
+            if created { unlink(config.ramPath.string) }
             throw MigrationError(error)
         }
+        var st = stat()
+        if case .unix(let path) = config.address, lstat(path, &st) == 0 {
+            socketFile = (path, UInt64(st.st_dev), UInt64(st.st_ino))
+        } else {
+            socketFile = nil
+        }
     }
+
+    /// Removes the listening socket's file, if it is still the one this
+    /// destination bound (docs/PROTOCOL.md §1). Call before exiting: the
+    /// process may exit before the listener's deinit would.
+    public func removeSocketFile() {
+        guard let f = socketFile else { return }
+        var st = stat()
+        guard lstat(f.path, &st) == 0, UInt64(st.st_dev) == f.device, UInt64(st.st_ino) == f.inode else { return }
+        unlink(f.path)
+    }
+
+    /// Whether this process created the RAM file: then a failed migration
+    /// removes it, since it never held anything of value.
+    private var createdRAM: Bool { ramLock.withLock { $0?.created ?? false } }
 
     /// The mapped RAM, once known.
     public var ram: RAMFile? { ramFile.withLock { $0 } }
@@ -158,6 +215,11 @@ public final class DestinationMigration: Sendable {
             return s
         } catch {
             latch.fail(error)
+            // A RAM file this process created holds a partial copy and
+            // nothing else: remove it (a file that existed keeps its
+            // incomplete mark). The lock is still ours, so nobody else
+            // has started on it.
+            if createdRAM { unlink(config.ramPath.string) }
             throw latch.error ?? error
         }
     }
@@ -220,6 +282,7 @@ public final class DestinationMigration: Sendable {
         guard block.pageSize == hostPage else {
             throw MigrationError(.mismatch, "the source's page size is \(block.pageSize) bytes, this host's is \(hostPage)")
         }
+        // Set before `layout-accepted`: no page can arrive before the marks.
         let ram: RAMFile
         if let existing = self.ram {
             guard existing.block.size == block.size else {
@@ -230,13 +293,104 @@ public final class DestinationMigration: Sendable {
             }
             ram = existing
         } else {
+            // Bounded before anything is created or allocated for it.
+            try Self.checkBounds(
+                block.size, for: config, what: "the source's RAM block '\(block.name)' of \(block.size) bytes",
+                fix: "migrate a smaller guest, or raise --max-size if this host should hold it")
+            let lock = try Self.claim(config.ramPath, create: true)
+            ramLock.withLock { $0 = lock }
             ram = try Self.mapped(prefault: false) { () throws(GuestMemoryError) in
                 try RAMFile.create(path: config.ramPath, size: block.size, blockName: block.name)
             }
             ramFile.withLock { $0 = ram }
         }
+        try markIncomplete()
         try ctl.send(.layoutAccepted)
         return ram
+    }
+
+    // MARK: - ownership, bounds and marks
+
+    /// Claims the RAM file's writer byte (creating the file when `create`
+    /// and absent).
+    private static func claim(_ path: FilePath, create: Bool) throws(MigrationError) -> OwnerLock {
+        do {
+            return try OwnerLock.claimRAM(path, create: create)
+        } catch {
+            throw MigrationError(.mismatch, error.description)
+        }
+    }
+
+    /// Claims the control file's receiver byte and refuses a control file
+    /// whose guest runs (its guest byte is held). Nil when the file does not
+    /// exist yet: it is created at completion.
+    private static func claimControl(_ path: FilePath) throws(MigrationError) -> OwnerLock? {
+        do throws(GuestMemoryError) {
+            guard access(path.string, F_OK) == 0 else { return nil }
+            try refuseLiveGuest(path)
+            _ = try GuestControl(path: path)
+            return try OwnerLock.acquire(.receiver, on: path) { holder in
+                "control file \(path) is in use by \(holder.named("livemig receive")); give another path"
+            }
+        } catch {
+            throw MigrationError(.mismatch, error.description)
+        }
+    }
+
+    private static func refuseLiveGuest(_ path: FilePath) throws(GuestMemoryError) {
+        if let holder = try OwnerLock.holder(of: .guest, on: path) {
+            throw GuestMemoryError(
+                "control file \(path) belongs to a running guest, \(holder.named("livemig stress")); "
+                    + "receiving into it would overwrite that guest: give another path")
+        }
+    }
+
+    /// Refuses to create a RAM file of `size` bytes beyond `maxSize` or the
+    /// free space of its file system, before anything is created.
+    private static func checkBounds(_ size: UInt64, for config: DestinationConfig, what: String, fix: String) throws(MigrationError) {
+        guard size <= config.maxSize else {
+            throw MigrationError(
+                .mismatch,
+                "\(what) is more than this destination's --max-size of \(config.maxSize) bytes (default: the host's physical memory); \(fix)"
+            )
+        }
+        if let free = FileSystemSpace.available(forFileAt: config.ramPath), size > free {
+            throw MigrationError(
+                .mismatch,
+                "\(what) does not fit: the file system of \(config.ramPath) has \(free) bytes free; free space there or give --ram on a larger file system"
+            )
+        }
+    }
+
+    /// Marks what the migration is about to overwrite: the RAM file
+    /// (extended attribute, `IncompleteMark`) and an existing control file
+    /// (run state incomplete). Until completion clears them, no guest
+    /// command takes these files for a good guest. A RAM file this process
+    /// created is removed on failure anyway; its mark covers a receiver
+    /// killed before it could remove it.
+    private func markIncomplete() throws(MigrationError) {
+        do throws(GuestMemoryError) {
+            if !(try IncompleteMark.set(on: config.ramPath)) {
+                config.onWarning?(
+                    "the file system of \(config.ramPath) takes no user extended attributes: a failed migration cannot mark the file "
+                        + "incomplete (\(IncompleteMark.attribute)); do not use it after a failure")
+            }
+            if let path = config.guestControl, access(path.string, F_OK) == 0 {
+                try Self.refuseLiveGuest(path)
+                try GuestControl(path: path).setRunState(.incomplete)
+            }
+        } catch {
+            throw MigrationError(.mismatch, error.description)
+        }
+    }
+
+    /// The RAM is complete: every page arrived and the totals matched.
+    private func clearIncompleteMark() throws(MigrationError) {
+        do {
+            try IncompleteMark.clear(on: config.ramPath)
+        } catch {
+            throw MigrationError(error)
+        }
     }
 
     /// Accepts the N multifd channels: same session, proven key, right
@@ -369,6 +523,7 @@ public final class DestinationMigration: Sendable {
     /// `livemig stress --resume`.
     private func storeGuest(_ state: [UInt8], at path: FilePath, ram: RAMFile) throws(MigrationError) {
         do throws(GuestMemoryError) {
+            try Self.refuseLiveGuest(path)
             let control = try GuestControl.openOrCreate(path: path, for: ram.block)
             let pid = control.guestPID
             if control.runState == .running, pid > 0, SystemCall.processExists(pid), control.guestThreads > 0 {
@@ -411,6 +566,9 @@ public final class DestinationMigration: Sendable {
                 "the digest of the pages placed here (\(hexString(digest))) differs from the source's (\(hexString(s.pageDigest))): some page holds another copy than the one the source sent last; refusing to report success"
             )
         }
+        // Checked complete, before `completed` is sent: from here the RAM is
+        // the guest's, whatever becomes of the rest.
+        try clearIncompleteMark()
     }
 
     /// Maps the RAM file; with `prefault`, faults every page in first, on

@@ -1,4 +1,5 @@
 import MigrationWire
+import OSCall
 import URing
 
 #if canImport(Glibc)

@@ -344,6 +344,9 @@ public final class SourceMigration: Sendable {
         case .migrated: throw MigrationError(.mismatch, "the guest in \(g.path) already migrated away")
         case .incoming:
             throw MigrationError(.mismatch, "the guest in \(g.path) was received but not resumed; start it with livemig stress --resume")
+        case .incomplete:
+            throw MigrationError(
+                .mismatch, "the guest in \(g.path) is incomplete: the migration into it did not complete; it is no guest to send")
         case .pauseRequested:
             if g.pauseHolderVanished {
                 g.exchangeRunState(from: .pauseRequested, to: .running)

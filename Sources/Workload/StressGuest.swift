@@ -64,10 +64,17 @@ public final class StressGuest: Sendable {
                 "control file \(control.path) is for \(control.ramSize) bytes of RAM, the RAM file \(ram.path) has \(ram.block.size)")
         }
         var options = options
+        if let r = options.rate, r == 0 {
+            throw GuestMemoryError("a dirty rate of 0 bytes/s writes nothing; give a rate above 0, or none for unlimited")
+        }
         if options.resume {
             switch control.runState {
             case .migrated:
                 throw GuestMemoryError("the guest in \(control.path) migrated away; resume it on the destination")
+            case .incomplete:
+                throw GuestMemoryError(
+                    "the guest in \(control.path) cannot resume: the migration into it did not complete (run state incomplete), "
+                        + "so its RAM and state do not belong together; migrate the guest here again")
             case .pauseRequested where !control.pauseHolderVanished:
                 throw GuestMemoryError("the guest in \(control.path) is paused by a running migration (source pid \(control.sourcePID))")
             default: break
@@ -137,13 +144,23 @@ public final class StressGuest: Sendable {
         for th in threads { th.join() }
         let seconds = Double(monotonicNanoseconds() - start) / 1e9
         let final = StressState.decode(control.readState())
-        let written = (try? final.get())?.slots.reduce(0) { $0 + $1.pagesWritten } ?? 0
-        let startWritten = state.slots.reduce(0) { $0 + $1.pagesWritten }
+        // Each count is below 2^62 (decode refuses more) and grows by one per
+        // page, but 256 of them could still overflow a plain sum.
+        let written = (try? final.get()).map { Self.total($0) } ?? 0
+        let startWritten = Self.total(state)
         let all = ends.withLock { $0 }
         let end: StressEnd = all.contains(.migrated) ? .migrated : (all.contains(.stopped) ? .stopped : .duration)
         return StressOutcome(
-            end: end, pagesWritten: written - startWritten, seconds: seconds, pattern: options.pattern,
+            end: end, pagesWritten: written >= startWritten ? written - startWritten : 0, seconds: seconds, pattern: options.pattern,
             threads: options.threads, selfResumes: selfResumes.load(ordering: .relaxed), pageSize: ram.block.pageSize)
+    }
+
+    /// Pages written by all threads of `s`, saturating at `UInt64.max`.
+    private static func total(_ s: StressState) -> UInt64 {
+        s.slots.reduce(UInt64(0)) { sum, slot in
+            let (v, overflow) = sum.addingReportingOverflow(slot.pagesWritten)
+            return overflow ? .max : v
+        }
     }
 
     /// One guest thread. Writes in batches of `batch` pages; between batches
@@ -160,7 +177,11 @@ public final class StressGuest: Sendable {
         var written = UInt64(littleEndian: slot.load(fromByteOffset: 24, as: UInt64.self))
         let pageSize = ram.block.pageSize
         let perThreadRate = options.rate.map { Double($0) / Double(options.threads) / Double(pageSize) }
-        let deadline = options.duration.map { start + UInt64($0 * 1e9) }
+        // Times are compared as Double nanoseconds: no conversion of a
+        // duration or a rate to an integer can trap, however large or small.
+        let deadline = options.duration.map { Double(start) + $0 * 1e9 }
+        /// Nanoseconds left before the deadline (infinite without one).
+        func untilDeadline() -> Double { deadline.map { $0 - Double(monotonicNanoseconds()) } ?? .infinity }
         var paceStart = monotonicNanoseconds(), pacedPages = 0.0
         var busySince = paceStart
 
@@ -197,11 +218,11 @@ public final class StressGuest: Sendable {
                 pacedPages = 0
                 busySince = paceStart
                 continue
-            case .migrated, .incoming:
+            case .migrated, .incoming, .incomplete:
                 return .migrated
             }
             if stopFlag.load(ordering: .relaxed) { return .stopped }
-            if let d = deadline, monotonicNanoseconds() >= d { return .duration }
+            if untilDeadline() <= 0 { return .duration }
 
             for _ in 0..<batch {
                 let page: Int
@@ -242,7 +263,8 @@ public final class StressGuest: Sendable {
             // Throttle: sleep so that sleeping takes `percent`% of the time,
             // in slices of at least 10 ms of work (as QEMU throttles vCPUs).
             let now = monotonicNanoseconds()
-            var percent = control.throttlePercent
+            // The setter clamps to 99, but the word lives in a file anyone can write.
+            var percent = min(control.throttlePercent, 99)
             if percent > 0, now - busySince >= 10_000_000, control.pauseHolderVanished {
                 // The source that throttled us is gone: run at full speed
                 // (unless a newer source set a new throttle meanwhile).
@@ -250,7 +272,7 @@ public final class StressGuest: Sendable {
             }
             if percent > 0, now - busySince >= 10_000_000 {
                 let busy = Double(now - busySince)
-                sleepInterruptibly(busy * Double(percent) / Double(100 - percent))
+                sleepInterruptibly(min(busy * Double(percent) / Double(100 - percent), untilDeadline()))
                 busySince = monotonicNanoseconds()
                 // Time asleep for the throttle is not time the rate pacing
                 // may catch up on, or the throttle would be undone in a burst.
@@ -258,10 +280,14 @@ public final class StressGuest: Sendable {
             } else if percent == 0 {
                 busySince = now
             }
-            if let r = perThreadRate {
-                let due = paceStart + UInt64(pacedPages / r * 1e9)
-                let now2 = monotonicNanoseconds()
-                if due > now2 { sleepInterruptibly(Double(due - now2)) }
+            // Pacing: sleep until this thread is back on its rate, in slices
+            // of at most 1 s, and never past the deadline (a low rate may be
+            // many seconds ahead after one batch).
+            while let r = perThreadRate, control.runState == .running, !stopFlag.load(ordering: .relaxed) {
+                let ahead = Double(paceStart) + pacedPages / r * 1e9 - Double(monotonicNanoseconds())
+                let nap = min(ahead, 1e9, untilDeadline())
+                guard nap >= 1000 else { break }
+                sleepInterruptibly(nap)
             }
         }
     }
@@ -269,6 +295,6 @@ public final class StressGuest: Sendable {
     /// Sleeps `ns` nanoseconds, waking early when the run state changes.
     private func sleepInterruptibly(_ ns: Double) {
         guard ns >= 1000 else { return }
-        control.waitWhile(.running, timeout: ns / 1e9)
+        control.waitWhile(.running, timeout: min(ns, 3600e9) / 1e9)
     }
 }

@@ -66,6 +66,8 @@ public struct StressState: Sendable {
     public static let magic: UInt64 = 0x3153_4552_5453_4D4C  // "LMSTRES1" little-endian
     public static let headerSize = 40
     public static let slotSize = 32
+    /// Bound on a stored pass or page count: decode refuses 2^62 and more.
+    public static let maxCount: UInt64 = 1 << 62
 
     public var pattern: StressPattern
     public var threads: Int
@@ -151,6 +153,21 @@ public struct StressState: Sendable {
             s.slots[t] = Slot(
                 pass: get(o, UInt64.self)!, position: get(o + 8, UInt64.self)!, rng: get(o + 16, UInt64.self)!,
                 pagesWritten: get(o + 24, UInt64.self)!)
+            // Far beyond any real run (2^62 pages at a billion a second take
+            // 146 years), and small enough that `pass + 1` and sums of a few
+            // hundred counts cannot overflow.
+            guard s.slots[t].pass < maxCount, s.slots[t].pagesWritten < maxCount else {
+                return .failure(
+                    GuestMemoryError(
+                        "thread \(t)'s stored pass \(s.slots[t].pass) or pages written \(s.slots[t].pagesWritten) is not below 2^62; "
+                            + "the guest state is corrupt"))
+            }
+            if case .random = pattern, s.slots[t].rng == 0 {
+                return .failure(GuestMemoryError("thread \(t)'s stored random state is 0; the guest state is corrupt"))
+            }
+            if case .hotset = pattern, s.slots[t].rng == 0 {
+                return .failure(GuestMemoryError("thread \(t)'s stored random state is 0; the guest state is corrupt"))
+            }
             let sliceCount = UInt64(slice(t, threads: Int(threads), pageCount: Int(pages)).count)
             let ordered = pattern == .counter || pattern == .sequential
             guard !ordered || s.slots[t].position < sliceCount else {

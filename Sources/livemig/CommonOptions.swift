@@ -8,7 +8,8 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 
 /// Options both ends of a migration share.
 struct ChannelOptions: ParsableArguments {
-    @Option(help: "Number of multifd channels; must match on both sides.")
+    // `.unconditional`: "-1" is a value to refuse with the range, not a flag.
+    @Option(parsing: .unconditional, help: "Number of multifd channels, 1-64; must match on both sides.")
     var channels: Int = 2
 
     @Option(help: "Print the final statistics as 'human' text or one 'json' object (QEMU query-migrate names).")

@@ -26,16 +26,30 @@ struct ReceiveCommand: ParsableCommand {
 
     @OptionGroup var trust: TrustOptions
 
-    @Option(help: "Create an absent RAM file of this size before listening (e.g. 1GiB).")
+    @Option(parsing: .unconditional, help: "Create an absent RAM file of this size before listening (e.g. 1GiB).")
     var size: String?
+
+    @Option(
+        parsing: .unconditional,
+        help: "Refuse to create a RAM file larger than this, for --size or the source's size (default: the host's physical memory)."
+    )
+    var maxSize: String?
 
     @Option(help: "Receive a live guest: store its state in this control file (created when absent).")
     var guest: String?
 
     func validate() throws {
         _ = try parseAddress(listen, option: "--listen")
-        if let size, parseSize(size) == nil {
-            throw ValidationError("--size: '\(size)' is not a size (examples: 4096, 64MiB, 1GiB)")
+        if let size {
+            guard let n = parseSize(size) else {
+                throw ValidationError("--size: '\(size)' is not a size (examples: 4096, 64MiB, 1GiB)")
+            }
+            guard n > 0 else { throw ValidationError("--size must be at least one page (4096 bytes), got \(size)") }
+        }
+        if let maxSize {
+            guard let n = parseSize(maxSize), n > 0 else {
+                throw ValidationError("--max-size: '\(maxSize)' is not a size above 0 (examples: 64MiB, 16GiB)")
+            }
         }
     }
 
@@ -47,12 +61,16 @@ struct ReceiveCommand: ParsableCommand {
         config.guestControl = guest.map { FilePath($0) }
         config.key = try trust.loadKey()
         trust.warnIfExposed(address, role: "listening on")
+        if let m = maxSize.flatMap(parseSize) { config.maxSize = m }
+        config.onWarning = { FileHandleStderr.write("livemig: warning: \($0)\n") }
         let destination: DestinationMigration
         do {
             destination = try DestinationMigration(config: config) { FileHandleStderr.write("livemig: notice: \($0)\n") }
         } catch {
             throw CommandFailure(message: error.description)
         }
+        // On every way out, success, failure or a signal's cancel (docs/PROTOCOL.md §1).
+        defer { destination.removeSocketFile() }
         // Watch signals before saying we listen: a script that signals us
         // once it reads that line must find the watch in place.
         let signals = SignalWatch { destination.cancel($0) }

@@ -5,6 +5,10 @@ import Migration
 import SystemPackage
 import URing
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 /// `livemig send`: the source side.
 struct SendCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -38,25 +42,27 @@ struct SendCommand: ParsableCommand {
     @Option(help: "Migrate a running guest live: its control file (from livemig stress).")
     var guest: String?
 
-    @Option(help: "Switch over when the rest can be sent within this (live only).")
+    // `.unconditional` on the numeric options: a negative number is a value
+    // to refuse in validate() with its range, not an unknown flag.
+    @Option(parsing: .unconditional, help: "Switch over when the rest can be sent within this (live only).")
     var downtimeLimit: String = "300ms"
 
-    @Option(help: "Rate limit of the page channels during precopy, e.g. 512MiB/s (default unlimited).")
+    @Option(parsing: .unconditional, help: "Rate limit of the page channels during precopy, e.g. 512MiB/s (default unlimited).")
     var maxBandwidth: String?
 
     @Flag(help: "Throttle the guest when it dirties faster than we send (QEMU's auto-converge).")
     var autoConverge = false
 
-    @Option(help: "First auto-converge throttle, percent (QEMU cpu-throttle-initial).")
-    var throttleInitial: UInt32 = 20
+    @Option(parsing: .unconditional, help: "First auto-converge throttle, percent, 1-99 (QEMU cpu-throttle-initial).")
+    var throttleInitial: Int = 20
 
-    @Option(help: "Auto-converge throttle step, percent (QEMU cpu-throttle-increment).")
-    var throttleIncrement: UInt32 = 10
+    @Option(parsing: .unconditional, help: "Auto-converge throttle step, percent, 1-99 (QEMU cpu-throttle-increment).")
+    var throttleIncrement: Int = 10
 
-    @Option(help: "Fail when not converged after this many rounds.")
+    @Option(parsing: .unconditional, help: "Fail when not converged after this many rounds.")
     var maxRounds: Int?
 
-    @Option(help: "Fail when not converged after this long (e.g. 30s).")
+    @Option(parsing: .unconditional, help: "Fail when not converged after this long (e.g. 30s).")
     var timeout: String?
 
     @Option(help: "Write one JSON line per round to this file (emptied first).")
@@ -75,14 +81,17 @@ struct SendCommand: ParsableCommand {
             throw ValidationError("--max-bandwidth: '\(b)' is not a rate (e.g. 512MiB/s)")
         }
         if let t = timeout, parseDuration(t) == nil { throw ValidationError("--timeout: '\(t)' is not a duration (e.g. 30s)") }
-        if let m = maxRounds, m < 1 { throw ValidationError("--max-rounds must be at least 1") }
+        if let m = maxRounds, m < 1 { throw ValidationError("--max-rounds must be at least 1, got \(m)") }
         if zerocopy, noIoUring { throw ValidationError("--zerocopy needs io_uring; drop --no-io-uring") }
         if encrypt, trust.pskFile == nil {
             throw ValidationError("--encrypt needs --psk-file: the encryption keys come from the pre-shared key")
         }
         _ = try parseCompression(compress)
-        guard (1...99).contains(throttleInitial), (1...99).contains(throttleIncrement) else {
-            throw ValidationError("--throttle-initial and --throttle-increment must be from 1 to 99")
+        guard (1...99).contains(throttleInitial) else {
+            throw ValidationError("--throttle-initial must be from 1 to 99 (percent), got \(throttleInitial)")
+        }
+        guard (1...99).contains(throttleIncrement) else {
+            throw ValidationError("--throttle-increment must be from 1 to 99 (percent), got \(throttleIncrement)")
         }
         if guest == nil, autoConverge || maxRounds != nil || timeout != nil || maxBandwidth != nil {
             throw ValidationError(
@@ -94,7 +103,10 @@ struct SendCommand: ParsableCommand {
         let address = try parseAddress(to, option: "--to")
         let file: RAMFile
         do {
+            // Read-only and unlocked: sending never writes the RAM, and a
+            // running guest holds its writer lock.
             file = try RAMFile(path: FilePath(ram), access: .readOnly)
+            try IncompleteMark.refuseMarked(FilePath(ram))
         } catch {
             throw CommandFailure(message: error.description)
         }
@@ -109,14 +121,21 @@ struct SendCommand: ParsableCommand {
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge
         config.testHoldPause = ProcessInfo.processInfo.environment["LIVEMIG_TEST_HOLD_PAUSE"].flatMap(Double.init)
-        config.policy.throttleInitial = throttleInitial
-        config.policy.throttleIncrement = throttleIncrement
+        config.policy.throttleInitial = UInt32(throttleInitial)
+        config.policy.throttleIncrement = UInt32(throttleIncrement)
         config.policy.maxRounds = maxRounds
         config.policy.timeout = timeout.flatMap(parseDuration)
         var control: GuestControl?
+        // One source per guest: the control file's source byte, held until
+        // this process exits.
+        var sourceLock: OwnerLock?
         if let guest {
             do {
                 control = try GuestControl(path: FilePath(guest))
+                sourceLock = try OwnerLock.acquire(.source, on: FilePath(guest)) { holder in
+                    "the guest in \(guest) is already being migrated by \(holder.named("livemig send")); "
+                        + "wait for that migration to end or stop it"
+                }
             } catch {
                 throw CommandFailure(message: error.description)
             }
@@ -131,7 +150,7 @@ struct SendCommand: ParsableCommand {
             live: control == nil ? nil : source.progress)
         let result: Result<MigrationStats, MigrationError>
         do throws(MigrationError) {
-            result = .success(try source.run())
+            result = .success(try withExtendedLifetime(sourceLock) { () throws(MigrationError) in try source.run() })
         } catch {
             result = .failure(error)
         }
@@ -146,12 +165,28 @@ struct SendCommand: ParsableCommand {
             let inPlace = source.counters.read(source.counters.pagesReadInPlace)
             dropPageTablesBeforeExit(file, touchedBytes: inPlace * file.block.pageSize)
         case .failure(let e):
-            let kept =
-                control == nil
-                ? "The source RAM file \(ram) was not modified."
-                : "The guest keeps running on the source with its RAM intact."
+            let kept = control.map(guestAfterFailure) ?? "The source RAM file \(ram) was not modified."
             throw CommandFailure(message: "migration to \(address) failed: \(e.description). \(kept)")
         }
+    }
+}
+
+/// What became of the source guest after a failed live migration, read
+/// from its control file rather than assumed: the source lifted its pause
+/// and throttle (if it had set them) and never writes guest RAM, but the
+/// guest may have been stopped, migrated or held by another source already.
+func guestAfterFailure(_ g: GuestControl) -> String {
+    let pid = g.guestPID
+    let alive = pid > 0 && (kill(pid, 0) == 0 || errno == EPERM)
+    switch g.runState {
+    case .running where alive && g.guestThreads > 0:
+        return "The guest keeps running on the source (pid \(pid)) with its RAM intact."
+    case .running:
+        return "The guest's RAM was not modified; the guest is not running (it may be resumed with livemig stress --resume)."
+    case .pauseRequested:
+        return "The guest's RAM was not modified; it is held paused by another migration (source pid \(g.sourcePID))."
+    case .migrated, .incoming, .incomplete:
+        return "The guest's RAM was not modified; its control file says '\(g.runState)'."
     }
 }
 

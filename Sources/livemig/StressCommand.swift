@@ -26,17 +26,24 @@ struct StressCommand: ParsableCommand {
 
     @Option(help: "The guest RAM file.") var ram: String
     @Option(help: "The guest-control file (dirty bitmap, run state, guest state).") var control: String
-    @Option(help: "Writer threads; each owns an equal slice of the pages.") var threads: Int = 1
-    @Option(help: "Dirty rate over all threads, e.g. 200MiB/s, or 'unlimited'.") var rate: String = "unlimited"
+    // `.unconditional`: a negative number is a value to refuse in validate(),
+    // not an unknown flag ("Missing value").
+    @Option(parsing: .unconditional, help: "Writer threads; each owns an equal slice of the pages.") var threads: Int = 1
+    @Option(parsing: .unconditional, help: "Dirty rate over all threads, e.g. 200MiB/s, or 'unlimited'.") var rate: String =
+        "unlimited"
     @Option(help: "random | sequential | hotset:F | counter") var pattern: String = "random"
-    @Option(help: "Stop after this long (e.g. 10s, 500ms); default: until migrated or signalled.") var duration: String?
-    @Option(help: "Create an absent RAM file of this size (e.g. 64MiB).") var size: String?
+    @Option(parsing: .unconditional, help: "Stop after this long (e.g. 10s, 500ms); default: until migrated or signalled.")
+    var duration: String?
+    @Option(parsing: .unconditional, help: "Create an absent RAM file of this size (e.g. 64MiB).") var size: String?
     @Flag(help: "Continue the guest stored in the control file (as a destination wrote it).") var resume = false
 
     func validate() throws {
-        guard (1...256).contains(threads) else { throw ValidationError("--threads must be from 1 to 256") }
-        if rate != "unlimited", parseRate(rate) == nil {
-            throw ValidationError("--rate: '\(rate)' is not a rate (examples: 200MiB/s, 1GiB/s, unlimited)")
+        guard (1...256).contains(threads) else { throw ValidationError("--threads must be from 1 to 256, got \(threads)") }
+        if rate != "unlimited" {
+            guard let r = parseRate(rate) else {
+                throw ValidationError("--rate: '\(rate)' is not a rate (examples: 200MiB/s, 1GiB/s, unlimited)")
+            }
+            guard r > 0 else { throw ValidationError("--rate must be more than 0 bytes/s (or 'unlimited'), got \(rate)") }
         }
         if StressPattern(parsing: pattern) == nil {
             throw ValidationError("--pattern: '\(pattern)' is not one of random, sequential, hotset:F (0<F<=1), counter")
@@ -44,24 +51,43 @@ struct StressCommand: ParsableCommand {
         if let d = duration, parseDuration(d) == nil {
             throw ValidationError("--duration: '\(d)' is not a duration (examples: 10s, 500ms)")
         }
-        if let s = size, parseSize(s) == nil { throw ValidationError("--size: '\(s)' is not a size") }
+        if let s = size {
+            guard let n = parseSize(s) else { throw ValidationError("--size: '\(s)' is not a size (examples: 4096, 64MiB)") }
+            guard n > 0 else { throw ValidationError("--size must be at least one page (4096 bytes), got \(s)") }
+        }
     }
 
     func run() throws {
         let ramFile: RAMFile
         let controlFile: GuestControl
+        // The guest owns its RAM (the writer byte) and its control file (the
+        // guest byte) for its whole run: a receive pointed at this RAM, or a
+        // second guest on either file, is refused at once (OwnerLock).
+        let ramLock: OwnerLock
+        let guestLock: OwnerLock
+        let ramPath = FilePath(ram)
+        var createdRAM = false
         do {
             if let s = size.flatMap(parseSize), !FileManager.default.fileExists(atPath: ram) {
                 // A new guest's RAM is allocated up front, as QEMU's
                 // memory-backend prealloc=on does (with its prealloc-threads):
                 // a guest owns its memory.
-                ramFile = try RAMFile.create(path: FilePath(ram), size: s)
+                ramLock = try OwnerLock.claimRAM(ramPath, create: true)
+                createdRAM = ramLock.created
+                ramFile = try RAMFile.create(path: ramPath, size: s)
                 try ramFile.populate(forWriting: true, threads: WorkerThread.parallelism)
             } else {
-                ramFile = try RAMFile(path: FilePath(ram), access: .readWrite)
+                ramFile = try RAMFile(path: ramPath, access: .readWrite)
+                ramLock = try OwnerLock.claimRAM(ramPath)
             }
+            try IncompleteMark.refuseMarked(ramPath)
             controlFile = try GuestControl.openOrCreate(path: FilePath(control), for: ramFile.block)
+            guestLock = try OwnerLock.acquire(.guest, on: FilePath(control)) { holder in
+                "control file \(control) belongs to a running guest, \(holder.named("livemig stress")); stop it first or give another path"
+            }
         } catch {
+            // A RAM file this process created holds nothing of a guest yet.
+            if createdRAM { unlink(ram) }
             throw CommandFailure(message: error.description)
         }
         var options = StressOptions()
@@ -80,16 +106,18 @@ struct StressCommand: ParsableCommand {
         FileHandleStderr.write(
             "stress: guest \(resume ? "resumed" : "started"): pattern \(guest.options.pattern), \(guest.options.threads) thread(s), "
                 + "target \(options.rate.map { formatBytes($0) + "/s" } ?? "unlimited"), pid \(getpid())\n")
-        let outcome = guest.run()
+        let outcome = withExtendedLifetime((ramLock, guestLock)) { guest.run() }
         signals.end()
-        let rateText = formatBytes(UInt64(outcome.bytesPerSecond)) + "/s"
+        // Saturate: a Double beyond UInt64 must not trap the report.
+        let rateText = formatBytes(outcome.bytesPerSecond < 1.8e19 ? UInt64(max(0, outcome.bytesPerSecond)) : .max) + "/s"
         var line =
             "stress: wrote \(outcome.pagesWritten) pages in \(fixed(outcome.seconds, 2)) s: dirty rate achieved \(rateText)"
         if let r = options.rate { line += " (target \(formatBytes(r))/s)" }
         print(line)
         if outcome.selfResumes > 0 {
             print(
-                "stress: the migrating source vanished while the guest was paused; the guest resumed by itself after the \(GuestControl.leaseSeconds) s lease"
+                "stress: the migrating source vanished while the guest was paused (its process ended, or it renewed "
+                    + "no \(GuestControl.leaseSeconds) s lease); the guest resumed by itself"
             )
         }
         switch outcome.end {
@@ -115,7 +143,12 @@ struct VerifyCommand: ParsableCommand {
         let report: CounterVerifier.Report
         do {
             let ramFile = try RAMFile(path: FilePath(ram), access: .readOnly)
+            try IncompleteMark.refuseMarked(FilePath(ram))
             let c = try GuestControl(path: FilePath(control))
+            guard c.runState != .incomplete else {
+                throw CommandFailure(
+                    message: "the guest in \(control) is incomplete: the migration into it did not complete; migrate the guest here again")
+            }
             let state: StressState
             switch StressState.decode(c.readState()) {
             case .success(let s): state = s

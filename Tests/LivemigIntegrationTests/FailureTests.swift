@@ -337,10 +337,27 @@ struct FailureTests {
             ["send", "--ram", "x", "--to", "unix:/tmp/x", "--compress", "zstd:fast"],
             ["send", "--ram", "x", "--to", "unix:/tmp/x", "--compress", "none:1"],
             ["send", "--ram", "x", "--to", "unix:/tmp/x", "--zerocopy"],
+            // Negative numbers reach validate() and are refused with the range.
+            ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--channels", "-1"],
+            ["send", "--ram", "x", "--to", "unix:/tmp/x", "--channels", "-1"],
+            ["stress", "--ram", "x", "--control", "y", "--threads", "-3"],
+            ["send", "--ram", "x", "--to", "unix:/tmp/x", "--throttle-initial", "-5"],
+            ["send", "--ram", "x", "--to", "unix:/tmp/x", "--throttle-increment", "100"],
+            ["send", "--ram", "x", "--to", "unix:/tmp/x", "--guest", "c", "--max-rounds", "-1"],
+            // Zero sizes and rates.
+            ["stress", "--ram", "x", "--control", "y", "--size", "64KiB", "--rate", "0"],
+            ["stress", "--ram", "x", "--control", "y", "--size", "0"],
+            ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--size", "0"],
+            ["receive", "--ram", "x", "--listen", "unix:/tmp/x", "--max-size", "0"],
         ])
     func usage(_ args: [String]) throws {
         let r = try livemig(args)
         #expect(r.status == 2, "\(args): \(r.stderr)")
         #expect(!r.stderr.isEmpty)
+        #expect(!r.stderr.contains("Missing value"), "\(args): a negative number read as a flag: \(r.stderr)")
+        // A refused number names its option.
+        if let option = args.last(where: { $0.hasPrefix("--") }), ["-1", "-3", "-5", "0", "100"].contains(args.last!) {
+            #expect(r.stderr.contains(option), "\(args): \(r.stderr)")
+        }
     }
 }

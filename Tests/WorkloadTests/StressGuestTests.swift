@@ -288,4 +288,38 @@ struct StressGuestTests {
             #expect(error?.description.contains("migrated away") == true, "\(String(describing: error))")
         }
     }
+    @Test("a guest whose migration did not complete refuses to resume")
+    func incompleteRefusesResume() throws {
+        try withTempDir { dir in
+            let ram = try RAMFile.create(path: filePath(dir.appendingPathComponent("ram")), size: 1 << 20, pageSize: 4096)
+            let control = try GuestControl.create(path: filePath(dir.appendingPathComponent("control")), for: ram.block)
+            var options = StressOptions()
+            options.pattern = .counter
+            _ = try StressGuest(ram: ram, control: control, options: options)
+            control.setRunState(.incomplete)
+            options.resume = true
+            do {
+                _ = try StressGuest(ram: ram, control: control, options: options)
+                Issue.record("an incomplete guest resumed")
+            } catch {
+                #expect("\(error)".contains("did not complete"), "\(error)")
+            }
+        }
+    }
+
+    @Test("a rate of 0 is refused instead of trapping")
+    func zeroRateRefused() throws {
+        #expect(throws: GuestMemoryError.self) { try Self.withGuest(rate: 0) { _ in } }
+    }
+
+    @Test("a low rate does not outlast the duration")
+    func durationBoundsPacing() throws {
+        // 4 KiB/s over 2 threads: one 16-page batch puts a thread 32 s ahead.
+        try Self.withGuest(rate: 4096, duration: 0.3) { guest in
+            let start = Date()
+            let outcome = guest.run()
+            #expect(outcome.end == .duration)
+            #expect(Date().timeIntervalSince(start) < 2, "the pacing sleep ran past the duration")
+        }
+    }
 }

@@ -61,7 +61,8 @@ struct StressStateTests {
             let slice = UInt64(StressState.slice(t, threads: threads, pageCount: pageCount).count)
             s.slots[t].position = (3 * x + 1) % slice
             s.slots[t].rng = 0xDEAD_BEEF_0000_0000 | x
-            s.slots[t].pagesWritten = UInt64.max - x
+            // All 62 bits a count may use (decode refuses 2^62 and more).
+            s.slots[t].pagesWritten = StressState.maxCount - 1 - x
         }
         return s
     }
@@ -241,5 +242,31 @@ struct StressStateTests {
         #expect(StressState.slice(1, threads: 3, pageCount: 10) == 3..<6)
         #expect(StressState.slice(2, threads: 3, pageCount: 10) == 6..<10)
         #expect(StressState.slice(0, threads: 1, pageCount: 7) == 0..<7)
+    }
+    @Test("absurd pass and pages-written counts are refused, not left to overflow", arguments: [0, 24])
+    func absurdCountsRefused(field: Int) {
+        let s = StressState(pattern: .counter, threads: 2, pageCount: 64, seed: 1)
+        for value in [StressState.maxCount, UInt64.max] {
+            let bytes = settingLE64(s.encoded(), value, at: StressState.headerSize + StressState.slotSize + field)
+            guard case .failure(let e) = StressState.decode(bytes) else {
+                Issue.record("a stored count of \(value) was accepted")
+                continue
+            }
+            #expect(e.description.contains("2^62"), "\(e)")
+        }
+        let fine = settingLE64(s.encoded(), StressState.maxCount - 1, at: StressState.headerSize + field)
+        #expect((try? StressState.decode(fine).get()) != nil)
+    }
+
+    @Test("a zero random state is refused for random and hotset guests")
+    func zeroRandomStateRefused() {
+        for pattern in [StressPattern.random, .hotset(0.5)] {
+            let s = StressState(pattern: pattern, threads: 1, pageCount: 64, seed: 1)
+            let bytes = settingLE64(s.encoded(), 0, at: StressState.headerSize + 16)
+            guard case .failure = StressState.decode(bytes) else {
+                Issue.record("\(pattern): a zero rng was accepted")
+                continue
+            }
+        }
     }
 }
