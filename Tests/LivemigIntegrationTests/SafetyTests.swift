@@ -204,7 +204,7 @@ struct SafetyTests {
         let f = try fakeSource(scratch: scratch, ram: dst, size: 1 << 20, extra: ["--guest", ctl], live: true)
         #expect(f.layoutReply == .layoutAccepted)
         #expect(try runState(ctl) == 4, "the control file is marked incomplete when the layout is accepted")
-        f.main.shutdown()
+        f.main.socket.shutdown()
         #expect(f.receiver.wait(timeout: 20).status == 1)
         #expect(try runState(ctl) == 4)
         let r = try livemig(["stress", "--ram", dst, "--control", ctl, "--resume", "--duration", "100ms"], timeout: 20)
