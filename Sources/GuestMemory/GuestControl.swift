@@ -55,6 +55,11 @@ public final class GuestControl: @unchecked Sendable {
         /// state and the RAM are not a guest. Set when the layout is
         /// accepted; only a completed migration replaces it (with incoming).
         case incomplete = 4
+        /// The source stopped this copy and told the destination to commit,
+        /// but never heard that it did (docs/PROTOCOL.md §7): the guest may
+        /// run there now. Exit for good; only `stress --resume --reclaim`
+        /// takes it back, after the user checked the destination.
+        case handedOver = 5
 
         public var description: String {
             switch self {
@@ -63,6 +68,7 @@ public final class GuestControl: @unchecked Sendable {
             case .migrated: "migrated"
             case .incoming: "incoming"
             case .incomplete: "incomplete"
+            case .handedOver: "handed over"
             }
         }
     }

@@ -509,8 +509,26 @@ public final class DestinationMigration: Sendable {
                 // Release: receivers that see `quit` leave without an error
                 // when the source closes the channels.
                 barrier.quit.store(true, ordering: .releasing)
+                // Prepared: every page and the state are here and checked,
+                // but the guest is not ours until the source says so.
                 try ctl.send(.completed)
-                return rounds
+                let decision = try ctl.receive("waiting for the source to commit the switchover")
+                switch decision {
+                case .commit:
+                    try commit(ram: ram)
+                    // Committed: the guest is ours now, whatever becomes of
+                    // this reply (docs/PROTOCOL.md §7).
+                    do {
+                        try ctl.send(.committed)
+                    } catch {
+                        notice("committed, but the confirmation did not reach the source (\(error.description)); the guest lives here")
+                    }
+                    return rounds
+                case .error(let text):
+                    throw MigrationError(.peer, "the source aborted the switchover: \(text)")
+                default:
+                    throw MigrationError(.protocolViolation, "'\(decision.name)' instead of commit or error after 'completed'")
+                }
             case .error(let text):
                 throw MigrationError(.peer, "source failed: \(text)")
             default:
@@ -519,8 +537,8 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    /// Writes the guest state into the destination control file, ready for
-    /// `livemig stress --resume`.
+    /// Writes the guest state into the destination control file; it stays
+    /// *incomplete* (not resumable) until the source commits.
     private func storeGuest(_ state: [UInt8], at path: FilePath, ram: RAMFile) throws(MigrationError) {
         do throws(GuestMemoryError) {
             try Self.refuseLiveGuest(path)
@@ -532,7 +550,20 @@ public final class DestinationMigration: Sendable {
             try control.writeState(state)
             control.throttlePercent = 0
             control.sourcePID = 0
-            control.setRunState(.incoming)
+            control.setRunState(.incomplete)
+        } catch {
+            throw MigrationError(error)
+        }
+    }
+
+    /// The point of no return on this side: the source stopped its copy for
+    /// good, so the RAM loses its incomplete mark and a live guest becomes
+    /// *incoming*, ready for `livemig stress --resume`.
+    private func commit(ram: RAMFile) throws(MigrationError) {
+        try clearIncompleteMark()
+        guard let path = config.guestControl else { return }
+        do throws(GuestMemoryError) {
+            try GuestControl(path: path).setRunState(.incoming)
         } catch {
             throw MigrationError(error)
         }
@@ -566,9 +597,6 @@ public final class DestinationMigration: Sendable {
                 "the digest of the pages placed here (\(hexString(digest))) differs from the source's (\(hexString(s.pageDigest))): some page holds another copy than the one the source sent last; refusing to report success"
             )
         }
-        // Checked complete, before `completed` is sent: from here the RAM is
-        // the guest's, whatever becomes of the rest.
-        try clearIncompleteMark()
     }
 
     /// Maps the RAM file; with `prefault`, faults every page in first, on

@@ -114,6 +114,9 @@ public final class ProgressWatchdog: Sendable {
     /// of its own. The silence watch goes on.
     public func disarmDeadline() { deadline.withLock { $0 = nil } }
 
+    /// Sets a new deadline (the switchover's), replacing any other.
+    public func arm(_ d: Deadline) { deadline.withLock { $0 = d } }
+
     /// The error for a peer that moved nothing for `seconds`.
     public static func noProgress(_ seconds: Double) -> MigrationError {
         MigrationError(

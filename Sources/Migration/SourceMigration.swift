@@ -31,6 +31,13 @@ public struct SourceConfig: Sendable {
     public var handshakeTimeout = 60.0
     /// How long the guest may take to acknowledge a pause.
     public var pauseTimeout = 5.0
+    /// How long a switchover may take from the pause to the destination's
+    /// `completed` (nil: 2 × the downtime limit, at least 1 s). Past it the
+    /// source resumes its guest and fails (docs/PROTOCOL.md §7).
+    public var switchoverTimeout: Double?
+
+    /// The switchover deadline in force.
+    public var switchoverDeadline: Double { switchoverTimeout ?? max(1, 2 * policy.downtimeLimit) }
     /// How long the destination may move no bytes during the data phase
     /// (`ProgressWatchdog`); also sets the TCP keepalive and user timeout
     /// of each connection (`Socket.setPeerTimeout`).
@@ -83,8 +90,10 @@ public final class SourceMigration: Sendable {
     /// Messages for the user (fallbacks taken), read after `run()`.
     public let warnings = Mutex<[String]>([])
     private let onRound: (@Sendable (RoundRecord) -> Void)?
-    /// Set by the main-channel reader when the destination confirms.
+    /// Set by the main-channel reader when the destination committed.
     private let confirmed = Atomic<Bool>(false)
+    /// The point of no return (live migration).
+    private let switchover = Switchover()
 
     public init(ram: RAMFile, config: SourceConfig, guest: GuestControl? = nil, onRound: (@Sendable (RoundRecord) -> Void)? = nil) {
         self.ram = ram
@@ -148,10 +157,10 @@ public final class SourceMigration: Sendable {
             let table = PageTable(pages: ram.block.pageCount)
             let transports = try makeTransports(sockets, sealers: sealers, table: table)
 
-            let completed = DispatchSemaphore(value: 0)
-            latch.onFailure { completed.signal() }
+            let replies = DestinationReplies()
+            latch.onFailure { replies.wakeAll() }
             reader = WorkerThread(name: "mig/src/main") { [self] in
-                readDestination(ctl, completed: completed)
+                readDestination(ctl, replies: replies)
             }
             var stats = MigrationStats(status: .active)
             stats.setupTime = UInt64((Monotonic.now - start) * 1000)
@@ -169,14 +178,16 @@ public final class SourceMigration: Sendable {
                 return (r.reduce(0) { $0 + $1.sends }, r.reduce(0) { $0 + $1.copied })
             }
             if let g = guest, let lease {
-                try migrateLive(g, lease: lease, ctl: ctl, multifd: multifd, table: table, completed: completed, stats: &stats)
+                try migrateLive(g, lease: lease, ctl: ctl, multifd: multifd, table: table, replies: replies, stats: &stats)
             } else {
                 let bitmap = DirtyBitmap(pageCount: ram.block.pageCount)
                 bitmap.markAll()
                 _ = try sendRound(bitmap, through: multifd, limit: nil)
                 try ctl.send(.endOfRound(round: 1))
                 try ctl.send(.complete(summary(rounds: 1, guestStateBytes: 0, table: table)))
-                try awaitConfirmation(completed)
+                try awaitReply(replies.prepared)
+                try ctl.send(.commit)
+                try awaitCommitted(replies)
                 stats.ram.dirtySyncCount = 1
                 stats.ram.precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
             }
@@ -192,7 +203,9 @@ public final class SourceMigration: Sendable {
             return stats
         } catch {
             latch.fail(error)
-            if let g = guest, ownsGuest { restore(g) }
+            // Once handed over, the destination may run the guest: never
+            // resume this copy then (docs/PROTOCOL.md §7).
+            if let g = guest, ownsGuest, !switchover.isHandedOver { restore(g) }
             throw latch.error ?? error
         }
     }
@@ -231,7 +244,7 @@ public final class SourceMigration: Sendable {
 
     private func migrateLive(
         _ g: GuestControl, lease: LeaseKeeper, ctl: ControlChannel, multifd: MultiFDSend, table: PageTable,
-        completed: DispatchSemaphore, stats: inout MigrationStats
+        replies: DestinationReplies, stats: inout MigrationStats
     ) throws(MigrationError) {
         let policy = config.policy
         var judge = ConvergenceJudge(policy: policy)
@@ -294,11 +307,21 @@ public final class SourceMigration: Sendable {
         }
 
         // Switchover: downtime runs from the pause request to the
-        // destination's confirmation that it holds every page and the state.
+        // destination's `committed`; the deadline bounds the part up to its
+        // `completed` (docs/PROTOCOL.md §7).
         let precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
         let pauseStart = Monotonic.now
-        // --timeout bounds precopy only; the switchover has its own deadline.
-        watchdog.disarmDeadline()
+        let limit = config.switchoverDeadline
+        switchover.begin()
+        watchdog.arm(
+            ProgressWatchdog.Deadline(at: pauseStart + limit) { [switchover] in
+                guard switchover.expire() else { return nil }
+                return MigrationError(
+                    .timeout,
+                    "the switchover did not complete within its deadline of \(formatSeconds(limit)) s (the destination did not confirm "
+                        + "that it holds every page and the state); the guest resumes on the source. Raise --switchover-timeout or "
+                        + "--downtime-limit, or check the destination")
+            })
         try pause(g, lease: lease)
         if let hold = config.testHoldPause { usleep(UInt32(hold * 1e6)) }
         round += 1
@@ -314,13 +337,21 @@ public final class SourceMigration: Sendable {
         }
         try ctl.send(.guestState(state))
         try ctl.send(.complete(summary(rounds: UInt64(round), guestStateBytes: UInt64(state.count), table: table)))
-        try awaitConfirmation(completed)
-        let downtime = Monotonic.now - pauseStart
-        // The guest now lives on the destination: stop this copy for good.
-        if !g.exchangeRunState(from: .pauseRequested, to: .migrated) {
-            warnings.withLock { $0.append("the source guest left the pause before it could be stopped; stop it by hand") }
-            g.setRunState(.migrated)
+        try awaitReply(replies.prepared)
+        // The point of no return: stop this copy for good, then let the
+        // destination take the guest. The deadline cannot fire in between
+        // (both go through `switchover`'s lock), and a guest that left the
+        // pause is not handed over.
+        let handed = switchover.handOver { g.exchangeRunState(from: .pauseRequested, to: .handedOver) }
+        guard handed else {
+            try latch.check()
+            throw MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
         }
+        try ctl.send(.commit)
+        try awaitCommitted(replies)
+        let downtime = Monotonic.now - pauseStart
+        // The destination committed: the guest lives there.
+        g.setRunState(.migrated)
         g.sourcePID = 0
         lease.stop()
 
@@ -347,6 +378,11 @@ public final class SourceMigration: Sendable {
         case .incomplete:
             throw MigrationError(
                 .mismatch, "the guest in \(g.path) is incomplete: the migration into it did not complete; it is no guest to send")
+        case .handedOver:
+            throw MigrationError(
+                .mismatch,
+                "the guest in \(g.path) was handed over to a destination that never confirmed it; check that destination before anything else (livemig stress --resume --reclaim takes it back if it failed)"
+            )
         case .pauseRequested:
             if g.pauseHolderVanished {
                 g.exchangeRunState(from: .pauseRequested, to: .running)
@@ -422,14 +458,21 @@ public final class SourceMigration: Sendable {
             packets: counters.read(counters.packets), guestStateBytes: guestStateBytes, pageDigest: table.digest())
     }
 
-    private func awaitConfirmation(_ completed: DispatchSemaphore) throws(MigrationError) {
-        completed.wait()
-        // Acquire: pairs with the store-release in `readDestination`. Once
-        // the destination confirmed, it holds the guest: a failure racing in
-        // now (a late SIGINT) must not resume the source copy too.
+    /// Waits for a reply of the destination: the reader posts it when the
+    /// reply arrives, and a failure posts it too (then the latch says why).
+    private func awaitReply(_ reply: DispatchSemaphore) throws(MigrationError) {
+        reply.wait()
+        try latch.check()
+    }
+
+    /// Waits for `committed`. Once the destination committed, it holds the
+    /// guest: a failure racing in now (a late SIGINT) must not fail us.
+    private func awaitCommitted(_ replies: DestinationReplies) throws(MigrationError) {
+        replies.committed.wait()
+        // Acquire: pairs with the store-release in `readDestination`.
         if confirmed.load(ordering: .acquiring) { return }
         try latch.check()
-        throw MigrationError(.peer, "the destination did not confirm completion")
+        throw MigrationError(.peer, "the destination did not confirm the commit")
     }
 
     // MARK: - setup
@@ -496,19 +539,28 @@ public final class SourceMigration: Sendable {
     }
 
     /// The main channel's reader thread: the only replies after the
-    /// handshake are `completed` and `error`.
-    private func readDestination(_ ctl: ControlChannel, completed: DispatchSemaphore) {
+    /// handshake are `completed` (prepared), then `committed`, and `error`.
+    private func readDestination(_ ctl: ControlChannel, replies: DestinationReplies) {
         do {
-            let m = try ctl.receive("waiting for the destination")
-            switch m {
-            case .completed:
-                // Release: pairs with the acquiring load in `awaitConfirmation`.
-                confirmed.store(true, ordering: .releasing)
-                completed.signal()
-            case .error(let text):
-                latch.fail(MigrationError(.peer, "destination failed: \(text)"))
-            default:
-                latch.fail(MigrationError(.protocolViolation, "destination sent '\(m.name)' during the transfer"))
+            var prepared = false
+            while true {
+                let m = try ctl.receive(prepared ? "waiting for the destination to commit" : "waiting for the destination")
+                switch m {
+                case .completed where !prepared:
+                    prepared = true
+                    replies.prepared.signal()
+                case .committed where prepared:
+                    // Release: pairs with the acquiring load in `awaitCommitted`.
+                    confirmed.store(true, ordering: .releasing)
+                    replies.committed.signal()
+                    return
+                case .error(let text):
+                    latch.fail(MigrationError(.peer, "destination failed: \(text)"))
+                    return
+                default:
+                    latch.fail(MigrationError(.protocolViolation, "destination sent '\(m.name)' during the transfer"))
+                    return
+                }
             }
         } catch {
             if error.kind == .peer {
@@ -587,5 +639,19 @@ final class LeaseKeeper: Sendable {
         }) {
             t.join()
         }
+    }
+}
+
+/// The destination's two replies at the end, as the reader thread sees
+/// them; a failure posts both so no waiter is left behind.
+final class DestinationReplies: Sendable {
+    /// `completed`: the destination holds and checked every page and the state.
+    let prepared = DispatchSemaphore(value: 0)
+    /// `committed`: the destination took the guest.
+    let committed = DispatchSemaphore(value: 0)
+
+    func wakeAll() {
+        prepared.signal()
+        committed.signal()
     }
 }

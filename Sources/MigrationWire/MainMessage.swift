@@ -64,8 +64,17 @@ public enum MainMessage: Equatable, Sendable {
     case guestState([UInt8])
     /// Source → destination: the last round is done; here is what was sent.
     case complete(CompletionSummary)
-    /// Destination → source: every page arrived and was checked.
+    /// Destination → source: every page and the guest state arrived and
+    /// were checked; the destination is prepared and waits for `commit`
+    /// (docs/PROTOCOL.md §7).
     case completed
+    /// Source → destination: the source stopped its copy for good; the
+    /// destination may now take the guest. Nothing follows it but the
+    /// destination's `committed`.
+    case commit
+    /// Destination → source: the destination committed: the guest is
+    /// theirs.
+    case committed
     /// Either way: the sender gives up for this reason; the stream ends.
     case error(String)
 
@@ -78,7 +87,7 @@ public enum MainMessage: Equatable, Sendable {
     public static let maxErrorText = 4096
 
     enum Tag: UInt16 {
-        case helloAccepted = 1, ramLayout, layoutAccepted, endOfRound, guestState, complete, completed, error
+        case helloAccepted = 1, ramLayout, layoutAccepted, endOfRound, guestState, complete, completed, error, commit, committed
     }
 
     var tag: Tag {
@@ -91,6 +100,8 @@ public enum MainMessage: Equatable, Sendable {
         case .complete: .complete
         case .completed: .completed
         case .error: .error
+        case .commit: .commit
+        case .committed: .committed
         }
     }
 
@@ -110,6 +121,8 @@ public enum MainMessage: Equatable, Sendable {
         case .complete: "complete"
         case .completed: "completed"
         case .error: "error"
+        case .commit: "commit"
+        case .committed: "committed"
         }
     }
 
@@ -117,7 +130,7 @@ public enum MainMessage: Equatable, Sendable {
     public func encoded() -> [UInt8] {
         var p = ByteWriter()
         switch self {
-        case .helloAccepted, .layoutAccepted, .completed: break
+        case .helloAccepted, .layoutAccepted, .completed, .commit, .committed: break
         case .ramLayout(let blocks):
             p.u32(UInt32(blocks.count))
             for b in blocks {
@@ -158,7 +171,7 @@ public enum MainMessage: Equatable, Sendable {
         var r = ByteReader(bytes, message: "main message")
         let type = try r.u16("type")
         guard Tag(rawValue: type) != nil else {
-            throw WireError(message: "main message", field: "type", value: "\(type)", reason: "no such message type (1...8)")
+            throw WireError(message: "main message", field: "type", value: "\(type)", reason: "no such message type (1...10)")
         }
         _ = try r.u16("reserved")
         let length = try r.u32("length")
@@ -182,6 +195,8 @@ public enum MainMessage: Equatable, Sendable {
         case .helloAccepted: message = .helloAccepted
         case .layoutAccepted: message = .layoutAccepted
         case .completed: message = .completed
+        case .commit: message = .commit
+        case .committed: message = .committed
         case .ramLayout:
             let count = try r.u32("block-count")
             guard count >= 1, count <= 1024 else {

@@ -18,6 +18,10 @@ public struct StressOptions: Sendable {
     public var duration: Double?
     /// Continue the workload stored in the control file.
     public var resume = false
+    /// With `resume`: take back a guest in state *handed over* (a
+    /// switchover whose commit was never confirmed), after the user checked
+    /// that the destination does not run it.
+    public var reclaim = false
     public var seed: UInt64 = 0x5EED
 
     public init() {}
@@ -71,6 +75,11 @@ public final class StressGuest: Sendable {
             switch control.runState {
             case .migrated:
                 throw GuestMemoryError("the guest in \(control.path) migrated away; resume it on the destination")
+            case .handedOver where !options.reclaim:
+                throw GuestMemoryError(
+                    "the guest in \(control.path) was handed over to a destination that never confirmed it took it (run state handed over): "
+                        + "if that destination's `livemig receive` exited 0, the guest lives there; resume it there. Only if the destination "
+                        + "failed, take the guest back here with --resume --reclaim (never both: two copies of one guest must not run)")
             case .incomplete:
                 throw GuestMemoryError(
                     "the guest in \(control.path) cannot resume: the migration into it did not complete (run state incomplete), "
@@ -218,7 +227,7 @@ public final class StressGuest: Sendable {
                 pacedPages = 0
                 busySince = paceStart
                 continue
-            case .migrated, .incoming, .incomplete:
+            case .migrated, .incoming, .incomplete, .handedOver:
                 return .migrated
             }
             if stopFlag.load(ordering: .relaxed) { return .stopped }

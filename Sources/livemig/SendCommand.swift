@@ -47,6 +47,12 @@ struct SendCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Switch over when the rest can be sent within this (live only).")
     var downtimeLimit: String = "300ms"
 
+    @Option(
+        help:
+            "Resume the source guest and fail when the destination has not confirmed within this long after the pause (default: 2 x --downtime-limit, at least 1s; live only)."
+    )
+    var switchoverTimeout: String?
+
     @Option(parsing: .unconditional, help: "Rate limit of the page channels during precopy, e.g. 512MiB/s (default unlimited).")
     var maxBandwidth: String?
 
@@ -73,6 +79,12 @@ struct SendCommand: ParsableCommand {
         if zerocopy, case .unix = address {
             // The kernel refuses SENDMSG_ZC on Unix sockets (EOPNOTSUPP).
             throw ValidationError("--zerocopy needs a TCP destination; Unix sockets do not support zero-copy sends")
+        }
+        if let t = switchoverTimeout {
+            guard let d = parseDuration(t), d > 0 else {
+                throw ValidationError("--switchover-timeout: '\(t)' is not a positive duration (e.g. 2s)")
+            }
+            if guest == nil { throw ValidationError("--switchover-timeout applies to live migration: add --guest CONTROL") }
         }
         guard parseDuration(downtimeLimit) != nil else {
             throw ValidationError("--downtime-limit: '\(downtimeLimit)' is not a duration (e.g. 300ms)")
@@ -118,6 +130,7 @@ struct SendCommand: ParsableCommand {
         trust.warnIfExposed(address, role: "sending to")
         config.peerTimeout = common.peerTimeoutSeconds
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
+        config.switchoverTimeout = switchoverTimeout.flatMap(parseDuration)
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge
         config.testHoldPause = ProcessInfo.processInfo.environment["LIVEMIG_TEST_HOLD_PAUSE"].flatMap(Double.init)
@@ -185,6 +198,11 @@ func guestAfterFailure(_ g: GuestControl) -> String {
         return "The guest's RAM was not modified; the guest is not running (it may be resumed with livemig stress --resume)."
     case .pauseRequested:
         return "The guest's RAM was not modified; it is held paused by another migration (source pid \(g.sourcePID))."
+    case .handedOver:
+        return
+            "The guest is stopped here and its RAM and state are intact, but it was handed over: the destination may have committed it. "
+            + "If `livemig receive` exited 0 there, the guest lives on the destination; if it failed, take the guest back here with "
+            + "`livemig stress --resume --reclaim`."
     case .migrated, .incoming, .incomplete:
         return "The guest's RAM was not modified; its control file says '\(g.runState)'."
     }

@@ -36,9 +36,14 @@ struct StressCommand: ParsableCommand {
     var duration: String?
     @Option(parsing: .unconditional, help: "Create an absent RAM file of this size (e.g. 64MiB).") var size: String?
     @Flag(help: "Continue the guest stored in the control file (as a destination wrote it).") var resume = false
+    @Flag(
+        help:
+            "With --resume: take back a guest whose switchover was never confirmed (run state 'handed over'). Only after checking that the destination's receive failed."
+    ) var reclaim = false
 
     func validate() throws {
         guard (1...256).contains(threads) else { throw ValidationError("--threads must be from 1 to 256, got \(threads)") }
+        if reclaim, !resume { throw ValidationError("--reclaim goes with --resume") }
         if rate != "unlimited" {
             guard let r = parseRate(rate) else {
                 throw ValidationError("--rate: '\(rate)' is not a rate (examples: 200MiB/s, 1GiB/s, unlimited)")
@@ -96,6 +101,7 @@ struct StressCommand: ParsableCommand {
         options.rate = rate == "unlimited" ? nil : parseRate(rate)
         options.duration = duration.flatMap(parseDuration)
         options.resume = resume
+        options.reclaim = reclaim
         let guest: StressGuest
         do {
             guest = try StressGuest(ram: ramFile, control: controlFile, options: options)

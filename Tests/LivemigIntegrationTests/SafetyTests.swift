@@ -116,9 +116,11 @@ struct SafetyTests {
         let addr = "unix:" + scratch.path("s")
         let receiver = try LivemigProcess(["receive", "--ram", scratch.path("d.ram"), "--guest", scratch.path("d.ctl"), "--listen", addr])
         #expect(receiver.waitForStderr("listening"))
-        // The first source holds the paused guest for 3 s at switchover.
+        // The first source holds the paused guest for 3 s at switchover
+        // (within its switchover deadline).
         let first = try LivemigProcess(
-            ["send", "--ram", ram, "--guest", ctl, "--to", addr, "--events", events], env: ["LIVEMIG_TEST_HOLD_PAUSE": "3"])
+            ["send", "--ram", ram, "--guest", ctl, "--to", addr, "--events", events, "--switchover-timeout", "10s"],
+            env: ["LIVEMIG_TEST_HOLD_PAUSE": "3"])
         let deadline = Date().addingTimeInterval(20)
         while Date() < deadline, (try? String(contentsOfFile: events, encoding: .utf8))?.contains("switchover") != true {
             usleep(10_000)
