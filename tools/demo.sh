@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The built-in demo: installs what is missing, builds livemig in release mode,
 # starts a 256 MiB stress guest (counter pattern: QEMU's a-b test workload),
-# migrates it live over loopback TCP with 2 channels while it writes, checks
-# the destination page by page, resumes the guest there and checks it again.
+# migrates it live over loopback TCP with 2 channels and a pre-shared key
+# while it writes, checks the destination page by page, resumes the guest
+# there and checks it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
@@ -19,8 +20,11 @@ echo "== source guest: 256 MiB, counter pattern, 2 threads dirtying 200 MiB/s"
 pids+=($!); guest=$!
 sleep 1
 
+echo "== a pre-shared key: both sides prove it, and every frame and packet carries a MAC"
+"$bin" keygen demo.key
+
 echo "== destination: listening with its own RAM file and control file"
-"$bin" receive --ram dst.ram --size 256MiB --guest dst.ctl --listen "tcp:127.0.0.1:$port" >recv.out 2>recv.err &
+"$bin" receive --ram dst.ram --size 256MiB --guest dst.ctl --listen "tcp:127.0.0.1:$port" --psk-file demo.key >recv.out 2>recv.err &
 pids+=($!); recv=$!
 until grep -q listening recv.err 2>/dev/null; do
   kill -0 $recv 2>/dev/null || { cat recv.err >&2; exit 1; }
@@ -28,7 +32,7 @@ until grep -q listening recv.err 2>/dev/null; do
 done
 
 echo "== live migration (send --guest), statistics of the source:"
-"$bin" send --ram src.ram --guest src.ctl --to "tcp:127.0.0.1:$port" --events rounds.jsonl
+"$bin" send --ram src.ram --guest src.ctl --to "tcp:127.0.0.1:$port" --psk-file demo.key --events rounds.jsonl
 wait $recv
 echo "== statistics of the destination:"
 cat recv.out

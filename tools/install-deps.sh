@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what livemig needs to build and is missing on a fresh Debian/Ubuntu
-# machine: liburing's and libzstd's headers. Needs root or sudo.
+# machine: the headers of liburing, libzstd and libxxhash. Needs root or sudo.
 set -euo pipefail
 need=()
 [ -f /usr/include/liburing.h ] || need+=(liburing-dev)
 [ -f /usr/include/zstd.h ] || need+=(libzstd-dev)
+[ -f /usr/include/xxh_x86dispatch.h ] || need+=(libxxhash-dev)
 command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
