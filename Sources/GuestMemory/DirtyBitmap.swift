@@ -55,6 +55,19 @@ public final class DirtyBitmap: @unchecked Sendable {
         _ = lm_atomic_fetch_or_release_u64(words + (page >> 6), 1 << UInt64(page & 63))
     }
 
+    /// Marks `page` and says whether it was marked already (relaxed: the
+    /// destination's per-round duplicate check, whose rounds the SYNC
+    /// barrier orders).
+    @inlinable public func testAndMark(page: Int) -> Bool {
+        let bit: UInt64 = 1 << UInt64(page & 63)
+        return lm_atomic_fetch_or_release_u64(words + (page >> 6), bit) & bit != 0
+    }
+
+    /// Clears every page. Only while nobody marks (between rounds).
+    public func clearAll() {
+        for i in 0..<wordCount { _ = lm_atomic_exchange_acquire_u64(words + i, 0) }
+    }
+
     /// Marks every page dirty: the first round sends everything.
     public func markAll() {
         for i in 0..<wordCount {

@@ -97,7 +97,11 @@ enum ChannelHandshake {
                         "the source authenticates with a pre-shared key but this destination has none: start receive with --psk-file and the same key file"
                     )
                 }
-                _ = try socket.receiveBytes(HelloChallenge.proofSize, what: "reading the source's proof")
+                let proof = try socket.receiveBytes(HelloChallenge.proofSize, what: "reading the source's proof")
+                guard proof.allSatisfy({ $0 == 0 }) else {
+                    throw MigrationError(
+                        .protocolViolation, "the source sent a proof although neither side has a key (it must be 32 zero bytes)")
+                }
                 return nil
             }
             var challenge = HelloChallenge(flags: .authenticated, nonce: nonce)

@@ -73,7 +73,7 @@ public final class ControlChannel: Sendable {
                 let seq = s.sequence
                 return (whole.withUnsafeBytes { s.tag($0) }, seq, s.authenticated)
             }
-            guard Array(rest[frame.length...]) == expected else {
+            guard HelloProof.matches(Array(rest[frame.length...]), expected) else {
                 throw MigrationError(
                     .integrity,
                     keyed

@@ -186,12 +186,14 @@ public final class DestinationMigration: Sendable {
                     compression: hello.compression, tagSize: trust.key == nil ? 0 : PacketSealer.tagSize)
             }
             let arrived = DirtyBitmap(pageCount: ram.block.pageCount)
+            let roundSeen = DirtyBitmap(pageCount: ram.block.pageCount)
             let table = PageTable(pages: ram.block.pageCount)
             let (channels, early) = try acceptChannels(session: session, main: ctl, trust: trust)
             for (id, (s, keys)) in channels.enumerated() {
                 receivers.append(
                     try PacketReceiver(
-                        id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived, table: table,
+                        id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived, roundSeen: roundSeen,
+                        table: table,
                         sealer: keys.map { PacketSealer(key: $0.toDestination, encrypts: trust.encrypt) }, writeThrough: !prefaulted))
             }
             latch.onFailure { [receivers, barrier] in
@@ -206,7 +208,8 @@ public final class DestinationMigration: Sendable {
                 let latch = self.latch
                 threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })
             }
-            let rounds = try serveControl(ctl, barrier: barrier, arrived: arrived, table: table, ram: ram, first: early)
+            let rounds = try serveControl(
+                ctl, barrier: barrier, arrived: arrived, roundSeen: roundSeen, table: table, ram: ram, first: early)
             var s = MigrationStats(status: .completed)
             s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
             s.setupTime = UInt64(setupTime * 1000)
@@ -414,7 +417,8 @@ public final class DestinationMigration: Sendable {
                 next = try gate.next(deadline: deadline, strict: false, watch: early == nil ? main.socket : nil)
             } catch  where error.kind == .timeout {
                 throw MigrationError(
-                    .timeout, "only \(opened) of \(config.channels) multifd channels connected within \(config.channelTimeout) s")
+                    .timeout,
+                    "only \(opened) of \(config.channels) multifd channels connected within \(formatSeconds(config.channelTimeout)) s")
             }
             guard let (s, h, bytes) = next else {
                 // The source says something (an error, most likely) or left.
@@ -429,7 +433,8 @@ public final class DestinationMigration: Sendable {
                 )
                 continue
             }
-            s.setReceiveTimeout(config.helloTimeout)
+            // The proof follows the challenge at once from a real source.
+            s.setReceiveTimeout(min(config.helloTimeout, HelloGate.channelHelloReadTimeout))
             let keys: ChannelKeys?
             do {
                 keys = try ChannelHandshake.answer(s, hello: h, helloBytes: bytes, trust: trust, counters: counters)
@@ -456,7 +461,8 @@ public final class DestinationMigration: Sendable {
     /// The main thread's loop: end-of-round barriers, then completion.
     /// Returns the number of rounds.
     private func serveControl(
-        _ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, table: PageTable, ram: RAMFile, first: MainMessage?
+        _ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, roundSeen: DirtyBitmap, table: PageTable, ram: RAMFile,
+        first: MainMessage?
     )
         throws(MigrationError)
         -> UInt64
@@ -491,6 +497,8 @@ public final class DestinationMigration: Sendable {
                     try latch.check()
                 }
                 rounds = r
+                // Every receiver waits at its SYNC: nobody marks now.
+                roundSeen.clearAll()
                 for s in barrier.resume { s.signal() }
             case .complete(let summary):
                 try checkCompletion(summary, rounds: rounds, arrived: arrived, table: table, ram: ram)

@@ -41,7 +41,7 @@ struct HelloGate {
             let now = Monotonic.now
             pending.removeAll { p in
                 guard p.deadline <= now else { return false }
-                notice("dropped a connection from \(p.socket.peer) that sent no hello within \(helloTimeout) s")
+                notice("dropped a connection from \(p.socket.peer) that sent no hello within \(formatSeconds(helloTimeout)) s")
                 return true
             }
             if let deadline, now >= deadline { throw MigrationError(.timeout, "no channel arrived in time") }
@@ -83,9 +83,15 @@ struct HelloGate {
         }
     }
 
+    /// How long a connection that started its hello may take to finish it
+    /// while channels are awaited (`strict == false`): a source writes its
+    /// hello at once, and a stranger that stalls mid-hello must not hold
+    /// the others up until the channels' deadline.
+    static let channelHelloReadTimeout = 1.0
+
     /// Reads the hello of a connection that has data (or closed).
     private func hear(_ s: Socket, strict: Bool) throws(MigrationError) -> (Socket, ChannelHello, [UInt8])? {
-        s.setReceiveTimeout(helloTimeout)
+        s.setReceiveTimeout(strict ? helloTimeout : min(helloTimeout, Self.channelHelloReadTimeout))
         guard s.peerSendsData() else { return nil }  // a port probe
         let bytes: [UInt8]
         do {

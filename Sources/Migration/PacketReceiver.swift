@@ -46,6 +46,9 @@ final class PacketReceiver: @unchecked Sendable {
     private let counters: TransferCounters
     /// Pages that arrived at least once, for the completion check.
     private let arrived: DirtyBitmap
+    /// Pages that arrived in this round: a page may come once per round
+    /// (two copies in one round, on two channels, would race).
+    private let roundSeen: DirtyBitmap
     private let table: PageTable
     private let sealer: PacketSealer?
     /// `[header | entries | payload | tag]` of the packet being read: the
@@ -70,7 +73,7 @@ final class PacketReceiver: @unchecked Sendable {
     /// full file system is an error (ENOSPC) instead of a SIGBUS.
     init(
         id: Int, socket: Socket, ram: RAMFile, limits: PacketLimits, counters: TransferCounters, arrived: DirtyBitmap,
-        table: PageTable, sealer: PacketSealer? = nil, writeThrough: Bool = false
+        roundSeen: DirtyBitmap, table: PageTable, sealer: PacketSealer? = nil, writeThrough: Bool = false
     ) throws(MigrationError) {
         decompressor =
             limits.compression == .none ? nil : try PacketDecompressor(method: limits.compression, pageSize: Int(limits.pageSize))
@@ -80,6 +83,7 @@ final class PacketReceiver: @unchecked Sendable {
         self.limits = limits
         self.counters = counters
         self.arrived = arrived
+        self.roundSeen = roundSeen
         self.table = table
         self.sealer = sealer
         let pageSize = Int(limits.pageSize)
@@ -121,6 +125,9 @@ final class PacketReceiver: @unchecked Sendable {
     }
 
     private var what: String { "multifd packet \(expectedPacket) on channel \(id)" }
+
+    /// For errors about a packet already read (`expectedPacket` moved on).
+    private func what(_ h: MultiFDPacketHeader) -> String { "multifd packet \(h.packetNumber) on channel \(id)" }
 
     /// Reads one whole packet into `packet` and checks it; returns its
     /// header. On return the normal pages are in `pages(h)`, verified.
@@ -205,14 +212,20 @@ final class PacketReceiver: @unchecked Sendable {
             guard got == hashes[i] else {
                 throw MigrationError(
                     .integrity,
-                    "\(what): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit"
+                    "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit"
                 )
             }
         }
         for i in normal..<total where hashes[i] != zeroHash {
             throw MigrationError(
                 .integrity,
-                "\(what): zero page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) carries hash 0x\(String(hashes[i], radix: 16)), not the zero page's 0x\(String(zeroHash, radix: 16))"
+                "\(what(h)): zero page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) carries hash 0x\(String(hashes[i], radix: 16)), not the zero page's 0x\(String(zeroHash, radix: 16))"
+            )
+        }
+        for i in 0..<total where roundSeen.testAndMark(page: Int(offsets[i] / limits.pageSize)) {
+            throw MigrationError(
+                .protocolViolation,
+                "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) arrives a second time in this round; a source sends each page at most once per round"
             )
         }
         // Every check passed: only now does guest memory change.

@@ -18,7 +18,7 @@
 /// | 24..32| packet-number  |
 /// | 32..36| block-id       |
 /// | 36..40| reserved (0)   |
-/// | 40..48| prefix-check: XXH3-64 of bytes 0..40 and the entries |
+/// | 40..48| prefix-check: XXH3-64 of the header and the entries, with these 8 bytes taken as zero |
 public struct MultiFDPacketHeader: Equatable, Sendable {
     public static let magic: UInt32 = 0x4C4D_5046  // "LMPF"
     public static let version: UInt32 = 2
