@@ -1,4 +1,5 @@
 import MigrationWire
+import Testing
 import Trust
 import URing
 
@@ -65,6 +66,14 @@ final class CapturingWriter: StreamWriter, @unchecked Sendable {
         at += h.prefixSize
         let verifies = Self.prefixCheck(bytes[start..<at]) == h.check
         return Prefix(header: h, offsets: offsets, hashes: hashes, start: start, checkVerifies: verifies)
+    }
+}
+
+/// A failed expectation shows the packet's header, not all its entries.
+extension CapturingWriter.Prefix: CustomTestStringConvertible {
+    var testDescription: String {
+        "packet \(header.packetNumber) at byte \(start) (\(header.normalCount)+\(header.zeroCount) pages, check "
+            + (checkVerifies ? "verifies)" : "fails)")
     }
 }
 

@@ -186,19 +186,20 @@ struct PacketSenderTests {
                 let payload = Int(p.header.payloadSize)
                 let covered = p.start..<at + payload
                 let tag = at + payload..<at + payload + PacketSealer.tagSize
-                func verifies(_ b: [UInt8], number n: UInt64 = UInt64(number)) -> Bool {
-                    b.withUnsafeBytes { raw in
+                // Reads `bytes` as it is now (the log shows a Bool, not the packet).
+                func verifies(number n: UInt64 = UInt64(number)) -> Bool {
+                    bytes.withUnsafeBytes { raw in
                         verifier.verify(
                             UnsafeRawBufferPointer(rebasing: raw[covered]), packetNumber: n, tag: UnsafeRawBufferPointer(rebasing: raw[tag])
                         )
                     }
                 }
-                #expect(verifies(bytes), "packet \(number): the tag does not verify")
-                #expect(!verifies(bytes, number: UInt64(number) + 1), "packet \(number): the tag verifies under another number")
+                #expect(verifies(), "packet \(number): the tag does not verify")
+                #expect(!verifies(number: UInt64(number) + 1), "packet \(number): the tag verifies under another number")
                 // One payload bit, or one prefix bit, and the tag fails.
                 for flip in [at + payload / 2, p.start + 20] {
                     bytes[flip] ^= 0x01
-                    #expect(!verifies(bytes), "packet \(number): the tag still verifies after byte \(flip - p.start) flipped")
+                    #expect(!verifies(), "packet \(number): the tag still verifies after byte \(flip - p.start) flipped")
                     bytes[flip] ^= 0x01
                 }
                 if let d {
