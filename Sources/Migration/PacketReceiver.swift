@@ -205,14 +205,14 @@ final class PacketReceiver: @unchecked Sendable {
             guard got == hashes[i] else {
                 throw MigrationError(
                     .integrity,
-                    "\(what): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit"
+                    "multifd packet \(h.packetNumber) on channel \(id): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit"
                 )
             }
         }
         for i in normal..<total where hashes[i] != zeroHash {
             throw MigrationError(
                 .integrity,
-                "\(what): zero page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) carries hash 0x\(String(hashes[i], radix: 16)), not the zero page's 0x\(String(zeroHash, radix: 16))"
+                "multifd packet \(h.packetNumber) on channel \(id): zero page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) carries hash 0x\(String(hashes[i], radix: 16)), not the zero page's 0x\(String(zeroHash, radix: 16))"
             )
         }
         // Every check passed: only now does guest memory change.
