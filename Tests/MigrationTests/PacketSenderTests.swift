@@ -53,9 +53,10 @@ struct PacketSenderTests {
         try body(try RAMFile(path: FilePath(path), access: .readOnly), image)
     }
 
-    /// Sends `batches` as one job through a fresh sender.
+    /// Sends `batches` as one job through a fresh sender (then a SYNC packet
+    /// when `thenSync`).
     static func send(
-        _ ram: RAMFile, sealer: PacketSealer? = nil, compression: CompressionSetting = .none
+        _ ram: RAMFile, sealer: PacketSealer? = nil, compression: CompressionSetting = .none, thenSync: Bool = false
     ) throws -> (writer: CapturingWriter, counters: TransferCounters, table: PageTable) {
         let job = MultiFDJob(capacity: batches.count)
         for b in batches {
@@ -72,6 +73,7 @@ struct PacketSenderTests {
         var released = 0
         try sender.sendJob(job) { released += 1 }
         #expect(released == 1)
+        if thenSync { try sender.sendSync() }
         return (writer, counters, table)
     }
 
