@@ -41,22 +41,26 @@ struct BatchReaderTests {
     }
 
     /// Checks what the reader reports for `pages` (read last): the zero
-    /// flags, and that each page's bytes are the file's bytes (read with
-    /// pread, so the check itself maps nothing).
+    /// flags, that page i is the copy at `staged + i * pageSize` in the
+    /// slot, never the mapping, and that each copy's bytes are the file's
+    /// bytes (read with pread, so the check itself maps nothing).
     static func expectRead(_ reader: BatchReader, _ ram: RAMFile, _ pages: [Int], hasData: (Int) -> Bool) {
         let file = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize)
         defer { file.deallocate() }
+        let mapping = UnsafeMutableRawPointer(ram.base)..<UnsafeMutableRawPointer(ram.base) + Int(ram.block.size)
         for (i, p) in pages.enumerated() {
             let offset = UInt64(p * pageSize)
             #expect(reader.isZero[i] == !hasData(p), "page \(p)")
+            #expect(reader.page(i) == reader.staged + i * pageSize, "page \(p) is not in its slot")
+            #expect(!mapping.contains(reader.page(i)), "page \(p) points into the mapping")
             #expect(throws: Never.self) { try ram.read(into: file, offset: offset, length: pageSize) }
-            let same = memcmp(reader.page(i, offset: offset), file, pageSize) == 0
+            let same = memcmp(reader.page(i), file, pageSize) == 0
             #expect(same, "page \(p): bytes differ from the file's")
         }
     }
 
-    @Test("runs of adjacent pages are staged by pread and never mapped; scattered pages are read in place")
-    func stagedAndInPlace() throws {
+    @Test("runs of adjacent pages are staged by pread and never mapped; scattered pages are copied through the mapping")
+    func stagedAndCopied() throws {
         // In 0..<128 every third page has data; 128..<256 all have data.
         let hasData = { (p: Int) in p >= 128 || p % 3 == 0 }
         try Self.withRAM(data: hasData) { ram in
@@ -65,7 +69,7 @@ struct BatchReaderTests {
             // Two runs of 60 and 67 pages (a gap at 60): staged in slot 0.
             let bulk = Array(0..<60) + Array(61..<128)
             try reader.read(Self.batch(bulk), slot: 0)
-            #expect(reader.staged != nil)
+            #expect(reader.isStaged)
             Self.expectRead(reader, ram, bulk, hasData: hasData)
             for p in [0, 3, 59, 61, 127] {
                 let mapped = try isPageMapped(ram.base + p * Self.pageSize)
@@ -73,19 +77,21 @@ struct BatchReaderTests {
             }
 
             // 16 single pages (runs of 1, fewer than 8 pages per run on
-            // average), after a batch that was not mostly zero: in place.
+            // average), after a batch that was not mostly zero: copied
+            // through the mapping into slot 1.
             let scattered = (0..<16).map { 130 + 7 * $0 }
+            let slot0 = reader.staged
             try reader.read(Self.batch(scattered), slot: 1)
-            #expect(reader.staged == nil)
+            #expect(!reader.isStaged)
+            #expect(reader.staged == slot0 + MultiFDPages.capacity * Self.pageSize, "slot 1")
             Self.expectRead(reader, ram, scattered, hasData: hasData)
-            #expect(reader.page(0, offset: UInt64(130 * Self.pageSize)) == ram.base + 130 * Self.pageSize)
-            let inPlaceMapped = try isPageMapped(ram.base + 130 * Self.pageSize)
-            #expect(inPlaceMapped)
+            let copiedMapped = try isPageMapped(ram.base + 130 * Self.pageSize)
+            #expect(copiedMapped)
 
             // 8 runs of 8 pages: exactly long enough to stage.
             let runsOf8 = (0..<8).flatMap { r in (0..<8).map { 128 + 16 * r + $0 } }
             try reader.read(Self.batch(runsOf8), slot: 1)
-            #expect(reader.staged != nil)
+            #expect(reader.isStaged)
             Self.expectRead(reader, ram, runsOf8, hasData: hasData)
         }
     }
@@ -96,15 +102,23 @@ struct BatchReaderTests {
             let reader = BatchReader(ram: ram, slots: 2)
             let first = Array(0..<128), second = Array(128..<256)
             try reader.read(Self.batch(first), slot: 0)
-            let slot0 = try #require(reader.staged)
+            let slot0 = reader.staged
             try reader.read(Self.batch(second), slot: 1)
-            let slot1 = try #require(reader.staged)
+            let slot1 = reader.staged
             #expect(slot0 != slot1)
             // Slot 0 still holds the first batch, byte for byte (and its
             // pages differ from the second batch's: odd pages are zero).
             for i in [0, 2, 76, 126] {
                 let same = memcmp(slot0 + i * Self.pageSize, ram.base + i * Self.pageSize, Self.pageSize) == 0
                 #expect(same, "slot 0, page \(i)")
+            }
+            // A scattered batch copied into slot 1 leaves slot 0 alone too.
+            let scattered = [130, 140, 150]
+            try reader.read(Self.batch(scattered), slot: 1)
+            #expect(!reader.isStaged && reader.staged == slot1)
+            for i in [0, 2, 76, 126] {
+                let same = memcmp(slot0 + i * Self.pageSize, ram.base + i * Self.pageSize, Self.pageSize) == 0
+                #expect(same, "slot 0, page \(i), after slot 1 was copied into")
             }
         }
     }
@@ -121,18 +135,44 @@ struct BatchReaderTests {
             // Scattered (runs of 1) but after an all-zero batch: staged.
             let scattered = Array(stride(from: 129, to: 256, by: 2))
             try reader.read(Self.batch(scattered))
-            #expect(reader.staged != nil)
+            #expect(reader.isStaged)
             Self.expectRead(reader, ram, scattered, hasData: hasData)
             let readMapped = try isPageMapped(ram.base + 201 * Self.pageSize)
             #expect(!readMapped, "a page read by pread was mapped")
 
-            // That batch was only 2/3 zero: the next scattered one is read in place.
+            // That batch was only 2/3 zero: the next scattered one is copied through the mapping.
             let third = [200, 203]
             try reader.read(Self.batch(third))
-            #expect(reader.staged == nil)
+            #expect(!reader.isStaged)
             Self.expectRead(reader, ram, third, hasData: hasData)
             let thirdMapped = try isPageMapped(ram.base + 200 * Self.pageSize)
             #expect(thirdMapped)
+        }
+    }
+
+    @Test("a copy is private: the guest writing a page after it was read does not change what is sent", arguments: [false, true])
+    func copiesArePrivate(scattered: Bool) throws {
+        let dir = URL(fileURLWithPath: "/dev/shm/livemig-breader-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: false)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("ram").path
+        try Data(repeating: 0x11, count: 256 * Self.pageSize).write(to: URL(fileURLWithPath: path))
+        let ram = try RAMFile(path: FilePath(path), access: .readOnly)
+        let reader = BatchReader(ram: ram)
+        let pages = scattered ? [3, 10, 17, 24] : Array(0..<128)
+        try reader.read(Self.batch(pages))
+        #expect(reader.isStaged == !scattered)
+        // The guest writes page 10 (and 3) after the read: through the file,
+        // which the shared mapping shows at once.
+        let fd = open(path, O_RDWR)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        let new = [UInt8](repeating: 0x22, count: Self.pageSize)
+        for p in [3, 10] { #expect(pwrite(fd, new, Self.pageSize, off_t(p * Self.pageSize)) == Self.pageSize) }
+        #expect((ram.base + 10 * Self.pageSize).load(as: UInt8.self) == 0x22, "the mapping shows the write")
+        for (i, p) in pages.enumerated() where p == 3 || p == 10 {
+            let copy = UnsafeRawBufferPointer(start: reader.page(i), count: Self.pageSize)
+            #expect(copy.allSatisfy { $0 == 0x11 }, "page \(p): the copy changed with the guest's write")
         }
     }
 

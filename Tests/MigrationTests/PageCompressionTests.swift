@@ -4,6 +4,7 @@ import MigrationWire
 import SystemPackage
 import TestSupport
 import Testing
+import Trust
 import URing
 
 @testable import Migration
@@ -158,6 +159,53 @@ struct PageCompressionTests {
         }
     }
 
+    @Test func framesCarryAContentChecksum() throws {
+        for pages in [1, 64, 128] {
+            let f = try Self.frame(of: Self.samplePages(pages, seed: UInt64(pages)))
+            // RFC 8878: bit 2 of the frame header descriptor, after the magic.
+            #expect(f[4] & 0x04 != 0, "\(pages) pages: no checksum flag")
+        }
+    }
+
+    @Test func frameWithoutAContentChecksumIsRefused() throws {
+        // The same frame with its checksum flag cleared and its 4-byte
+        // checksum cut: a valid zstd frame that libzstd would decode.
+        let data = Self.samplePages(4, seed: 12)
+        var f = try Self.frame(of: data)
+        f[4] &= ~0x04
+        f.removeLast(4)
+        let e = #expect(throws: WireError.self) { _ = try Self.decode(f, normal: 4) }
+        #expect(e?.field == "payload", "\(String(describing: e))")
+        #expect(e?.reason.contains("no content checksum") == true, "\(String(describing: e))")
+    }
+
+    @Test func theChecksumCatchesAChangedLiteral() throws {
+        // Random pages do not compress: zstd stores them as raw blocks, and
+        // a flipped byte in one still decodes, to the wrong bytes. Only the
+        // content checksum sees it.
+        var rng = SplitMix64(seed: 13)
+        let data = (0..<2 * Self.pageSize).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        var f = try Self.frame(of: data)
+        _ = try Self.decode(f, normal: 2)
+        f[f.count / 2] ^= 0x01
+        let e = #expect(throws: WireError.self) { _ = try Self.decode(f, normal: 2) }
+        #expect(e?.field == "payload", "\(String(describing: e))")
+        #expect(e?.reason.contains("checksum") == true, "\(String(describing: e))")
+    }
+
+    @Test func decodeReadsTheFrameFromTheGivenSource() throws {
+        let d = try PacketDecompressor(method: .zstd, pageSize: Self.pageSize)
+        let data = Self.samplePages(3, seed: 14)
+        let f = try Self.frame(of: data)
+        // The channel's own frame buffer holds garbage; the source pointer is what counts.
+        d.frame.initializeMemory(as: UInt8.self, repeating: 0xEE, count: d.frameCapacity)
+        try f.withUnsafeBytes { try d.decode(Self.header(normal: 3, payload: f.count), limits: Self.limits, from: $0.baseAddress!) }
+        #expect(Array(UnsafeRawBufferPointer(start: d.pages, count: 3 * Self.pageSize)) == data)
+        // Without one, the frame buffer is read (and refused).
+        let e = #expect(throws: WireError.self) { try d.decode(Self.header(normal: 3, payload: f.count), limits: Self.limits) }
+        #expect(e?.reason.contains("not a zstd frame") == true, "\(String(describing: e))")
+    }
+
     @Test func aDecompressorSurvivesABadPacket() throws {
         let d = try PacketDecompressor(method: .zstd, pageSize: Self.pageSize)
         _ = try? Self.decode(Array("garbage garbage".utf8), normal: 1, into: d)
@@ -185,8 +233,9 @@ struct PageCompressionTests {
         let ram = try RAMFile(path: path, access: .readOnly, pageSize: 4096)
         let writer = CapturingWriter()
         let counters = TransferCounters()
+        let table = PageTable(pages: pages)
         let sender = try PacketSender(
-            channelID: 0, ram: ram, writer: writer, counters: counters, jobCapacity: 2,
+            channelID: 0, ram: ram, writer: writer, counters: counters, table: table, jobCapacity: 2,
             compression: CompressionSetting(method: .zstd, level: 1))
         let job = MultiFDJob(capacity: 2)
         for b in 0..<2 {
@@ -205,8 +254,10 @@ struct PageCompressionTests {
         var at = 0, seenNormal = 0, seenZero = 0, payloadBytes = 0
         let bytes = writer.bytes
         for number in 0..<2 {
-            let (h, offsets) = try writer.decodePrefix(at: &at, limits: limits, packetNumber: UInt64(number))
+            let prefix = try writer.decodePrefix(at: &at, limits: limits, packetNumber: UInt64(number))
+            let h = prefix.header, offsets = prefix.offsets
             #expect(h.flags == .compressed)
+            #expect(prefix.checkVerifies, "packet \(number): the prefix check does not verify")
             bytes.withUnsafeBytes { raw in d.frame.copyMemory(from: raw.baseAddress! + at, byteCount: Int(h.payloadSize)) }
             at += Int(h.payloadSize)
             payloadBytes += Int(h.payloadSize)
@@ -217,9 +268,14 @@ struct PageCompressionTests {
                     #expect(!isZero(p), "page \(p) sent with data")
                     let got = Array(UnsafeRawBufferPointer(start: d.page(i), count: 4096))
                     #expect(got == Array(image[p * 4096..<(p + 1) * 4096]), "page \(p)")
+                    // The entry hashes the page, not the frame.
+                    #expect(prefix.hashes[i] == contentHash(got[...]), "page \(p): entry hash")
+                    #expect(table.hashes[p] == prefix.hashes[i], "page \(p): table entry")
                     seenNormal += 1
                 } else {
                     #expect(isZero(p), "page \(p) sent as zero")
+                    #expect(prefix.hashes[i] == ContentHash.zeroPage(4096), "zero page \(p): entry hash")
+                    #expect(table.hashes[p] == prefix.hashes[i], "zero page \(p): table entry")
                     seenZero += 1
                 }
             }

@@ -33,6 +33,9 @@ struct MainMessageTests {
 
     static let ramLayoutType: UInt16 = 2
 
+    /// 16 distinct bytes, so a digest written in the wrong place or order shows.
+    static let digest: [UInt8] = (0..<16).map { UInt8(0xD0 + $0) }
+
     static let everyCase: [MainMessage] = [
         .helloAccepted,
         .ramLayout([RAMBlockLayout(name: "pc.ram", size: 4 << 30, pageSize: 4096)]),
@@ -51,7 +54,15 @@ struct MainMessageTests {
         .guestState((0..<10_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }),
         .complete(CompletionSummary(rounds: 3, normalPages: 1000, zeroPages: 24, packets: 9)),
         .complete(CompletionSummary(rounds: .max, normalPages: 0, zeroPages: .max - 1, packets: 1 << 40)),
+        .complete(
+            CompletionSummary(
+                rounds: 7, normalPages: 1, zeroPages: 2, packets: 3, guestStateBytes: 4096, pageDigest: MainMessageTests.digest)),
+        .complete(
+            CompletionSummary(
+                rounds: 1, normalPages: 1, zeroPages: 0, packets: 1, pageDigest: [UInt8](repeating: 0xFF, count: 16))),
         .completed,
+        .commit,
+        .committed,
         .error("the guest went away"),
         .error(""),
         .error("ünïcødé ✓"),
@@ -87,6 +98,41 @@ struct MainMessageTests {
         }
     }
 
+    @Test func namesOfFrameTypes() {
+        let names = [
+            "hello-accepted", "ram-layout", "layout-accepted", "end-of-round", "guest-state", "complete", "completed", "error", "commit",
+            "committed",
+        ]
+        for (i, name) in names.enumerated() { #expect(MainMessage.name(type: UInt16(i + 1)) == name) }
+        // A type no message has is named by its number (for error texts).
+        #expect(MainMessage.name(type: 0) == "type 0")
+        #expect(MainMessage.name(type: 11) == "type 11")
+        #expect(MainMessage.name(type: 0x1234) == "type 4660")
+    }
+
+    @Test func theTagIsNotPartOfTheEncodedFrame() throws {
+        // The control channel adds (and checks) the 16-byte tag; a frame is
+        // header and payload only, and its length counts the payload only.
+        #expect(MainMessage.frameTagSize == 16)
+        for message in Self.everyCase {
+            let frame = message.encoded()
+            let length = try Self.decodeHeader(frame).length
+            #expect(frame.count == MainMessage.frameHeaderSize + length, "\(message.name)")
+        }
+        #expect(MainMessage.completed.encoded().count == 8)
+    }
+
+    @Test func completionSummaryCarriesADigestOf16Bytes() {
+        #expect(CompletionSummary.digestSize == 16)
+        let s = CompletionSummary(rounds: 1, normalPages: 2, zeroPages: 3, packets: 4)
+        #expect(s.pageDigest == [UInt8](repeating: 0, count: 16))
+        #expect(s.guestStateBytes == 0)
+        // Digests are compared: two summaries differing in one digest byte differ.
+        var t = s
+        t.pageDigest[15] = 1
+        #expect(s != t)
+    }
+
     @Test func payloadLayouts() {
         #expect(MainMessage.helloAccepted.encoded() == Self.header(type: 1, length: 0))
         #expect(MainMessage.endOfRound(round: 0x0102).encoded() == Self.header(type: 4, length: 8) + be(UInt64(0x0102)))
@@ -96,8 +142,14 @@ struct MainMessageTests {
                 + be(UInt64(0x2000)) + be(UInt64(0x1000)))
         #expect(
             MainMessage.complete(CompletionSummary(rounds: 1, normalPages: 2, zeroPages: 3, packets: 4)).encoded()
-                == Self.header(type: 6, length: 40) + be(UInt64(1)) + be(UInt64(2)) + be(UInt64(3)) + be(UInt64(4))
-                + be(UInt64(0)))
+                == Self.header(type: 6, length: 56) + be(UInt64(1)) + be(UInt64(2)) + be(UInt64(3)) + be(UInt64(4))
+                + be(UInt64(0)) + [UInt8](repeating: 0, count: 16))
+        #expect(
+            MainMessage.complete(
+                CompletionSummary(rounds: 1, normalPages: 2, zeroPages: 3, packets: 4, guestStateBytes: 5, pageDigest: Self.digest)
+            ).encoded()
+                == Self.header(type: 6, length: 56) + be(UInt64(1)) + be(UInt64(2)) + be(UInt64(3)) + be(UInt64(4))
+                + be(UInt64(5)) + Self.digest)
         #expect(MainMessage.error("hi").encoded() == Self.header(type: 8, length: 2) + [0x68, 0x69])
     }
 
@@ -130,7 +182,7 @@ struct MainMessageTests {
 
     @Test func rejectsUnknownType() {
         expectWireError(field: "type", value: "4660") { _ = try Self.decodeHeader(Self.header(type: 0x1234, length: 0)) }
-        expectWireError(field: "type", value: "9") { _ = try Self.decodeHeader(Self.header(type: 9, length: 0)) }
+        expectWireError(field: "type", value: "11") { _ = try Self.decodeHeader(Self.header(type: 11, length: 0)) }
         expectWireError(field: "type", value: "0") { _ = try Self.decodeHeader(Self.header(type: 0, length: 0)) }
         // decode checks on its own too.
         expectWireError(field: "type", value: "4660") { _ = try Self.decodePayload(type: 0x1234, []) }
@@ -206,7 +258,7 @@ struct MainMessageTests {
         expectWireError(field: "length", value: "3") { _ = try Self.decodePayload(type: 1, [1, 2, 3]) }
         expectWireError(field: "length", value: "1") { _ = try Self.decodePayload(type: 3, [0]) }
         expectWireError(field: "length", value: "1") { _ = try Self.decodePayload(type: 7, [0]) }
-        expectWireError(field: "length", value: "41") { _ = try Self.decodePayload(type: 6, [UInt8](repeating: 1, count: 41)) }
+        expectWireError(field: "length", value: "57") { _ = try Self.decodePayload(type: 6, [UInt8](repeating: 1, count: 57)) }
         let layout = be(UInt32(1)) + Self.block(nameBytes: [0x61], size: 4096, pageSize: 4096) + [0, 0]
         expectWireError(field: "length", value: "\(layout.count)") {
             _ = try Self.decodePayload(type: Self.ramLayoutType, layout)
@@ -219,8 +271,10 @@ struct MainMessageTests {
 
         let summary = MainMessage.complete(CompletionSummary(rounds: 1, normalPages: 2, zeroPages: 3, packets: 4))
         let full = Array(summary.encoded()[MainMessage.frameHeaderSize...])
+        #expect(full.count == 56)
         for (cut, field) in [
-            (39, "guest-state-bytes"), (31, "packets"), (24, "packets"), (23, "zero-pages"), (9, "normal-pages"), (0, "rounds"),
+            (55, "page-digest"), (41, "page-digest"), (40, "page-digest"), (39, "guest-state-bytes"), (31, "packets"),
+            (24, "packets"), (23, "zero-pages"), (9, "normal-pages"), (0, "rounds"),
         ] {
             expectWireError(field: field, value: "missing") { _ = try Self.decodePayload(type: 6, Array(full[0..<cut])) }
         }

@@ -27,11 +27,14 @@ struct MultiFDPacketTests {
         Header(flags: .sync, normalCount: 0, zeroCount: 0, payloadSize: 0, packetNumber: number, blockID: 0)
     }
 
-    /// The 40 header bytes, written over a buffer of 0xAA so that every byte
-    /// `encode(to:)` fails to write shows.
+    /// The 48 header bytes: `encode(to:)` then `storeCheck(h.check)`, written
+    /// over a buffer of 0xAA so that every byte the two fail to write shows.
     static func bytes(_ h: Header) -> [UInt8] {
         var b = [UInt8](repeating: 0xAA, count: Header.size)
-        b.withUnsafeMutableBytes { h.encode(to: $0.baseAddress!) }
+        b.withUnsafeMutableBytes {
+            h.encode(to: $0.baseAddress!)
+            Header.storeCheck(h.check, to: $0.baseAddress!)
+        }
         return b
     }
 
@@ -44,28 +47,54 @@ struct MultiFDPacketTests {
         }
     }
 
-    /// Header, offsets and room for nothing else, as the sender lays them out.
-    static func prefix(_ h: Header, offsets: [UInt64]) -> [UInt8] {
-        var b = [UInt8](repeating: 0xAA, count: Header.size + offsets.count * 8)
+    /// A made-up content hash for the page at `offset` (the wire format does
+    /// not check hashes; the receiver compares them with the pages).
+    static func hash(_ offset: UInt64) -> UInt64 { ~offset &* 0x9E37_79B9_7F4A_7C15 }
+
+    /// Header and entries (offset, `hash(offset)` unless given) and room for
+    /// nothing else, as the sender lays them out; the check field is left as
+    /// `h.check`.
+    static func prefix(_ h: Header, offsets: [UInt64], hashes: [UInt64]? = nil) -> [UInt8] {
+        let hashes = hashes ?? offsets.map(hash)
+        var b = [UInt8](repeating: 0xAA, count: Header.size + offsets.count * Header.entrySize)
         b.withUnsafeMutableBytes { raw in
             h.encode(to: raw.baseAddress!)
-            for (i, o) in offsets.enumerated() { Header.encodeOffset(o, index: i, to: raw.baseAddress!) }
+            Header.storeCheck(h.check, to: raw.baseAddress!)
+            for (i, o) in offsets.enumerated() { Header.encodeEntry(offset: o, hash: hashes[i], index: i, to: raw.baseAddress!) }
         }
         return b
     }
 
-    static func decodeOffsets(_ h: Header, _ b: [UInt8], limits: PacketLimits = limits) throws(WireError) -> [UInt64] {
+    static func decodeEntries(
+        _ h: Header, _ b: [UInt8], limits: PacketLimits = limits
+    ) throws(WireError) -> (offsets: [UInt64], hashes: [UInt64]) {
         let count = Int(h.normalCount + h.zeroCount)
-        var out = [UInt64](repeating: .max, count: count)
+        var offsets = [UInt64](repeating: .max, count: count)
+        var hashes = [UInt64](repeating: .max, count: count)
         try withBytes(b) { raw throws(WireError) in
-            let result = out.withUnsafeMutableBufferPointer { o in
-                Result { () throws(WireError) in
-                    try h.decodeOffsets(raw.baseAddress! + Header.size, into: o.baseAddress!, limits: limits)
+            let result = offsets.withUnsafeMutableBufferPointer { o in
+                hashes.withUnsafeMutableBufferPointer { hs in
+                    Result { () throws(WireError) in
+                        try h.decodeEntries(
+                            raw.baseAddress! + Header.size, offsets: o.baseAddress!, hashes: hs.baseAddress!, limits: limits)
+                    }
                 }
             }
             try result.get()
         }
-        return out
+        return (offsets, hashes)
+    }
+
+    /// The offsets `decodeEntries` returns (the hashes must come back too).
+    static func decodeOffsets(_ h: Header, _ b: [UInt8], limits: PacketLimits = limits) throws(WireError) -> [UInt64] {
+        let (offsets, hashes) = try decodeEntries(h, b, limits: limits)
+        let sent = (0..<offsets.count).map { i in
+            b.withUnsafeBytes {
+                UInt64(bigEndian: $0.loadUnaligned(fromByteOffset: Header.size + i * Header.entrySize + 8, as: UInt64.self))
+            }
+        }
+        #expect(hashes == sent, "hashes come back as sent")
+        return offsets
     }
 
     // MARK: - layout and round trips
@@ -73,25 +102,62 @@ struct MultiFDPacketTests {
     @Test func encodesTheDocumentedLayout() {
         let h = Header(
             flags: .sync, normalCount: 0x0102_0304, zeroCount: 0x0506_0708, payloadSize: 0x090A_0B0C,
-            packetNumber: 0x1112_1314_1516_1718, blockID: 0x2122_2324)
+            packetNumber: 0x1112_1314_1516_1718, blockID: 0x2122_2324, check: 0x3132_3334_3536_3738)
         let expected: [UInt8] =
             [0x4C, 0x4D, 0x50, 0x46]  // "LMPF"
-            + [0, 0, 0, 1]  // version
+            + [0, 0, 0, 2]  // version
             + [0, 0, 0, 1]  // flags
             + [1, 2, 3, 4] + [5, 6, 7, 8] + [9, 10, 11, 12]
             + [0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18]
             + [0x21, 0x22, 0x23, 0x24]
             + [0, 0, 0, 0]  // reserved
+            + [0x31, 0x32, 0x33, 0x34, 0x35, 0x36, 0x37, 0x38]  // prefix check
         #expect(Self.bytes(h) == expected)
-        #expect(Header.size == 40)
-        #expect(Header.maxPrefixSize == 40 + 128 * 8)
-        #expect(h.offsetsSize == Int(0x0102_0304 + 0x0506_0708) * 8)
+        #expect(Header.size == 48)
+        #expect(Header.checkedSize == 40)
+        #expect(Header.entrySize == 16)
+        #expect(Header.maxPrefixSize == 48 + 128 * 16)
+        #expect(h.entriesSize == Int(0x0102_0304 + 0x0506_0708) * 16)
+        #expect(h.prefixSize == 48 + h.entriesSize)
+        #expect(Self.pages(normal: 2, zero: 1).prefixSize == 48 + 3 * 16)
+        #expect(Self.sync().prefixSize == 48)
     }
 
-    @Test func encodeOffsetWritesBigEndianAfterTheHeader() {
-        let b = Self.prefix(Self.pages(normal: 1, zero: 1), offsets: [0x0102_0304_0506_0708, 0x1000])
+    @Test func encodeWritesTheFirst40BytesOnly() {
+        // The check is the sender's to store once the entries are in place.
+        var b = [UInt8](repeating: 0xAA, count: Header.size)
+        b.withUnsafeMutableBytes { Self.pages().encode(to: $0.baseAddress!) }
+        #expect(Array(b[40..<48]) == [UInt8](repeating: 0xAA, count: 8))
+        #expect(b[36..<40].allSatisfy { $0 == 0 })
+    }
+
+    @Test func storeCheckWritesBytes40To48Only() {
+        var b = [UInt8](repeating: 0xAA, count: Header.size + 16)
+        b.withUnsafeMutableBytes { Header.storeCheck(0x0102_0304_0506_0708, to: $0.baseAddress!) }
         #expect(Array(b[40..<48]) == [1, 2, 3, 4, 5, 6, 7, 8])
-        #expect(Array(b[48..<56]) == [0, 0, 0, 0, 0, 0, 0x10, 0])
+        #expect(b[0..<40].allSatisfy { $0 == 0xAA } && b[48...].allSatisfy { $0 == 0xAA })
+        // Zero, as the check is taken.
+        b.withUnsafeMutableBytes { Header.storeCheck(0, to: $0.baseAddress!) }
+        #expect(b[40..<48].allSatisfy { $0 == 0 })
+    }
+
+    @Test func decodeReturnsTheCheckAsReceived() throws {
+        for check: UInt64 in [0, 1, 0x8000_0000_0000_0001, .max] {
+            var h = Self.pages()
+            h.check = check
+            #expect(try Self.decode(Self.bytes(h)).check == check)
+        }
+    }
+
+    @Test func encodeEntryWritesBigEndianOffsetAndHashAfterTheHeader() {
+        let b = Self.prefix(
+            Self.pages(normal: 1, zero: 1), offsets: [0x0102_0304_0506_0708, 0x1000],
+            hashes: [0x1112_1314_1516_1718, 0x2122_2324_2526_2728])
+        #expect(b.count == 48 + 2 * 16)
+        #expect(Array(b[48..<56]) == [1, 2, 3, 4, 5, 6, 7, 8])
+        #expect(Array(b[56..<64]) == [0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18])
+        #expect(Array(b[64..<72]) == [0, 0, 0, 0, 0, 0, 0x10, 0])
+        #expect(Array(b[72..<80]) == [0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x27, 0x28])
     }
 
     @Test(arguments: [
@@ -113,14 +179,17 @@ struct MultiFDPacketTests {
         }
     }
 
-    @Test func offsetsRoundTrip() throws {
+    @Test func entriesRoundTrip() throws {
         let h = Self.pages(normal: 3, zero: 2, block: 0)
         let offsets: [UInt64] = [0, 0x1000, 0xF_F000, 0x8_0000, 0x4_2000]
-        let b = Self.prefix(h, offsets: offsets)
+        let hashes: [UInt64] = [0, .max, 0x0123_4567_89AB_CDEF, 1, 0x8000_0000_0000_0000]
+        let b = Self.prefix(h, offsets: offsets, hashes: hashes)
         let decoded = try Self.decode(b)
         #expect(decoded == h)
-        #expect(decoded.offsetsSize == offsets.count * 8)
-        #expect(try Self.decodeOffsets(decoded, b) == offsets)
+        #expect(decoded.entriesSize == offsets.count * 16)
+        let entries = try Self.decodeEntries(decoded, b)
+        #expect(entries.offsets == offsets)
+        #expect(entries.hashes == hashes)
     }
 
     @Test func offsetsAreCheckedAgainstTheirOwnBlock() throws {
@@ -255,7 +324,7 @@ struct MultiFDPacketTests {
         #expect(try Self.decode(b) == h)
     }
 
-    // MARK: - offset validation: one test per rule
+    // MARK: - entry validation: one test per rule (hashes are the receiver's to check)
 
     @Test func rejectsOffsetNotPageAligned() {
         let h = Self.pages(normal: 2, zero: 1)
@@ -282,6 +351,17 @@ struct MultiFDPacketTests {
         #expect(throws: Never.self) { try Self.decodeOffsets(h, last) }
     }
 
+    @Test func hashesAreNotCheckedAsOffsets() throws {
+        // Each entry is offset then hash: a hash that would be a bad offset
+        // passes, an offset that is bad fails whatever its hash.
+        let h = Self.pages(normal: 1, zero: 1)
+        let odd = Self.prefix(h, offsets: [0x1000, 0x2000], hashes: [0x3008, .max])
+        let entries = try Self.decodeEntries(h, odd)
+        #expect(entries.offsets == [0x1000, 0x2000] && entries.hashes == [0x3008, .max])
+        let bad = Self.prefix(h, offsets: [0x1000, 0x2008], hashes: [0x1000, 0x2000])
+        expectWireError(field: "offset[1]", value: "0x2008") { _ = try Self.decodeEntries(h, bad) }
+    }
+
     // MARK: - properties
 
     @Test func randomValidHeadersRoundTrip() throws {
@@ -300,15 +380,17 @@ struct MultiFDPacketTests {
             let h = Header(
                 flags: isSync ? .sync : [], normalCount: normal, zeroCount: zero,
                 payloadSize: UInt32(UInt64(normal) * pageSize), packetNumber: g.next(),
-                blockID: isSync ? 0 : UInt32.random(in: 0..<UInt32(blockCount), using: &g))
+                blockID: isSync ? 0 : UInt32.random(in: 0..<UInt32(blockCount), using: &g), check: g.next())
             let blockSize = blocks[Int(h.blockID)].size
             let offsets = (0..<Int(h.normalCount + h.zeroCount)).map { _ in
                 UInt64.random(in: 0..<blockSize / pageSize, using: &g) * pageSize
             }
-            let b = Self.prefix(h, offsets: offsets)
+            let hashes = offsets.map { _ in g.next() }
+            let b = Self.prefix(h, offsets: offsets, hashes: hashes)
             let decoded = try Self.decode(b, limits: limits, expected: h.packetNumber)
             #expect(decoded == h)
-            #expect(try Self.decodeOffsets(decoded, b, limits: limits) == offsets)
+            let entries = try Self.decodeEntries(decoded, b, limits: limits)
+            #expect(entries.offsets == offsets && entries.hashes == hashes)
         }
     }
 
@@ -348,7 +430,8 @@ struct MultiFDPacketTests {
             #expect(h.normalCount <= 128 && h.zeroCount <= 128 && h.normalCount + h.zeroCount <= 128)
             #expect(UInt64(h.payloadSize) == UInt64(h.normalCount) * limits.pageSize)
             #expect(h.packetNumber == expected)
-            #expect(h.offsetsSize <= Header.maxPrefixSize - Header.size)
+            #expect(h.entriesSize <= Header.maxPrefixSize - Header.size)
+            #expect(h.prefixSize <= Header.maxPrefixSize)
             if h.flags.contains(.sync) {
                 #expect(h.normalCount == 0 && h.zeroCount == 0)
             } else {
@@ -358,11 +441,12 @@ struct MultiFDPacketTests {
                 let offsets = (0..<Int(h.normalCount + h.zeroCount)).map { _ in
                     chance(2) ? g.next() : UInt64.random(in: 0...0x10_1000, using: &g)
                 }
-                let withOffsets = b + offsets.flatMap { be($0) }
+                let hashes = offsets.map { _ in g.next() }
+                let withEntries = b + zip(offsets, hashes).flatMap { be($0) + be($1) }
                 do {
-                    let out = try Self.decodeOffsets(h, withOffsets, limits: limits)
-                    #expect(out == offsets)
-                    for o in out {
+                    let out = try Self.decodeEntries(h, withEntries, limits: limits)
+                    #expect(out.offsets == offsets && out.hashes == hashes)
+                    for o in out.offsets {
                         #expect(o % limits.pageSize == 0 && o < limits.blockSizes[Int(h.blockID)])
                     }
                 } catch {
@@ -371,6 +455,7 @@ struct MultiFDPacketTests {
             }
             // Re-encoding gives the same bytes, but for the reserved word.
             #expect(Array(Self.bytes(h)[0..<36]) == Array(b[0..<36]))
+            #expect(Array(Self.bytes(h)[40..<48]) == Array(b[40..<48]))
         }
         // The generator reaches both outcomes and every check.
         #expect(accepted > 100)
