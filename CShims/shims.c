@@ -2,6 +2,7 @@
 #include "CShims.h"
 
 #include <liburing.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -287,4 +288,9 @@ void lm_signal_watch_stop(void) {
     unsigned char stop = 0;
     (void)!write(fd, &stop, 1);
     close(fd);
+}
+
+void lm_keep_freed_memory(void) {
+    mallopt(M_MMAP_THRESHOLD, 64 << 20);
+    mallopt(M_TRIM_THRESHOLD, 256 << 20);
 }

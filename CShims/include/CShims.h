@@ -212,6 +212,15 @@ static const uint64_t LM_ZSTD_CONTENTSIZE_ERROR = UINT64_MAX - 1;
 /// than dst_cap is the error "Destination buffer is too small").
 size_t lm_zstd_decompress(lm_zstd_dctx *dctx, void *dst, size_t dst_cap, const void *src, size_t src_len);
 
+// ---- memory ------------------------------------------------------------
+
+/// Keeps freed heap memory in the process instead of returning it to the
+/// kernel at once (glibc mallopt: M_MMAP_THRESHOLD 64 MiB, M_TRIM_THRESHOLD
+/// 256 MiB). swift-crypto's AEAD allocates and frees each packet's output
+/// (512 KiB); by default glibc serves that with mmap or trims it back, and
+/// every packet then faults in half a megabyte of fresh zeroed pages.
+void lm_keep_freed_memory(void);
+
 // ---- threads -----------------------------------------------------------
 
 /// Names the calling thread (first 15 bytes), as `ps -L` and `top -H` show.

@@ -34,6 +34,7 @@ enum LivemigMain {
         }
         // A vanished peer must be an error we report, not a silent SIGPIPE.
         signal(SIGPIPE, SIG_IGN)
+        lm_keep_freed_memory()
         do {
             var command = try Livemig.parseAsRoot()
             try command.run()
