@@ -575,6 +575,31 @@ struct SecurityTests {
         #expect(try filesEqual(src, dst))
     }
 
+    @Test("a stray that sends the first bytes of a hello and stalls during the multifd phase does not hold up the real channel")
+    func stalledHelloDuringMultifdPhase() throws {
+        let scratch = try Scratch()
+        let src = scratch.path("src.ram"), dst = scratch.path("dst.ram")
+        try writeImage(src, pages: 256, seed: 33, isZero: { _ in false })
+        let port = freePort()
+        let target = try SocketAddress(parsing: "tcp:127.0.0.1:\(port)")
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", target.description, "--channels", "1"])
+        #expect(receiver.waitForStderr("listening"))
+        let strays = Strays(target)
+        // Three bytes of a hello's magic, then silence: the destination has
+        // read them (poll says readable) before the real channel arrives.
+        let proxy = try MiddleProxy(to: target) { index in
+            guard index == 1 else { return }
+            strays.open(sending: Array("LMI".utf8))
+            usleep(300_000)
+        }
+        defer { proxy.stop() }
+        let send = try livemig(["send", "--ram", src, "--to", proxy.address.description, "--channels", "1"], timeout: 40)
+        let recv = receiver.wait(timeout: 20)
+        #expect(send.status == 0 && recv.status == 0, "send: \(send.stderr) receive: \(recv.stderr)")
+        #expect(send.seconds < 8, "the real channel waited for the stray's hello deadline")
+        #expect(try filesEqual(src, dst))
+    }
+
     // MARK: - 5. zstd frames carry their checksum
 
     /// The zstd CLI's frame (`zstd -1 --no-check`) of one page of "A"s: no
