@@ -541,33 +541,40 @@ struct SecurityTests {
         #expect(strays.count == 3)
     }
 
-    @Test("garbage and a multifd hello of another session during the multifd phase are dropped with notices; the migration completes")
-    func strayDuringMultifdPhase() throws {
+    @Test(
+        "garbage, a multifd hello of another session and a second main hello during the multifd phase are dropped with notices; the migration completes",
+        arguments: [false, true])
+    func strayDuringMultifdPhase(keyed: Bool) throws {
         let scratch = try Scratch()
         let src = scratch.path("src.ram"), dst = scratch.path("dst.ram")
         try writeImage(src, pages: 1024, seed: 32, isZero: { $0 % 3 == 0 })
         try writeFilled(dst, bytes: 1024 * pageSize, value: 0x77)
+        let keyArgs = keyed ? ["--psk-file", try keygen(scratch, "k")] : []
         let port = freePort()
         let target = try SocketAddress(parsing: "tcp:127.0.0.1:\(port)")
-        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", target.description, "--channels", "1"])
+        let receiver = try LivemigProcess(["receive", "--ram", dst, "--listen", target.description, "--channels", "1"] + keyArgs)
         #expect(receiver.waitForStderr("listening"))
         let strays = Strays(target)
         let foreign = ChannelHello(session: .random(), kind: .multifd, channelID: 0, channelCount: 1).encoded()
+        let secondMain = ChannelHello(session: .random(), kind: .main, channelID: 0, channelCount: 1).encoded()
         let heard = Flag()
         // When send's multifd channel reaches the proxy, the destination is
         // in its multifd phase: the strays arrive first, and the real channel
-        // is forwarded once the destination has dropped both.
+        // is forwarded once the destination has dropped them all.
         let proxy = try MiddleProxy(to: target) { index in
             guard index == 1 else { return }
             strays.open(sending: Array("GET / HTTP/1.1\r\nHost: livemig\r\n\r\n".utf8))
             strays.open(sending: foreign)
+            strays.open(sending: secondMain)
             let ok =
                 receiver.waitForStderr("not a livemig source", timeout: 5)
-                && receiver.waitForStderr("not a multifd channel of this migration", timeout: 5)
+                && receiver.waitForStderr("(session ", timeout: 5)
+                && receiver.waitForStderr("(a second main channel)", timeout: 5)
             heard.set(ok)
         }
         defer { proxy.stop() }
-        let send = try livemig(["send", "--ram", src, "--to", proxy.address.description, "--channels", "1"], timeout: 40)
+        let send = try livemig(
+            ["send", "--ram", src, "--to", proxy.address.description, "--channels", "1"] + keyArgs, timeout: 40)
         let recv = receiver.wait(timeout: 20)
         #expect(heard.value, "the destination did not drop the strays with notices: \(recv.stderr)")
         #expect(send.status == 0 && recv.status == 0, "send: \(send.stderr) receive: \(recv.stderr)")
