@@ -12,10 +12,11 @@ final class SourceChannel {
     private var outgoing: FrameSealer
     private var incoming: FrameSealer
 
-    /// Connects, says `hello` (whose nonce is filled in here), answers the
+    /// Connects (retrying a refused connection for `connectTimeout`
+    /// seconds), says `hello` (whose nonce is filled in here), answers the
     /// destination's challenge. Throws when the destination refuses.
-    init(to addr: SocketAddress, hello: ChannelHello, key: PreSharedKey? = nil) throws {
-        socket = try Socket.connect(to: addr, timeout: 5)
+    init(to addr: SocketAddress, hello: ChannelHello, key: PreSharedKey? = nil, connectTimeout: Double = 5) throws {
+        socket = try Socket.connect(to: addr, timeout: connectTimeout)
         socket.setReceiveTimeout(15)
         var hello = hello
         hello.nonce = randomBytes(ChannelHello.nonceSize)

@@ -163,7 +163,8 @@ struct SecurityTests {
         let session = SessionID.random()
         guard
             let main = try? SourceChannel(
-                to: addr, hello: ChannelHello(session: session, kind: .main, channelID: 0, channelCount: 1), key: key)
+                to: addr, hello: ChannelHello(session: session, kind: .main, channelID: 0, channelCount: 1), key: key,
+                connectTimeout: 0)
         else { return false }
         _ = try? main.next()
         try? main.send(.ramLayout([RAMBlockLayout(name: "pc.ram", size: UInt64(size), pageSize: 4096)]))
@@ -172,7 +173,8 @@ struct SecurityTests {
         let hash = data.withUnsafeBytes { ContentHash.page($0.baseAddress!, length: pageSize) }
         var packets: UInt64 = 0
         if let ch = try? SourceChannel(
-            to: addr, hello: ChannelHello(session: session, kind: .multifd, channelID: 0, channelCount: 1), key: key)
+            to: addr, hello: ChannelHello(session: session, kind: .multifd, channelID: 0, channelCount: 1), key: key,
+            connectTimeout: 0)
         {
             for first in stride(from: 0, to: pages, by: 128) {
                 let n = min(128, pages - first)
