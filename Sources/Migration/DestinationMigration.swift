@@ -434,7 +434,7 @@ public final class DestinationMigration: Sendable {
                 continue
             }
             // The proof follows the challenge at once from a real source.
-            s.setReceiveTimeout(min(config.helloTimeout, HelloGate.channelHelloReadTimeout))
+            s.setReceiveTimeout(min(config.helloTimeout, HelloGate.channelProofTimeout))
             let keys: ChannelKeys?
             do {
                 keys = try ChannelHandshake.answer(s, hello: h, helloBytes: bytes, trust: trust, counters: counters)

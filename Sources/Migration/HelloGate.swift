@@ -11,9 +11,11 @@ import URing
 /// (docs/PROTOCOL.md §2, "Connections the destination drops").
 ///
 /// It polls the listener and every connection accepted but not yet heard
-/// from. A connection that closes before its first byte (a port probe) is
-/// dropped silently; one that sends no hello within `helloTimeout`, or
-/// bytes without our magic, is dropped with a notice. With `strict`
+/// from, and takes each hello's bytes as they arrive, without blocking: a
+/// connection that sends part of a hello and stalls holds up no other. A
+/// connection that closes before its first byte (a port probe) is dropped
+/// silently; one that sends no whole hello within `helloTimeout`, or bytes
+/// without our magic, is dropped with a notice. With `strict`
 /// (before the main channel exists), a livemig hello that fails its checks
 /// (another protocol version, a bad field) fails the migration: that is the
 /// user's source and it must hear why. Otherwise it is dropped too.
@@ -22,7 +24,20 @@ struct HelloGate {
     let helloTimeout: Double
     let notice: @Sendable (String) -> Void
     let latch: FailureLatch
-    private var pending: [(socket: Socket, deadline: Double)] = []
+    private var pending: [Pending] = []
+
+    /// A connection accepted but not heard out: what it sent of its hello.
+    private struct Pending {
+        let socket: Socket
+        let deadline: Double
+        var received: [UInt8] = []
+    }
+
+    private enum Heard {
+        case waiting
+        case dropped
+        case hello(Socket, ChannelHello, [UInt8])
+    }
 
     init(listener: Listener, helloTimeout: Double, notice: @escaping @Sendable (String) -> Void, latch: FailureLatch) {
         self.listener = listener
@@ -58,14 +73,21 @@ struct HelloGate {
             }
             if watch != nil, fds[fds.count - 1].revents != 0 { return nil }
             // Connections first, in accept order, then new ones.
-            var ready: [Socket] = []
-            for (i, p) in pending.enumerated().reversed() where fds[1 + i].revents != 0 {
-                ready.append(p.socket)
-                pending.remove(at: i)
+            var kept: [Pending] = []
+            var heard: (Socket, ChannelHello, [UInt8])?
+            for (i, var p) in pending.enumerated() {
+                guard heard == nil, fds[1 + i].revents != 0 else {
+                    kept.append(p)
+                    continue
+                }
+                switch try hear(&p, strict: strict) {
+                case .waiting: kept.append(p)
+                case .dropped: break
+                case .hello(let s, let hello, let bytes): heard = (s, hello, bytes)
+                }
             }
-            for s in ready.reversed() {
-                if let hello = try hear(s, strict: strict) { return hello }
-            }
+            pending = kept
+            if let heard { return heard }
             if fds[0].revents != 0 {
                 // A peer that reset before we got to it is not an error.
                 let s: Socket
@@ -78,38 +100,61 @@ struct HelloGate {
                     try latch.check()
                     throw MigrationError(error)
                 }
-                pending.append((s, Monotonic.now + helloTimeout))
+                pending.append(Pending(socket: s, deadline: Monotonic.now + helloTimeout))
             }
         }
     }
 
-    /// How long a connection that started its hello may take to finish it
-    /// while channels are awaited (`strict == false`): a source writes its
-    /// hello at once, and a stranger that stalls mid-hello must not hold
-    /// the others up until the channels' deadline.
-    static let channelHelloReadTimeout = 1.0
+    /// How long a channel's source may take to send its proof after the
+    /// challenge while channels are awaited: a source answers at once, and
+    /// a stranger that stalls must not hold the others up until the
+    /// channels' deadline.
+    static let channelProofTimeout = 1.0
 
-    /// Reads the hello of a connection that has data (or closed).
-    private func hear(_ s: Socket, strict: Bool) throws(MigrationError) -> (Socket, ChannelHello, [UInt8])? {
-        s.setReceiveTimeout(strict ? helloTimeout : min(helloTimeout, Self.channelHelloReadTimeout))
-        guard s.peerSendsData() else { return nil }  // a port probe
-        let bytes: [UInt8]
-        do {
-            let preamble = try s.receiveBytes(ChannelHello.preambleSize, what: "reading a channel hello")
-            let checked = preamble.withUnsafeBytes { b in Result { () throws(WireError) in try ChannelHello.checkPreamble(b) } }
-            if case .failure(let e) = checked, e.field == "magic" {
-                notice("ignored a connection from \(s.peer) that is not a livemig source: \(e.description)")
-                return nil
+    /// Takes what a readable connection sent of its hello, without
+    /// blocking (a stray that stalls mid-hello must not hold up the real
+    /// channels, which have the same deadline).
+    private func hear(_ p: inout Pending, strict: Bool) throws(MigrationError) -> Heard {
+        let s = p.socket
+        var chunk = [UInt8](repeating: 0, count: ChannelHello.size - p.received.count)
+        let n = chunk.withUnsafeMutableBytes { recv(s.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        if n < 0 {
+            let e = errno
+            if e == EAGAIN || e == EWOULDBLOCK || e == EINTR { return .waiting }
+            // A peer that reset before its first byte is a port probe.
+            if !p.received.isEmpty { notice("dropped a connection from \(s.peer): \(String(cString: strerror(e)))") }
+            return .dropped
+        }
+        if n == 0 {
+            // Closed before its first byte: a port probe, dropped silently.
+            if !p.received.isEmpty {
+                notice("dropped a connection from \(s.peer) that closed after \(p.received.count) bytes of a hello")
             }
-            try checked.get()
-            bytes = preamble + (try s.receiveBytes(ChannelHello.size - ChannelHello.preambleSize, what: "reading a channel hello"))
-            let hello = try bytes.withUnsafeBytes { b throws(WireError) in try ChannelHello.decode(b) }
-            return (s, hello, bytes)
+            return .dropped
+        }
+        p.received += chunk[0..<n]
+        do {
+            if p.received.count >= ChannelHello.preambleSize {
+                let checked = p.received.withUnsafeBytes { b in
+                    Result { () throws(WireError) in
+                        try ChannelHello.checkPreamble(UnsafeRawBufferPointer(rebasing: b[0..<ChannelHello.preambleSize]))
+                    }
+                }
+                if case .failure(let e) = checked, e.field == "magic" {
+                    notice("ignored a connection from \(s.peer) that is not a livemig source: \(e.description)")
+                    return .dropped
+                }
+                try checked.get()
+            }
+            guard p.received.count == ChannelHello.size else { return .waiting }
+            let hello = try p.received.withUnsafeBytes { b throws(WireError) in try ChannelHello.decode(b) }
+            s.setReceiveTimeout(helloTimeout)
+            return .hello(s, hello, p.received)
         } catch {
             let e = MigrationError(converting: error)
             if strict, e.kind == .protocolViolation { throw e }
             notice("dropped a connection from \(s.peer): \(e.description)")
-            return nil
+            return .dropped
         }
     }
 }

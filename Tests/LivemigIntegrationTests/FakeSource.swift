@@ -12,10 +12,11 @@ final class SourceChannel {
     private var outgoing: FrameSealer
     private var incoming: FrameSealer
 
-    /// Connects, says `hello` (whose nonce is filled in here), answers the
+    /// Connects (retrying a refused connection for `connectTimeout`
+    /// seconds), says `hello` (whose nonce is filled in here), answers the
     /// destination's challenge. Throws when the destination refuses.
-    init(to addr: SocketAddress, hello: ChannelHello, key: PreSharedKey? = nil) throws {
-        socket = try Socket.connect(to: addr, timeout: 5)
+    init(to addr: SocketAddress, hello: ChannelHello, key: PreSharedKey? = nil, connectTimeout: Double = 5) throws {
+        socket = try Socket.connect(to: addr, timeout: connectTimeout)
         socket.setReceiveTimeout(15)
         var hello = hello
         hello.nonce = randomBytes(ChannelHello.nonceSize)
@@ -53,6 +54,16 @@ final class SourceChannel {
         let tag = whole.withUnsafeBytes { incoming.tag($0) }
         #expect(Array(rest[f.length...]) == tag, "the destination's frame tag does not verify")
         return try rest.withUnsafeBytes { try MainMessage.decode(type: f.type, payload: UnsafeRawBufferPointer(rebasing: $0[..<f.length])) }
+    }
+
+    /// After `complete`: reads the destination's answer and, when it is
+    /// `completed` (prepared), commits and returns the reply to that
+    /// (`committed`); otherwise returns what came (an error), or nil.
+    func commitSwitchover() -> MainMessage? {
+        guard let reply = try? next() else { return nil }
+        guard reply == .completed else { return reply }
+        guard (try? send(.commit)) != nil else { return nil }
+        return try? next()
     }
 
     /// The packet sealer of a multifd channel (with a key).

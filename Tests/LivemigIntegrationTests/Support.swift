@@ -225,3 +225,115 @@ func stats(_ stdout: String) throws -> [String: Any] {
     let obj = try JSONSerialization.jsonObject(with: Data(line.utf8))
     return try #require(obj as? [String: Any])
 }
+
+/// A man in the middle on 127.0.0.1 TCP: forwards every connection it
+/// accepts to `upstream`, records the first bytes the source writes on each
+/// (source → destination), and can flip one bit of one connection's source
+/// → destination stream. Connections are numbered in accept order: a real
+/// `send` opens the main channel first (0), then multifd channels 0, 1, …
+/// (1, 2, …).
+final class MiddleProxy: @unchecked Sendable {
+    // @unchecked: the mutable state is under `lock`; each pump thread
+    // otherwise touches only its own two sockets.
+
+    /// Flip `mask` in byte `offset` of connection `connection`'s source →
+    /// destination stream.
+    struct Flip: Sendable, CustomTestStringConvertible {
+        var connection: Int
+        var offset: Int
+        var mask: UInt8 = 0x01
+        var testDescription: String { "connection \(connection), byte \(offset)" }
+    }
+
+    let address: SocketAddress
+    private let upstream: SocketAddress
+    private let listener: Listener
+    private let flip: Flip?
+    private let recordLimit: Int
+    /// Called in the accept thread with a connection's number before it is
+    /// forwarded (tests open stray connections to the destination there).
+    private let onConnection: @Sendable (Int) -> Void
+    /// Called in a pump thread with (connection, bytes the source wrote so
+    /// far) after each chunk it forwarded.
+    private let onProgress: @Sendable (Int, Int) -> Void
+    private let lock = NSLock()
+    private var streams: [[UInt8]] = []
+    private var sockets: [Socket] = []
+    private var flipDone = false
+
+    init(
+        to upstream: SocketAddress, flip: Flip? = nil, record: Int = 1 << 20, onConnection: @escaping @Sendable (Int) -> Void = { _ in },
+        onProgress: @escaping @Sendable (Int, Int) -> Void = { _, _ in }
+    ) throws {
+        self.upstream = upstream
+        self.flip = flip
+        recordLimit = record
+        self.onConnection = onConnection
+        self.onProgress = onProgress
+        address = try SocketAddress(parsing: "tcp:127.0.0.1:\(freePort())")
+        listener = try Listener(address)
+        Thread { [self] in acceptLoop() }.start()
+    }
+
+    /// Whether the flip happened (the stream reached its offset).
+    var flipped: Bool { lock.withLock { flipDone } }
+
+    /// How many connections were accepted.
+    var connections: Int { lock.withLock { streams.count } }
+
+    /// What the source wrote on connection `index` (up to the record limit).
+    func sourceBytes(_ index: Int) -> [UInt8] { lock.withLock { index < streams.count ? streams[index] : [] } }
+
+    /// Stops accepting and cuts every forwarded connection.
+    func stop() {
+        listener.shutdown()
+        for s in lock.withLock({ sockets }) { s.shutdown() }
+    }
+
+    private func acceptLoop() {
+        while true {
+            guard let s = try? listener.accept(timeout: nil) else { return }
+            let index = lock.withLock { streams.count }
+            onConnection(index)
+            guard let up = try? Socket.connect(to: upstream, timeout: 5) else {
+                s.shutdown()
+                continue
+            }
+            lock.withLock {
+                streams.append([])
+                sockets += [s, up]
+            }
+            Thread { [self] in pump(from: s, to: up, connection: index, sourceSide: true) }.start()
+            Thread { [self] in pump(from: up, to: s, connection: index, sourceSide: false) }.start()
+        }
+    }
+
+    /// Copies `a` to `b` until either side closes, then passes the close on.
+    private func pump(from a: Socket, to b: Socket, connection: Int, sourceSide: Bool) {
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        var position = 0
+        while true {
+            let n = buffer.withUnsafeMutableBytes { recv(a.fd, $0.baseAddress, $0.count, 0) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else { break }
+            if sourceSide {
+                lock.withLock {
+                    let room = max(0, recordLimit - streams[connection].count)
+                    streams[connection] += buffer[0..<min(n, room)]
+                }
+                if let f = flip, f.connection == connection, (position..<position + n).contains(f.offset) {
+                    buffer[f.offset - position] ^= f.mask
+                    lock.withLock { flipDone = true }
+                }
+            }
+            position += n
+            guard (try? b.sendAll(Array(buffer[0..<n]))) != nil else {
+                // The far side is gone: make this side's writer see it too.
+                a.shutdown()
+                break
+            }
+            if sourceSide { onProgress(connection, position) }
+        }
+        _ = Glibc.shutdown(b.fd, Int32(SHUT_WR))
+    }
+}
