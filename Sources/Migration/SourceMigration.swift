@@ -47,6 +47,9 @@ public struct SourceConfig: Sendable {
     /// Test hook: hold the guest paused this long before the final round,
     /// so a test can kill the source while it holds the pause.
     public var testHoldPause: Double?
+    /// Test hook: stop this process at a named point (`TestHook`):
+    /// setup, round1, round2, switchover, handover or commit.
+    public var testStopAt: String?
 
     public init(address: SocketAddress, channels: Int) {
         self.address = address
@@ -166,6 +169,7 @@ public final class SourceMigration: Sendable {
             stats.setupTime = UInt64((Monotonic.now - start) * 1000)
             startWatchdog(main: main)
             defer { watchdog.stop() }
+            TestHook.stop(at: "setup", ifRequested: config.testStopAt)
 
             let multifd = MultiFDSend(transports: transports, latch: latch, batchesPerJob: Self.batchesPerJob)
             pool = multifd
@@ -261,7 +265,9 @@ public final class SourceMigration: Sendable {
             progress.round.store(UInt64(round), ordering: .relaxed)
             let t0 = Monotonic.now
             let bytes0 = counters.read(counters.multifdBytes)
-            let pages = try sendRound(g.bitmap, through: multifd, limit: policy.maxBandwidth)
+            if round == 2 { TestHook.stop(at: "round2", ifRequested: config.testStopAt) }
+            let pages = try sendRound(
+                g.bitmap, through: multifd, limit: policy.maxBandwidth, stopAfterFirstJob: round == 1 ? "round1" : nil)
             try ctl.send(.endOfRound(round: UInt64(round)))
             let seconds = Monotonic.now - t0
             let bytes = counters.read(counters.multifdBytes) - bytes0
@@ -324,6 +330,7 @@ public final class SourceMigration: Sendable {
             })
         try pause(g, lease: lease)
         if let hold = config.testHoldPause { usleep(UInt32(hold * 1e6)) }
+        TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
         round += 1
         _ = try sendRound(g.bitmap, through: multifd, limit: nil)
         try ctl.send(.endOfRound(round: UInt64(round)))
@@ -338,6 +345,7 @@ public final class SourceMigration: Sendable {
         try ctl.send(.guestState(state))
         try ctl.send(.complete(summary(rounds: UInt64(round), guestStateBytes: UInt64(state.count), table: table)))
         try awaitReply(replies.prepared)
+        TestHook.stop(at: "handover", ifRequested: config.testStopAt)
         // The point of no return: stop this copy for good, then let the
         // destination take the guest. The deadline cannot fire in between
         // (both go through `switchover`'s lock), and a guest that left the
@@ -348,6 +356,7 @@ public final class SourceMigration: Sendable {
             throw MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
         }
         try ctl.send(.commit)
+        TestHook.stop(at: "commit", ifRequested: config.testStopAt)
         try awaitCommitted(replies)
         let downtime = Monotonic.now - pauseStart
         // The destination committed: the guest lives there.
@@ -427,8 +436,11 @@ public final class SourceMigration: Sendable {
 
     /// One round: harvest every dirty word, batch the pages, hand the
     /// batches out (at most `limit` bytes/s), then the SYNC barrier.
-    /// Returns the pages harvested.
-    func sendRound(_ bitmap: DirtyBitmap, through multifd: MultiFDSend, limit: Double?) throws(MigrationError) -> Int {
+    /// Returns the pages harvested. `stopAfterFirstJob` names a test
+    /// point (`TestHook`) reached once the first job was handed out.
+    func sendRound(_ bitmap: DirtyBitmap, through multifd: MultiFDSend, limit: Double?, stopAfterFirstJob: String? = nil)
+        throws(MigrationError) -> Int
+    {
         var pages = MultiFDPages()
         let pageSize = ram.block.pageSize
         let limiter = limit.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
@@ -438,6 +450,9 @@ public final class SourceMigration: Sendable {
                 if pages.isFull {
                     limiter?.wait()
                     try multifd.send(&pages)
+                    if count == MultiFDPages.capacity * Self.batchesPerJob, let point = stopAfterFirstJob {
+                        TestHook.stop(at: point, ifRequested: config.testStopAt)
+                    }
                 }
                 pages.append(offset: UInt64(page) &* pageSize, block: 0)
                 count += 1
