@@ -97,6 +97,10 @@ public final class SourceMigration: Sendable {
     private let confirmed = Atomic<Bool>(false)
     /// The point of no return (live migration).
     private let switchover = Switchover()
+    /// The guest process ran when the migration began (`checkGuest`): if
+    /// it dies before the hand-over, the migration fails. A guest that had
+    /// already stopped is migrated as it lies.
+    private let guestWasRunning = Atomic<Bool>(false)
 
     public init(ram: RAMFile, config: SourceConfig, guest: GuestControl? = nil, onRound: (@Sendable (RoundRecord) -> Void)? = nil) {
         self.ram = ram
@@ -217,7 +221,8 @@ public final class SourceMigration: Sendable {
     /// Starts the watchdog for the data phase: the silence clock stands
     /// still while the guest has yet to acknowledge a pause (that wait has
     /// its own deadline), and a live precopy ends at `policy.timeout` even
-    /// mid-round, until the pause request (switchover) disarms it.
+    /// mid-round, until the pause request (switchover) disarms it. A guest
+    /// process that dies before the hand-over ends it within a tick.
     ///
     /// Also registers a waker that shuts the main socket both ways: it runs
     /// after the error-frame waker (registered before the handshake), so
@@ -240,6 +245,10 @@ public final class SourceMigration: Sendable {
         let guest = guest
         watchdog.start(
             latch: latch, deadline: deadline,
+            fault: { [self] in
+                guard let g = guest, guestWasRunning.load(ordering: .relaxed) else { return nil }
+                return switchover.unlessHandedOver { Self.guestDied(g) }
+            },
             waitingLocally: { guest.map { $0.runState == .pauseRequested && $0.pausedThreads < $0.guestThreads } ?? false },
             progress: { counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) })
     }
@@ -350,10 +359,15 @@ public final class SourceMigration: Sendable {
         // destination take the guest. The deadline cannot fire in between
         // (both go through `switchover`'s lock), and a guest that left the
         // pause is not handed over.
-        let handed = switchover.handOver { g.exchangeRunState(from: .pauseRequested, to: .handedOver) }
+        // Nor is it handed over for a guest that died: nobody may run it.
+        var refusal: MigrationError?
+        let handed = switchover.handOver {
+            refusal = handOverRefusal(g)
+            return refusal == nil && g.exchangeRunState(from: .pauseRequested, to: .handedOver)
+        }
         guard handed else {
             try latch.check()
-            throw MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
+            throw refusal ?? MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
         }
         try ctl.send(.commit)
         TestHook.stop(at: "commit", ifRequested: config.testStopAt)
@@ -400,10 +414,13 @@ public final class SourceMigration: Sendable {
             }
         }
         g.sourcePID = getpid()
+        let pid = g.guestPID
+        guestWasRunning.store(pid > 0 && g.guestThreads > 0 && SystemCall.processExists(pid), ordering: .relaxed)
     }
 
     /// Asks the guest to pause and waits until every guest thread has
-    /// acknowledged (or the guest process is gone: nothing writes then).
+    /// acknowledged. A guest that ran when the migration began and whose
+    /// process is gone fails it; one that had stopped before writes nothing.
     private func pause(_ g: GuestControl, lease: LeaseKeeper) throws(MigrationError) {
         g.renewLease()
         lease.start()
@@ -414,14 +431,34 @@ public final class SourceMigration: Sendable {
         // acknowledgement, published after its last page, bit and state.
         while g.pausedThreads < g.guestThreads {
             try latch.check()
-            let pid = g.guestPID
-            if pid > 0, !SystemCall.processExists(pid) { break }
+            if guestWasRunning.load(ordering: .relaxed) {
+                if let died = Self.guestDied(g) { throw died }
+            } else if g.guestPID > 0, !SystemCall.processExists(g.guestPID) {
+                break
+            }
             if Monotonic.now > deadline {
                 throw MigrationError(.timeout, "the guest did not acknowledge the pause within \(config.pauseTimeout) s")
             }
             spins += 1
             if spins > 100 { usleep(50) }
         }
+    }
+
+    /// The failure for a guest process that is gone, or nil while it lives.
+    /// Its last state may be mid-write, and it is nobody's to run: the
+    /// migration must not hand it to the destination.
+    static func guestDied(_ g: GuestControl) -> MigrationError? {
+        let pid = g.guestPID
+        guard pid > 0, !SystemCall.processExists(pid) else { return nil }
+        return MigrationError(.local, "the guest process (pid \(pid)) died; nothing was started on the destination")
+    }
+
+    /// Why the guest must not be handed over now, or nil: the migration
+    /// failed meanwhile, or the guest died.
+    private func handOverRefusal(_ g: GuestControl) -> MigrationError? {
+        if latch.hasFailed { return latch.error }
+        if guestWasRunning.load(ordering: .relaxed), let died = Self.guestDied(g) { return died }
+        return nil
     }
 
     /// Undoes what a failed migration did to the guest: throttle off, pause
