@@ -359,10 +359,11 @@ public final class SourceMigration: Sendable {
         // destination take the guest. The deadline cannot fire in between
         // (both go through `switchover`'s lock), and a guest that left the
         // pause is not handed over.
-        // Nor is it handed over for a guest that died: nobody may run it.
+        // Nor is it handed to a destination that already hung up, or for a
+        // guest that died: nobody could run it then, and here it resumes.
         var refusal: MigrationError?
         let handed = switchover.handOver {
-            refusal = handOverRefusal(g)
+            refusal = handOverRefusal(g, main: ctl.socket)
             return refusal == nil && g.exchangeRunState(from: .pauseRequested, to: .handedOver)
         }
         guard handed else {
@@ -454,10 +455,15 @@ public final class SourceMigration: Sendable {
     }
 
     /// Why the guest must not be handed over now, or nil: the migration
-    /// failed meanwhile, or the guest died.
-    private func handOverRefusal(_ g: GuestControl) -> MigrationError? {
+    /// failed meanwhile, the guest died, or the destination hung up (it
+    /// could never commit, so the guest would be stopped on both sides).
+    private func handOverRefusal(_ g: GuestControl, main: Socket) -> MigrationError? {
         if latch.hasFailed { return latch.error }
         if guestWasRunning.load(ordering: .relaxed), let died = Self.guestDied(g) { return died }
+        if main.peerHungUp() {
+            return MigrationError(
+                .peer, "the destination closed the main channel after it was prepared, before the hand-over; the guest was not handed over")
+        }
         return nil
     }
 
