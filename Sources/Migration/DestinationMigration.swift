@@ -37,6 +37,9 @@ public struct DestinationConfig: Sendable {
     /// Called with a warning that does not stop the migration (a file
     /// system without user extended attributes).
     public var onWarning: (@Sendable (String) -> Void)?
+    /// Test hook: stop this process at a named point (`TestHook`):
+    /// setup, prepared or committed.
+    public var testStopAt: String?
 
     public init(address: SocketAddress, channels: Int, ramPath: FilePath) {
         self.address = address
@@ -176,6 +179,7 @@ public final class DestinationMigration: Sendable {
             try acceptHello(hello, on: ctl)
             let session = hello.session
             let ram = try acceptLayout(ctl)
+            TestHook.stop(at: "setup", ifRequested: config.testStopAt)
             // The hello deadline guarded the handshake only: a round may
             // leave the main channel silent for as long as it takes.
             ctl.socket.setReceiveTimeout(nil)
@@ -520,10 +524,12 @@ public final class DestinationMigration: Sendable {
                 // Prepared: every page and the state are here and checked,
                 // but the guest is not ours until the source says so.
                 try ctl.send(.completed)
+                TestHook.stop(at: "prepared", ifRequested: config.testStopAt)
                 let decision = try ctl.receive("waiting for the source to commit the switchover")
                 switch decision {
                 case .commit:
                     try commit(ram: ram)
+                    TestHook.stop(at: "committed", ifRequested: config.testStopAt)
                     // Committed: the guest is ours now, whatever becomes of
                     // this reply (docs/PROTOCOL.md §7).
                     do {

@@ -64,14 +64,16 @@ public final class ProgressWatchdog: Sendable {
 
     /// Starts watching `progress` (any figure that grows while bytes move)
     /// on a thread of its own; a failure trips `latch`. Call once, when the
-    /// data phase begins: the handshake has deadlines of its own.
+    /// data phase begins: the handshake has deadlines of its own. `fault`,
+    /// checked on every tick, ends the migration with the error it returns
+    /// (the source's guest died).
     public func start(
-        latch: FailureLatch, deadline: Deadline? = nil, waitingLocally: @escaping @Sendable () -> Bool = { false },
-        progress: @escaping @Sendable () -> UInt64
+        latch: FailureLatch, deadline: Deadline? = nil, fault: @escaping @Sendable () -> MigrationError? = { nil },
+        waitingLocally: @escaping @Sendable () -> Bool = { false }, progress: @escaping @Sendable () -> UInt64
     ) {
         self.deadline.withLock { $0 = deadline }
         let t = WorkerThread(name: "mig/watchdog") { [self] in
-            watch(latch: latch, waitingLocally: waitingLocally, progress: progress)
+            watch(latch: latch, fault: fault, waitingLocally: waitingLocally, progress: progress)
         }
         thread.withLock { old in
             precondition(old == nil, "ProgressWatchdog.start called twice")
@@ -125,14 +127,17 @@ public final class ProgressWatchdog: Sendable {
                 + "check the other side, or raise --peer-timeout on both sides if the link is this slow")
     }
 
-    private func watch(latch: FailureLatch, waitingLocally: @Sendable () -> Bool, progress: @Sendable () -> UInt64) {
+    private func watch(
+        latch: FailureLatch, fault: @Sendable () -> MigrationError?, waitingLocally: @Sendable () -> Bool,
+        progress: @Sendable () -> UInt64
+    ) {
         var clock = SilenceClock(timeout: peerTimeout, value: progress(), at: Monotonic.now)
         var seenReleases = releases.load(ordering: .relaxed)
         while true {
             _ = wake.wait(timeout: .now() + interval)
             if stopping.load(ordering: .relaxed) || latch.hasFailed { return }
             let now = Monotonic.now
-            if let failure = expiredDeadline(at: now) {
+            if let failure = expiredDeadline(at: now) ?? fault() {
                 latch.fail(failure)
                 return
             }

@@ -47,6 +47,9 @@ public struct SourceConfig: Sendable {
     /// Test hook: hold the guest paused this long before the final round,
     /// so a test can kill the source while it holds the pause.
     public var testHoldPause: Double?
+    /// Test hook: stop this process at a named point (`TestHook`):
+    /// setup, round1, round2, switchover, handover or commit.
+    public var testStopAt: String?
 
     public init(address: SocketAddress, channels: Int) {
         self.address = address
@@ -94,6 +97,10 @@ public final class SourceMigration: Sendable {
     private let confirmed = Atomic<Bool>(false)
     /// The point of no return (live migration).
     private let switchover = Switchover()
+    /// The guest process ran when the migration began (`checkGuest`): if
+    /// it dies before the hand-over, the migration fails. A guest that had
+    /// already stopped is migrated as it lies.
+    private let guestWasRunning = Atomic<Bool>(false)
 
     public init(ram: RAMFile, config: SourceConfig, guest: GuestControl? = nil, onRound: (@Sendable (RoundRecord) -> Void)? = nil) {
         self.ram = ram
@@ -166,6 +173,7 @@ public final class SourceMigration: Sendable {
             stats.setupTime = UInt64((Monotonic.now - start) * 1000)
             startWatchdog(main: main)
             defer { watchdog.stop() }
+            TestHook.stop(at: "setup", ifRequested: config.testStopAt)
 
             let multifd = MultiFDSend(transports: transports, latch: latch, batchesPerJob: Self.batchesPerJob)
             pool = multifd
@@ -213,7 +221,8 @@ public final class SourceMigration: Sendable {
     /// Starts the watchdog for the data phase: the silence clock stands
     /// still while the guest has yet to acknowledge a pause (that wait has
     /// its own deadline), and a live precopy ends at `policy.timeout` even
-    /// mid-round, until the pause request (switchover) disarms it.
+    /// mid-round, until the pause request (switchover) disarms it. A guest
+    /// process that dies before the hand-over ends it within a tick.
     ///
     /// Also registers a waker that shuts the main socket both ways: it runs
     /// after the error-frame waker (registered before the handshake), so
@@ -236,6 +245,10 @@ public final class SourceMigration: Sendable {
         let guest = guest
         watchdog.start(
             latch: latch, deadline: deadline,
+            fault: { [self] in
+                guard let g = guest, guestWasRunning.load(ordering: .relaxed) else { return nil }
+                return switchover.unlessHandedOver { Self.guestDied(g) }
+            },
             waitingLocally: { guest.map { $0.runState == .pauseRequested && $0.pausedThreads < $0.guestThreads } ?? false },
             progress: { counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) })
     }
@@ -261,7 +274,9 @@ public final class SourceMigration: Sendable {
             progress.round.store(UInt64(round), ordering: .relaxed)
             let t0 = Monotonic.now
             let bytes0 = counters.read(counters.multifdBytes)
-            let pages = try sendRound(g.bitmap, through: multifd, limit: policy.maxBandwidth)
+            if round == 2 { TestHook.stop(at: "round2", ifRequested: config.testStopAt) }
+            let pages = try sendRound(
+                g.bitmap, through: multifd, limit: policy.maxBandwidth, stopAfterFirstJob: round == 1 ? "round1" : nil)
             try ctl.send(.endOfRound(round: UInt64(round)))
             let seconds = Monotonic.now - t0
             let bytes = counters.read(counters.multifdBytes) - bytes0
@@ -324,6 +339,7 @@ public final class SourceMigration: Sendable {
             })
         try pause(g, lease: lease)
         if let hold = config.testHoldPause { usleep(UInt32(hold * 1e6)) }
+        TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
         round += 1
         _ = try sendRound(g.bitmap, through: multifd, limit: nil)
         try ctl.send(.endOfRound(round: UInt64(round)))
@@ -338,16 +354,24 @@ public final class SourceMigration: Sendable {
         try ctl.send(.guestState(state))
         try ctl.send(.complete(summary(rounds: UInt64(round), guestStateBytes: UInt64(state.count), table: table)))
         try awaitReply(replies.prepared)
+        TestHook.stop(at: "handover", ifRequested: config.testStopAt)
         // The point of no return: stop this copy for good, then let the
         // destination take the guest. The deadline cannot fire in between
         // (both go through `switchover`'s lock), and a guest that left the
         // pause is not handed over.
-        let handed = switchover.handOver { g.exchangeRunState(from: .pauseRequested, to: .handedOver) }
+        // Nor is it handed to a destination that already hung up, or for a
+        // guest that died: nobody could run it then, and here it resumes.
+        var refusal: MigrationError?
+        let handed = switchover.handOver {
+            refusal = handOverRefusal(g, main: ctl.socket)
+            return refusal == nil && g.exchangeRunState(from: .pauseRequested, to: .handedOver)
+        }
         guard handed else {
             try latch.check()
-            throw MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
+            throw refusal ?? MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
         }
         try ctl.send(.commit)
+        TestHook.stop(at: "commit", ifRequested: config.testStopAt)
         try awaitCommitted(replies)
         let downtime = Monotonic.now - pauseStart
         // The destination committed: the guest lives there.
@@ -391,10 +415,13 @@ public final class SourceMigration: Sendable {
             }
         }
         g.sourcePID = getpid()
+        let pid = g.guestPID
+        guestWasRunning.store(pid > 0 && g.guestThreads > 0 && SystemCall.processExists(pid), ordering: .relaxed)
     }
 
     /// Asks the guest to pause and waits until every guest thread has
-    /// acknowledged (or the guest process is gone: nothing writes then).
+    /// acknowledged. A guest that ran when the migration began and whose
+    /// process is gone fails it; one that had stopped before writes nothing.
     private func pause(_ g: GuestControl, lease: LeaseKeeper) throws(MigrationError) {
         g.renewLease()
         lease.start()
@@ -405,14 +432,39 @@ public final class SourceMigration: Sendable {
         // acknowledgement, published after its last page, bit and state.
         while g.pausedThreads < g.guestThreads {
             try latch.check()
-            let pid = g.guestPID
-            if pid > 0, !SystemCall.processExists(pid) { break }
+            if guestWasRunning.load(ordering: .relaxed) {
+                if let died = Self.guestDied(g) { throw died }
+            } else if g.guestPID > 0, !SystemCall.processExists(g.guestPID) {
+                break
+            }
             if Monotonic.now > deadline {
                 throw MigrationError(.timeout, "the guest did not acknowledge the pause within \(config.pauseTimeout) s")
             }
             spins += 1
             if spins > 100 { usleep(50) }
         }
+    }
+
+    /// The failure for a guest process that is gone, or nil while it lives.
+    /// Its last state may be mid-write, and it is nobody's to run: the
+    /// migration must not hand it to the destination.
+    static func guestDied(_ g: GuestControl) -> MigrationError? {
+        let pid = g.guestPID
+        guard pid > 0, !SystemCall.processExists(pid) else { return nil }
+        return MigrationError(.local, "the guest process (pid \(pid)) died; nothing was started on the destination")
+    }
+
+    /// Why the guest must not be handed over now, or nil: the migration
+    /// failed meanwhile, the guest died, or the destination hung up (it
+    /// could never commit, so the guest would be stopped on both sides).
+    private func handOverRefusal(_ g: GuestControl, main: Socket) -> MigrationError? {
+        if latch.hasFailed { return latch.error }
+        if guestWasRunning.load(ordering: .relaxed), let died = Self.guestDied(g) { return died }
+        if main.peerHungUp() {
+            return MigrationError(
+                .peer, "the destination closed the main channel after it was prepared, before the hand-over; the guest was not handed over")
+        }
+        return nil
     }
 
     /// Undoes what a failed migration did to the guest: throttle off, pause
@@ -427,8 +479,11 @@ public final class SourceMigration: Sendable {
 
     /// One round: harvest every dirty word, batch the pages, hand the
     /// batches out (at most `limit` bytes/s), then the SYNC barrier.
-    /// Returns the pages harvested.
-    func sendRound(_ bitmap: DirtyBitmap, through multifd: MultiFDSend, limit: Double?) throws(MigrationError) -> Int {
+    /// Returns the pages harvested. `stopAfterFirstJob` names a test
+    /// point (`TestHook`) reached once the first job was handed out.
+    func sendRound(_ bitmap: DirtyBitmap, through multifd: MultiFDSend, limit: Double?, stopAfterFirstJob: String? = nil)
+        throws(MigrationError) -> Int
+    {
         var pages = MultiFDPages()
         let pageSize = ram.block.pageSize
         let limiter = limit.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
@@ -438,6 +493,9 @@ public final class SourceMigration: Sendable {
                 if pages.isFull {
                     limiter?.wait()
                     try multifd.send(&pages)
+                    if count == MultiFDPages.capacity * Self.batchesPerJob, let point = stopAfterFirstJob {
+                        TestHook.stop(at: point, ifRequested: config.testStopAt)
+                    }
                 }
                 pages.append(offset: UInt64(page) &* pageSize, block: 0)
                 count += 1

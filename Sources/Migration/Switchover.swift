@@ -54,6 +54,16 @@ final class Switchover: Sendable {
         }
     }
 
+    /// Runs `check` unless the source copy was handed over, under the
+    /// lock `handOver` takes: a check that the guest process lives cannot
+    /// race the hand-over, after which the guest exits by design.
+    func unlessHandedOver(_ check: () -> MigrationError?) -> MigrationError? {
+        phase.withLock { p in
+            if case .handedOver = p { return nil }
+            return check()
+        }
+    }
+
     /// Whether the source copy was handed over: a failure must not resume it.
     var isHandedOver: Bool {
         phase.withLock { p in

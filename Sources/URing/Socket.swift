@@ -149,6 +149,18 @@ public final class Socket: Sendable {
         }
     }
 
+    /// Whether the peer has closed or reset the connection (`poll` without
+    /// waiting: POLLRDHUP, POLLHUP or POLLERR), even while another thread
+    /// blocks reading it. Data still unread does not hide a hang-up.
+    public func peerHungUp() -> Bool {
+        // POLLRDHUP (0x2000) is behind _GNU_SOURCE in <poll.h>, which the
+        // Glibc module does not import.
+        let rdhup: Int16 = 0x2000
+        var p = pollfd(fd: fd, events: Int16(POLLIN) | rdhup, revents: 0)
+        guard poll(&p, 1, 0) == 1 else { return false }
+        return p.revents & (rdhup | Int16(POLLHUP) | Int16(POLLERR)) != 0
+    }
+
     /// Sends what fits without blocking; the rest is dropped. For last words.
     public func sendNonBlocking(_ bytes: [UInt8]) {
         bytes.withUnsafeBytes { b in _ = send(fd, b.baseAddress, b.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FoundationEssentials
 import GuestMemory
 import Migration
 import SystemPackage
@@ -63,6 +64,7 @@ struct ReceiveCommand: ParsableCommand {
         trust.warnIfExposed(address, role: "listening on")
         if let m = maxSize.flatMap(parseSize) { config.maxSize = m }
         config.onWarning = { FileHandleStderr.write("livemig: warning: \($0)\n") }
+        config.testStopAt = ProcessInfo.processInfo.environment["LIVEMIG_TEST_STOP_AT"]
         let destination: DestinationMigration
         do {
             destination = try DestinationMigration(config: config) { FileHandleStderr.write("livemig: notice: \($0)\n") }

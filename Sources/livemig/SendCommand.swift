@@ -134,6 +134,7 @@ struct SendCommand: ParsableCommand {
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
         config.policy.autoConverge = autoConverge
         config.testHoldPause = ProcessInfo.processInfo.environment["LIVEMIG_TEST_HOLD_PAUSE"].flatMap(Double.init)
+        config.testStopAt = ProcessInfo.processInfo.environment["LIVEMIG_TEST_STOP_AT"]
         config.policy.throttleInitial = UInt32(throttleInitial)
         config.policy.throttleIncrement = UInt32(throttleIncrement)
         config.policy.maxRounds = maxRounds
