@@ -2,9 +2,8 @@
 // which `stress --resume` runs on whatever the control file's state area
 // holds after a migration. Built with Sources/Workload/StressState.swift and
 // a stand-in GuestMemory module that holds only GuestMemoryError
-// (Fuzz/Shims/GuestMemory.swift). What decodes must encode back.
-
-import Workload
+// (Fuzz/Shims/GuestMemory.swift), as one module named Workload, so the
+// harness sees what Workload's own code sees. What decodes must encode back.
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzStressState(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {

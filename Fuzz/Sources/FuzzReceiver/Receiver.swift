@@ -21,7 +21,12 @@ import WorkerThreads
 // the harness re-seals what it feeds, as a source with a bug (not a
 // corrupting link) would: the main frames' checksums and the packets'
 // prefix checks and page hashes are recomputed, so the mutation reaches the
-// decoders and the placing behind those checks.
+// decoders and the placing behind those checks. Bit 2: the channel ends
+// when the input does, as a source that closes it. Without it the channel
+// goes on with 0xFF bytes, which end any packet with a wire or integrity
+// error: a receiver that sees its peer close waits 200 ms for the peer's
+// reason (FailureLatch.peerExplanationGrace), which would cap the target
+// at five inputs a second.
 
 private let pageSize: UInt64 = 4096
 private let block = RAMBlockLayout(name: "pc.ram", size: 256 << 10, pageSize: pageSize)
@@ -38,20 +43,28 @@ private let ram: RAMFile = {
     }
 }()
 
-/// A socket whose peer end receives `bytes` from a writer thread, then EOF.
+/// Enough 0xFF bytes to end any packet, even one that stops in the middle
+/// of the largest payload, then a header that fails its magic.
+private let trailer = [UInt8](
+    repeating: 0xFF,
+    count: 2 * MultiFDPacketHeader.maxPrefixSize + Int(CompressionMethod.zstd.payloadBound(UInt64(MultiFDPacketHeader.maxPages) * pageSize))
+        + PacketSealer.tagSize)
+
+/// A socket whose peer end receives `bytes` (and `tail`) from a writer
+/// thread, then EOF.
 private final class Feed {
     let socket: Socket
     private let writer: WorkerThread
     private let fd: Int32
 
-    init(_ bytes: UnsafeRawBufferPointer) {
+    init(_ bytes: UnsafeRawBufferPointer, tail: [UInt8] = []) {
         var fds: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
             fatalError("socketpair: errno \(errno)")
         }
         socket = Socket(fd: fds[0], peer: "fuzz input")
         fd = fds[1]
-        let copy = Array(bytes)
+        let copy = Array(bytes) + tail
         let out = fds[1]
         writer = WorkerThread(name: "fuzz/feed") {
             copy.withUnsafeBytes { b in
@@ -92,7 +105,7 @@ public func fuzzReceiver(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
         resealPackets(channel, compressed: compression != .none)
     }
     receiveMain(UnsafeRawBufferPointer(main))
-    receivePackets(UnsafeRawBufferPointer(channel), compression: compression)
+    receivePackets(UnsafeRawBufferPointer(channel), compression: compression, closes: config & 4 != 0)
     return 0
 }
 
@@ -113,8 +126,8 @@ private func receiveMain(_ bytes: UnsafeRawBufferPointer) {
 
 /// One receiver thread's loop on channel 0, run here until its stream fails
 /// or ends. Every SYNC is let through at once (no other channel to wait for).
-private func receivePackets(_ bytes: UnsafeRawBufferPointer, compression: CompressionMethod) {
-    let feed = Feed(bytes)
+private func receivePackets(_ bytes: UnsafeRawBufferPointer, compression: CompressionMethod, closes: Bool) {
+    let feed = Feed(bytes, tail: closes ? [] : trailer)
     let pages = Int(block.size / pageSize)
     let limits = PacketLimits(channelID: 0, pageSize: pageSize, blocks: [block], compression: compression)
     let receiver: PacketReceiver
