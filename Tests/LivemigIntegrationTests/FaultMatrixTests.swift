@@ -178,15 +178,16 @@ final class MatrixRun {
         let tag = "\(state.rawValue)/\(fault.rawValue)"
         // Round 2 must be a precopy round: a rate limit keeps round 1 from
         // converging (16 MiB at 32 MiB/s while the guest dirties 16 MiB/s
-        // leaves about 100 ms of pages, far above the limit).
-        let rounds = state == .round2 ? ["--max-bandwidth", "32MiB/s", "--downtime-limit", "20ms"] : []
+        // leaves about 100 ms of pages, far above the 1 ms limit, even when a
+        // loaded machine slows the guest down).
+        let rounds = state == .round2 ? ["--max-bandwidth", "32MiB/s", "--downtime-limit", "1ms"] : []
         let guest = try start([
             "stress", "--ram", src, "--control", srcCtl, "--size", "16MiB", "--pattern", "counter", "--threads", "2", "--rate", "16MiB/s",
         ])
         try #require(guest.waitForStderr("guest started"), "\(tag): the guest did not start")
         // For round 2, one pass over the RAM first: zero pages cost nothing
         // to send, and round 1 would converge.
-        if state == .round2 { usleep(1_100_000) }
+        if state == .round2 { usleep(2_100_000) }
 
         let listen: String, to: String
         if fault == .proxyReset {
