@@ -175,19 +175,24 @@ final class PacketReceiver: @unchecked Sendable {
         let body = packet + MultiFDPacketHeader.maxPrefixSize
         let payload = Int(h.payloadSize)
         let tag = UnsafeRawBufferPointer(start: body + payload, count: PacketSealer.tagSize)
-        let fails =
-            "\(what): its MAC does not verify: the packet was tampered with, replayed, reordered or corrupted, or does not come from the source that proved the key"
+        // Built only on failure: no allocation per packet.
+        func fails() -> MigrationError {
+            MigrationError(
+                .integrity,
+                "\(what): its MAC does not verify: the packet was tampered with, replayed, reordered or corrupted, or does not come from the source that proved the key"
+            )
+        }
         if sealer.encrypts {
             guard
                 let plain = sealer.open(
                     UnsafeRawBufferPointer(start: body, count: payload), prefix: UnsafeRawBufferPointer(start: start, count: h.prefixSize),
                     tag: tag, packetNumber: h.packetNumber)
-            else { throw MigrationError(.integrity, fails) }
+            else { throw fails() }
             plain.withUnsafeBytes { if $0.count > 0 { body.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
         } else {
             guard
                 sealer.verify(UnsafeRawBufferPointer(start: start, count: h.prefixSize + payload), packetNumber: h.packetNumber, tag: tag)
-            else { throw MigrationError(.integrity, fails) }
+            else { throw fails() }
         }
     }
 
