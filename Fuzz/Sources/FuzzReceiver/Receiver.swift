@@ -134,7 +134,7 @@ private func receivePackets(_ bytes: UnsafeRawBufferPointer, compression: Compre
     do {
         receiver = try PacketReceiver(
             id: 0, socket: feed.socket, ram: ram, limits: limits, counters: TransferCounters(),
-            arrived: DirtyBitmap(pageCount: pages), table: PageTable(pages: pages))
+            arrived: DirtyBitmap(pageCount: pages), roundSeen: DirtyBitmap(pageCount: pages), table: PageTable(pages: pages))
     } catch {
         fatalError("cannot build a receiver: \(error)")
     }
