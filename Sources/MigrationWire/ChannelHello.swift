@@ -45,6 +45,12 @@ public struct ChannelHello: Equatable, Sendable {
         case main = 1
         /// One of the N page channels.
         case multifd = 2
+        /// Postcopy's urgent channel (docs/PROTOCOL.md §8): pages a
+        /// destination guest faulted on travel here, source to destination,
+        /// never queued behind background packets; the destination's page
+        /// requests travel the other way (the return path). Its channel id
+        /// is the channel count (the multifd ids are below it).
+        case preempt = 3
     }
 
     public static let magic: UInt32 = 0x4C4D_4947  // "LMIG"
@@ -69,7 +75,12 @@ public struct ChannelHello: Equatable, Sendable {
         public static let authenticated = Flags(rawValue: 1 << 1)
         /// Page payloads travel encrypted (AEAD). Needs `authenticated`.
         public static let encrypted = Flags(rawValue: 1 << 2)
-        public static let known: Flags = [.guestState, .authenticated, .encrypted]
+        /// Main channel: the source may switch to postcopy (`send
+        /// --postcopy`). A destination that cannot take it (no incoming
+        /// guest attached, RAM not on tmpfs or hugetlbfs) refuses the hello
+        /// with the reason, before any page moves.
+        public static let postcopy = Flags(rawValue: 1 << 3)
+        public static let known: Flags = [.guestState, .authenticated, .encrypted, .postcopy]
     }
 
     public var session: SessionID
@@ -129,7 +140,7 @@ public struct ChannelHello: Equatable, Sendable {
         let session = SessionID(high: try r.u64("session"), low: try r.u64("session"))
         let rawKind = try r.u8("kind")
         guard let kind = Kind(rawValue: rawKind) else {
-            throw WireError(message: what, field: "kind", value: "\(rawKind)", reason: "known kinds are 1 (main) and 2 (multifd)")
+            throw WireError(message: what, field: "kind", value: "\(rawKind)", reason: "known kinds are 1 (main), 2 (multifd) and 3 (preempt)")
         }
         let rawCompression = try r.u8("compression")
         let id = try r.u16("channel-id")
@@ -141,6 +152,11 @@ public struct ChannelHello: Equatable, Sendable {
             throw WireError(
                 message: what, field: "channel-id", value: "\(id)",
                 reason: "must be below the channel count \(count)")
+        }
+        if kind == .preempt, id != count {
+            throw WireError(
+                message: what, field: "channel-id", value: "\(id)",
+                reason: "the preempt channel's id is the channel count \(count)")
         }
         let flags = Flags(rawValue: try r.u16("flags"))
         guard Flags.known.isSuperset(of: flags) else {

@@ -45,6 +45,22 @@ public struct CompletionSummary: Equatable, Sendable {
     }
 }
 
+/// A run of pages of one RAM block: `count` pages from page `first`.
+public struct PageRange: Equatable, Sendable {
+    public var block: UInt32
+    public var first: UInt64
+    public var count: UInt64
+
+    public init(block: UInt32 = 0, first: UInt64, count: UInt64) {
+        self.block = block
+        self.first = first
+        self.count = count
+    }
+
+    /// Encoded size: block u32, first u64, count u64.
+    public static let encodedSize = 20
+}
+
 /// A message on the main channel (the control stream).
 ///
 /// Framing: type u16, reserved u16 (0), length u32, then `length` payload
@@ -77,6 +93,22 @@ public enum MainMessage: Equatable, Sendable {
     case committed
     /// Either way: the sender gives up for this reason; the stream ends.
     case error(String)
+    /// Source → destination, at the postcopy switch (docs/PROTOCOL.md §8):
+    /// pages the destination holds that are stale (dirtied since they were
+    /// sent). It drops them so the guest faults on them. Several may follow
+    /// one another; `postcopyStart` counts their pages.
+    case postcopyDiscard([PageRange])
+    /// Source → destination: the switch is prepared on this side (last
+    /// precopy round synced, discards and guest state sent). The destination
+    /// drops the discarded pages and every page it does not hold, stores the
+    /// state and answers `postcopyReady`.
+    case postcopyStart(rounds: UInt64, discardedPages: UInt64)
+    /// Destination → source: ready to run the guest with missing pages;
+    /// waits for `commit`, whose `committed` is the point of no return.
+    case postcopyReady
+    /// Destination → source on the preempt channel (the return path): a
+    /// destination guest thread waits for these pages.
+    case pageRequest(PageRange)
 
     public static let frameHeaderSize = 8
     /// Bytes of the tag after every frame's payload.
@@ -85,9 +117,14 @@ public enum MainMessage: Equatable, Sendable {
     public static let maxPayload = 64 << 20
     /// Longest error text carried (longer texts are cut).
     public static let maxErrorText = 4096
+    /// Most ranges in one `postcopyDiscard` (a sender splits longer lists).
+    public static let maxDiscardRanges = 65536
+    /// Most pages one `pageRequest` asks for.
+    public static let maxRequestPages: UInt64 = 1024
 
     enum Tag: UInt16 {
         case helloAccepted = 1, ramLayout, layoutAccepted, endOfRound, guestState, complete, completed, error, commit, committed
+        case postcopyDiscard, postcopyStart, postcopyReady, pageRequest
     }
 
     var tag: Tag {
@@ -102,6 +139,10 @@ public enum MainMessage: Equatable, Sendable {
         case .error: .error
         case .commit: .commit
         case .committed: .committed
+        case .postcopyDiscard: .postcopyDiscard
+        case .postcopyStart: .postcopyStart
+        case .postcopyReady: .postcopyReady
+        case .pageRequest: .pageRequest
         }
     }
 
@@ -123,6 +164,10 @@ public enum MainMessage: Equatable, Sendable {
         case .error: "error"
         case .commit: "commit"
         case .committed: "committed"
+        case .postcopyDiscard: "postcopy-discard"
+        case .postcopyStart: "postcopy-start"
+        case .postcopyReady: "postcopy-ready"
+        case .pageRequest: "page-request"
         }
     }
 
@@ -130,7 +175,14 @@ public enum MainMessage: Equatable, Sendable {
     public func encoded() -> [UInt8] {
         var p = ByteWriter()
         switch self {
-        case .helloAccepted, .layoutAccepted, .completed, .commit, .committed: break
+        case .helloAccepted, .layoutAccepted, .completed, .commit, .committed, .postcopyReady: break
+        case .postcopyDiscard(let ranges):
+            p.u32(UInt32(ranges.count))
+            for r in ranges { Self.encode(r, into: &p) }
+        case .postcopyStart(let rounds, let discarded):
+            p.u64(rounds)
+            p.u64(discarded)
+        case .pageRequest(let r): Self.encode(r, into: &p)
         case .ramLayout(let blocks):
             p.u32(UInt32(blocks.count))
             for b in blocks {
@@ -166,12 +218,35 @@ public enum MainMessage: Equatable, Sendable {
         return f.bytes
     }
 
+    private static func encode(_ r: PageRange, into p: inout ByteWriter) {
+        p.u32(r.block)
+        p.u64(r.first)
+        p.u64(r.count)
+    }
+
+    /// Reads one range; `count` must be at least 1 and at most `maxCount`,
+    /// and `first + count` must not overflow (the receiver checks it against
+    /// its block).
+    private static func decodeRange(_ r: inout ByteReader, _ what: String, _ field: String, maxCount: UInt64) throws(WireError)
+        -> PageRange
+    {
+        let block = try r.u32("\(field).block")
+        let first = try r.u64("\(field).first")
+        let count = try r.u64("\(field).count")
+        guard count >= 1, count <= maxCount, first <= UInt64.max - count else {
+            throw WireError(
+                message: what, field: "\(field).count", value: "\(count)",
+                reason: "a range holds 1...\(maxCount) pages and ends below 2^64 (first page \(first))")
+        }
+        return PageRange(block: block, first: first, count: count)
+    }
+
     /// Reads a frame header: returns the tag and payload length, both checked.
     public static func decodeFrameHeader(_ bytes: UnsafeRawBufferPointer) throws(WireError) -> (type: UInt16, length: Int) {
         var r = ByteReader(bytes, message: "main message")
         let type = try r.u16("type")
         guard Tag(rawValue: type) != nil else {
-            throw WireError(message: "main message", field: "type", value: "\(type)", reason: "no such message type (1...10)")
+            throw WireError(message: "main message", field: "type", value: "\(type)", reason: "no such message type (1...\(Tag.pageRequest.rawValue))")
         }
         _ = try r.u16("reserved")
         let length = try r.u32("length")
@@ -197,6 +272,22 @@ public enum MainMessage: Equatable, Sendable {
         case .completed: message = .completed
         case .commit: message = .commit
         case .committed: message = .committed
+        case .postcopyReady: message = .postcopyReady
+        case .postcopyDiscard:
+            let count = try r.u32("range-count")
+            guard count >= 1, count <= UInt32(Self.maxDiscardRanges), Int(count) * PageRange.encodedSize == r.remaining else {
+                throw WireError(
+                    message: what, field: "range-count", value: "\(count)",
+                    reason: "must be 1...\(Self.maxDiscardRanges) and match the \(r.remaining) bytes that follow")
+            }
+            var ranges: [PageRange] = []
+            ranges.reserveCapacity(Int(count))
+            for i in 0..<Int(count) { ranges.append(try decodeRange(&r, what, "range[\(i)]", maxCount: 1 << 40)) }
+            message = .postcopyDiscard(ranges)
+        case .postcopyStart:
+            message = .postcopyStart(rounds: try r.u64("rounds"), discardedPages: try r.u64("discarded-pages"))
+        case .pageRequest:
+            message = .pageRequest(try decodeRange(&r, what, "range", maxCount: Self.maxRequestPages))
         case .ramLayout:
             let count = try r.u32("block-count")
             guard count >= 1, count <= 1024 else {
