@@ -202,8 +202,7 @@ public final class DestinationMigration: Sendable {
             }
             latch.onFailure { [receivers, barrier] in
                 for r in receivers { r.socket.shutdown() }
-                for _ in receivers { barrier.synced.signal() }
-                for s in barrier.resume { s.signal() }
+                barrier.wakeAll()
             }
             let setupTime = Monotonic.now - start
             watchdog.start(latch: latch) { [counters] in counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) }
