@@ -74,8 +74,9 @@ public final class DestinationMigration: Sendable {
     /// it writes anything until it exits: a running guest's RAM or another
     /// receiver's is refused (`OwnerLock`).
     private let ramLock = Mutex<OwnerLock?>(nil)
-    /// The destination control file's receiver byte, held from `init`.
-    private let controlLock: OwnerLock?
+    /// Every access to the destination's control file (`--guest`); holds
+    /// its receiver byte from `init`.
+    private let guest: DestinationGuest?
     /// The listening socket's file (a Unix address), to remove at exit.
     private let socketFile: (path: String, device: UInt64, inode: UInt64)?
 
@@ -89,7 +90,7 @@ public final class DestinationMigration: Sendable {
         self.config = config
         self.notice = notice
         watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
-        if let path = config.guestControl { controlLock = try Self.claimControl(path) } else { controlLock = nil }
+        guest = try config.guestControl.map { path throws(MigrationError) in try DestinationGuest(path: path) }
         var created = false
         if let size = config.size {
             let exists = access(config.ramPath.string, F_OK) == 0
@@ -202,8 +203,7 @@ public final class DestinationMigration: Sendable {
             }
             latch.onFailure { [receivers, barrier] in
                 for r in receivers { r.socket.shutdown() }
-                for _ in receivers { barrier.synced.signal() }
-                for s in barrier.resume { s.signal() }
+                barrier.wakeAll()
             }
             let setupTime = Monotonic.now - start
             watchdog.start(latch: latch) { [counters] in counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) }
@@ -328,30 +328,6 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    /// Claims the control file's receiver byte and refuses a control file
-    /// whose guest runs (its guest byte is held). Nil when the file does not
-    /// exist yet: it is created at completion.
-    private static func claimControl(_ path: FilePath) throws(MigrationError) -> OwnerLock? {
-        do throws(GuestMemoryError) {
-            guard access(path.string, F_OK) == 0 else { return nil }
-            try refuseLiveGuest(path)
-            _ = try GuestControl(path: path)
-            return try OwnerLock.acquire(.receiver, on: path) { holder in
-                "control file \(path) is in use by \(holder.named("livemig receive")); give another path"
-            }
-        } catch {
-            throw MigrationError(.mismatch, error.description)
-        }
-    }
-
-    private static func refuseLiveGuest(_ path: FilePath) throws(GuestMemoryError) {
-        if let holder = try OwnerLock.holder(of: .guest, on: path) {
-            throw GuestMemoryError(
-                "control file \(path) belongs to a running guest, \(holder.named("livemig stress")); "
-                    + "receiving into it would overwrite that guest: give another path")
-        }
-    }
-
     /// Refuses to create a RAM file of `size` bytes beyond `maxSize` or the
     /// free space of its file system, before anything is created.
     private static func checkBounds(_ size: UInt64, for config: DestinationConfig, what: String, fix: String) throws(MigrationError) {
@@ -371,7 +347,7 @@ public final class DestinationMigration: Sendable {
 
     /// Marks what the migration is about to overwrite: the RAM file
     /// (extended attribute, `IncompleteMark`) and an existing control file
-    /// (run state incomplete). Until completion clears them, no guest
+    /// (run state incomplete, `DestinationGuest.markIncomplete`). Until completion clears them, no guest
     /// command takes these files for a good guest. A RAM file this process
     /// created is removed on failure anyway; its mark covers a receiver
     /// killed before it could remove it.
@@ -382,13 +358,10 @@ public final class DestinationMigration: Sendable {
                     "the file system of \(config.ramPath) takes no user extended attributes: a failed migration cannot mark the file "
                         + "incomplete (\(IncompleteMark.attribute)); do not use it after a failure")
             }
-            if let path = config.guestControl, access(path.string, F_OK) == 0 {
-                try Self.refuseLiveGuest(path)
-                try GuestControl(path: path).setRunState(.incomplete)
-            }
         } catch {
             throw MigrationError(.mismatch, error.description)
         }
+        try guest?.markIncomplete()
     }
 
     /// The RAM is complete: every page arrived and the totals matched.
@@ -484,7 +457,7 @@ public final class DestinationMigration: Sendable {
             }
             switch m {
             case .guestState(let bytes):
-                guard config.guestControl != nil, guestState == nil, rounds > 0 else {
+                guard guest != nil, guestState == nil, rounds > 0 else {
                     throw MigrationError(.protocolViolation, "unexpected guest-state message (after \(rounds) rounds)")
                 }
                 guard bytes.count <= GuestControl.stateCapacity else {
@@ -506,13 +479,13 @@ public final class DestinationMigration: Sendable {
                 for s in barrier.resume { s.signal() }
             case .complete(let summary):
                 try checkCompletion(summary, rounds: rounds, arrived: arrived, table: table, ram: ram)
-                if let path = config.guestControl {
+                if let guest {
                     guard let state = guestState, UInt64(state.count) == summary.guestStateBytes else {
                         throw MigrationError(
                             .mismatch,
                             "the source sent a \(summary.guestStateBytes)-byte guest state but \(guestState?.count ?? 0) bytes arrived")
                     }
-                    try storeGuest(state, at: path, ram: ram)
+                    try guest.store(state, for: ram.block)
                 } else if summary.guestStateBytes != 0 {
                     throw MigrationError(
                         .protocolViolation,
@@ -528,7 +501,7 @@ public final class DestinationMigration: Sendable {
                 let decision = try ctl.receive("waiting for the source to commit the switchover")
                 switch decision {
                 case .commit:
-                    try commit(ram: ram)
+                    try commit()
                     TestHook.stop(at: "committed", ifRequested: config.testStopAt)
                     // Committed: the guest is ours now, whatever becomes of
                     // this reply (docs/PROTOCOL.md §7).
@@ -551,36 +524,12 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    /// Writes the guest state into the destination control file; it stays
-    /// *incomplete* (not resumable) until the source commits.
-    private func storeGuest(_ state: [UInt8], at path: FilePath, ram: RAMFile) throws(MigrationError) {
-        do throws(GuestMemoryError) {
-            try Self.refuseLiveGuest(path)
-            let control = try GuestControl.openOrCreate(path: path, for: ram.block)
-            let pid = control.guestPID
-            if control.runState == .running, pid > 0, SystemCall.processExists(pid), control.guestThreads > 0 {
-                throw GuestMemoryError("control file \(path) belongs to a guest that is running (pid \(pid)); give another path")
-            }
-            try control.writeState(state)
-            control.throttlePercent = 0
-            control.sourcePID = 0
-            control.setRunState(.incomplete)
-        } catch {
-            throw MigrationError(error)
-        }
-    }
-
     /// The point of no return on this side: the source stopped its copy for
     /// good, so the RAM loses its incomplete mark and a live guest becomes
     /// *incoming*, ready for `livemig stress --resume`.
-    private func commit(ram: RAMFile) throws(MigrationError) {
+    private func commit() throws(MigrationError) {
         try clearIncompleteMark()
-        guard let path = config.guestControl else { return }
-        do throws(GuestMemoryError) {
-            try GuestControl(path: path).setRunState(.incoming)
-        } catch {
-            throw MigrationError(error)
-        }
+        try guest?.commit()
     }
 
     private func checkCompletion(_ s: CompletionSummary, rounds: UInt64, arrived: DirtyBitmap, table: PageTable, ram: RAMFile)

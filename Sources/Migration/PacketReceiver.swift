@@ -10,24 +10,6 @@ import URing
     import Glibc
 #endif
 
-/// The destination's shared end-of-round barrier (docs/PROTOCOL.md, rounds).
-///
-/// A receiver that reads a SYNC packet posts `synced` and then waits on its
-/// channel's `resume`. The main thread, on the end-of-round marker, waits for
-/// N `synced` posts and then posts every `resume`. So no receiver reads a
-/// page of round k+1 before every page of round k has landed.
-final class RoundBarrier: Sendable {
-    let synced = DispatchSemaphore(value: 0)
-    let resume: [DispatchSemaphore]
-    /// Set by the main thread once the migration completed: receivers then
-    /// leave quietly when their sockets close.
-    let quit = Atomic<Bool>(false)
-
-    init(channels: Int) {
-        resume = (0..<channels).map { _ in DispatchSemaphore(value: 0) }
-    }
-}
-
 /// One destination channel: reads packets and checks everything about one
 /// before any of it touches guest memory (docs/PROTOCOL.md §4, "Receiver
 /// validation"): the header's fields, the prefix check over header and

@@ -78,14 +78,16 @@ public final class LiveProgress: Sendable {
 ///
 /// Threads: the caller of `run()` is the migration thread; one sender thread
 /// per channel (`MultiFDSend`); one thread reads the main channel; with a
-/// guest, one thread renews the control lease. The RAM is mapped read-only.
+/// guest, `SourceGuest`'s thread renews the control lease. The RAM is
+/// mapped read-only. Every access to the guest's control file goes through
+/// `SourceGuest`; this type keeps the rounds and the switchover sequence.
 public final class SourceMigration: Sendable {
     public let ram: RAMFile
     public let guest: GuestControl?
     public let config: SourceConfig
     public let counters = TransferCounters()
     public let progress = LiveProgress()
-    public let latch = FailureLatch()
+    public let latch: FailureLatch
     /// Fails the migration when the destination stops moving bytes, or a
     /// live precopy overruns `policy.timeout` mid-round. Whoever begins
     /// switchover calls `watchdog.disarmDeadline()` first.
@@ -96,11 +98,9 @@ public final class SourceMigration: Sendable {
     /// Set by the main-channel reader when the destination committed.
     private let confirmed = Atomic<Bool>(false)
     /// The point of no return (live migration).
-    private let switchover = Switchover()
-    /// The guest process ran when the migration began (`checkGuest`): if
-    /// it dies before the hand-over, the migration fails. A guest that had
-    /// already stopped is migrated as it lies.
-    private let guestWasRunning = Atomic<Bool>(false)
+    private let switchover: Switchover
+    /// Every access to the guest's control file (live migration).
+    private let sourceGuest: SourceGuest?
 
     public init(ram: RAMFile, config: SourceConfig, guest: GuestControl? = nil, onRound: (@Sendable (RoundRecord) -> Void)? = nil) {
         self.ram = ram
@@ -108,6 +108,12 @@ public final class SourceMigration: Sendable {
         self.guest = guest
         self.onRound = onRound
         watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
+        let switchover = Switchover(), latch = FailureLatch()
+        self.switchover = switchover
+        self.latch = latch
+        sourceGuest = guest.map {
+            SourceGuest(control: $0, switchover: switchover, latch: latch, pauseTimeout: config.pauseTimeout)
+        }
     }
 
     /// Stops the migration from any thread (a signal handler's queue).
@@ -123,22 +129,15 @@ public final class SourceMigration: Sendable {
         var sockets: [Socket] = []
         var pool: MultiFDSend?
         var reader: WorkerThread?
-        let lease = guest.map { LeaseKeeper(control: $0) }
-        // Set once `checkGuest` accepted the guest: only then may a failure
-        // touch its run state and throttle.
-        var ownsGuest = false
         defer {
             pool?.finish()
             for s in sockets { s.shutdown() }
             control?.socket.shutdown()
             reader?.join()
-            lease?.stop()
+            sourceGuest?.stopLease()
         }
         do throws(MigrationError) {
-            if let g = guest {
-                try checkGuest(g)
-                ownsGuest = true
-            }
+            try sourceGuest?.claim(for: ram)
             let session = SessionID.random()
             let main = try connect()
             let mainKeys = try openChannel(main, kind: .main, id: 0, session: session)
@@ -185,8 +184,8 @@ public final class SourceMigration: Sendable {
                 let r = transports.map(\.zeroCopyReport)
                 return (r.reduce(0) { $0 + $1.sends }, r.reduce(0) { $0 + $1.copied })
             }
-            if let g = guest, let lease {
-                try migrateLive(g, lease: lease, ctl: ctl, multifd: multifd, table: table, replies: replies, stats: &stats)
+            if let g = sourceGuest {
+                try migrateLive(g, ctl: ctl, multifd: multifd, table: table, replies: replies, stats: &stats)
             } else {
                 let bitmap = DirtyBitmap(pageCount: ram.block.pageCount)
                 bitmap.markAll()
@@ -211,9 +210,9 @@ public final class SourceMigration: Sendable {
             return stats
         } catch {
             latch.fail(error)
-            // Once handed over, the destination may run the guest: never
-            // resume this copy then (docs/PROTOCOL.md §7).
-            if let g = guest, ownsGuest, !switchover.isHandedOver { restore(g) }
+            // Lifts the pause and throttle of a guest it claimed, unless it
+            // was handed over: the destination may run it then.
+            sourceGuest?.restoreAfterFailure()
             throw latch.error ?? error
         }
     }
@@ -232,9 +231,9 @@ public final class SourceMigration: Sendable {
         latch.onFailure { main.shutdown() }
         let counters = counters, progress = progress
         var deadline: ProgressWatchdog.Deadline?
-        if let g = guest, let t = config.policy.timeout {
+        if let g = sourceGuest, let t = config.policy.timeout {
             deadline = ProgressWatchdog.Deadline(at: Monotonic.now + t) {
-                guard g.runState == .running else { return nil }
+                guard g.isRunning else { return nil }
                 let round = progress.round.load(ordering: .relaxed)
                 return MigrationError(
                     .timeout,
@@ -242,21 +241,18 @@ public final class SourceMigration: Sendable {
                         + "try --auto-converge, a higher --max-bandwidth or a longer --downtime-limit")
             }
         }
-        let guest = guest
+        let guest = sourceGuest
         watchdog.start(
             latch: latch, deadline: deadline,
-            fault: { [self] in
-                guard let g = guest, guestWasRunning.load(ordering: .relaxed) else { return nil }
-                return switchover.unlessHandedOver { Self.guestDied(g) }
-            },
-            waitingLocally: { guest.map { $0.runState == .pauseRequested && $0.pausedThreads < $0.guestThreads } ?? false },
+            fault: { guest?.diedBeforeHandOver() },
+            waitingLocally: { guest?.awaitsPauseAcknowledgement ?? false },
             progress: { counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) })
     }
 
     // MARK: - live precopy
 
     private func migrateLive(
-        _ g: GuestControl, lease: LeaseKeeper, ctl: ControlChannel, multifd: MultiFDSend, table: PageTable,
+        _ g: SourceGuest, ctl: ControlChannel, multifd: MultiFDSend, table: PageTable,
         replies: DestinationReplies, stats: inout MigrationStats
     ) throws(MigrationError) {
         let policy = config.policy
@@ -288,11 +284,7 @@ public final class SourceMigration: Sendable {
             if policy.autoConverge, round >= 2, case .nextRound = verdict.decision,
                 let p = autoConverge.afterRound(dirtiedBytes: remaining, sentBytes: bytes)
             {
-                // The lease also bounds the throttle: a guest whose source
-                // vanished drops it (see StressGuest).
-                g.renewLease()
-                lease.start()
-                g.throttlePercent = p
+                g.throttle(p)
             }
             var record = RoundRecord(
                 round: round, start: t0 - precopyStart, duration: seconds, bytes: bytes, pages: UInt64(pages),
@@ -337,20 +329,13 @@ public final class SourceMigration: Sendable {
                         + "that it holds every page and the state); the guest resumes on the source. Raise --switchover-timeout or "
                         + "--downtime-limit, or check the destination")
             })
-        try pause(g, lease: lease)
+        try g.pause()
         if let hold = config.testHoldPause { usleep(UInt32(hold * 1e6)) }
         TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
         round += 1
         _ = try sendRound(g.bitmap, through: multifd, limit: nil)
         try ctl.send(.endOfRound(round: UInt64(round)))
-        // Every guest thread acknowledged the pause (acquire), so the state
-        // bytes are complete and stable.
-        let state = g.readState()
-        // The lease keeps the guest paused only while we renew it; if this
-        // process stalled past it, the guest resumed and the copy is stale.
-        guard g.runState == .pauseRequested else {
-            throw MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
-        }
+        let state = try g.pausedState()
         try ctl.send(.guestState(state))
         try ctl.send(.complete(summary(rounds: UInt64(round), guestStateBytes: UInt64(state.count), table: table)))
         try awaitReply(replies.prepared)
@@ -361,23 +346,17 @@ public final class SourceMigration: Sendable {
         // pause is not handed over.
         // Nor is it handed to a destination that already hung up, or for a
         // guest that died: nobody could run it then, and here it resumes.
-        var refusal: MigrationError?
-        let handed = switchover.handOver {
-            refusal = handOverRefusal(g, main: ctl.socket)
-            return refusal == nil && g.exchangeRunState(from: .pauseRequested, to: .handedOver)
-        }
-        guard handed else {
-            try latch.check()
-            throw refusal ?? MigrationError(.local, "the guest left the pause during switchover (lease expired); not completing")
+        try g.handOver {
+            guard ctl.socket.peerHungUp() else { return nil }
+            return MigrationError(
+                .peer, "the destination closed the main channel after it was prepared, before the hand-over; the guest was not handed over")
         }
         try ctl.send(.commit)
         TestHook.stop(at: "commit", ifRequested: config.testStopAt)
         try awaitCommitted(replies)
         let downtime = Monotonic.now - pauseStart
         // The destination committed: the guest lives there.
-        g.setRunState(.migrated)
-        g.sourcePID = 0
-        lease.stop()
+        g.markMigrated()
 
         stats.downtime = UInt64(downtime * 1000)
         stats.expectedDowntime = expected.isFinite ? UInt64(expected * 1000) : nil
@@ -385,94 +364,6 @@ public final class SourceMigration: Sendable {
         stats.ram.dirtySyncCount = UInt64(round)
         stats.ram.precopyBytes = precopyBytes
         stats.ram.downtimeBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes) - precopyBytes
-    }
-
-    private func checkGuest(_ g: GuestControl) throws(MigrationError) {
-        guard g.ramSize == ram.block.size, g.pageSize == ram.block.pageSize else {
-            throw MigrationError(
-                .mismatch,
-                "control file \(g.path) is for \(g.ramSize) bytes of RAM but \(ram.path) is \(ram.block.size) bytes; give the guest's own control file"
-            )
-        }
-        switch g.runState {
-        case .running: break
-        case .migrated: throw MigrationError(.mismatch, "the guest in \(g.path) already migrated away")
-        case .incoming:
-            throw MigrationError(.mismatch, "the guest in \(g.path) was received but not resumed; start it with livemig stress --resume")
-        case .incomplete:
-            throw MigrationError(
-                .mismatch, "the guest in \(g.path) is incomplete: the migration into it did not complete; it is no guest to send")
-        case .handedOver:
-            throw MigrationError(
-                .mismatch,
-                "the guest in \(g.path) was handed over to a destination that never confirmed it; check that destination before anything else (livemig stress --resume --reclaim takes it back if it failed)"
-            )
-        case .pauseRequested:
-            if g.pauseHolderVanished {
-                g.exchangeRunState(from: .pauseRequested, to: .running)
-            } else {
-                throw MigrationError(.mismatch, "the guest in \(g.path) is paused by another migration (source pid \(g.sourcePID))")
-            }
-        }
-        g.sourcePID = getpid()
-        let pid = g.guestPID
-        guestWasRunning.store(pid > 0 && g.guestThreads > 0 && SystemCall.processExists(pid), ordering: .relaxed)
-    }
-
-    /// Asks the guest to pause and waits until every guest thread has
-    /// acknowledged. A guest that ran when the migration began and whose
-    /// process is gone fails it; one that had stopped before writes nothing.
-    private func pause(_ g: GuestControl, lease: LeaseKeeper) throws(MigrationError) {
-        g.renewLease()
-        lease.start()
-        g.setRunState(.pauseRequested)
-        let deadline = Monotonic.now + config.pauseTimeout
-        var spins = 0
-        // Acquire (in `pausedThreads`): pairs with each guest thread's
-        // acknowledgement, published after its last page, bit and state.
-        while g.pausedThreads < g.guestThreads {
-            try latch.check()
-            if guestWasRunning.load(ordering: .relaxed) {
-                if let died = Self.guestDied(g) { throw died }
-            } else if g.guestPID > 0, !SystemCall.processExists(g.guestPID) {
-                break
-            }
-            if Monotonic.now > deadline {
-                throw MigrationError(.timeout, "the guest did not acknowledge the pause within \(config.pauseTimeout) s")
-            }
-            spins += 1
-            if spins > 100 { usleep(50) }
-        }
-    }
-
-    /// The failure for a guest process that is gone, or nil while it lives.
-    /// Its last state may be mid-write, and it is nobody's to run: the
-    /// migration must not hand it to the destination.
-    static func guestDied(_ g: GuestControl) -> MigrationError? {
-        let pid = g.guestPID
-        guard pid > 0, !SystemCall.processExists(pid) else { return nil }
-        return MigrationError(.local, "the guest process (pid \(pid)) died; nothing was started on the destination")
-    }
-
-    /// Why the guest must not be handed over now, or nil: the migration
-    /// failed meanwhile, the guest died, or the destination hung up (it
-    /// could never commit, so the guest would be stopped on both sides).
-    private func handOverRefusal(_ g: GuestControl, main: Socket) -> MigrationError? {
-        if latch.hasFailed { return latch.error }
-        if guestWasRunning.load(ordering: .relaxed), let died = Self.guestDied(g) { return died }
-        if main.peerHungUp() {
-            return MigrationError(
-                .peer, "the destination closed the main channel after it was prepared, before the hand-over; the guest was not handed over")
-        }
-        return nil
-    }
-
-    /// Undoes what a failed migration did to the guest: throttle off, pause
-    /// lifted. Its RAM was never written by us.
-    private func restore(_ g: GuestControl) {
-        g.throttlePercent = 0
-        g.exchangeRunState(from: .pauseRequested, to: .running)
-        g.sourcePID = 0
     }
 
     // MARK: - rounds
@@ -661,42 +552,6 @@ struct RateLimiter {
         watchdog?.hold()
         usleep(UInt32(min(1.0, due - now) * 1e6))
         watchdog?.release()
-    }
-}
-
-/// Renews the guest's pause lease while a pause or throttle is in force, so
-/// the guest resumes by itself only when this process is gone.
-final class LeaseKeeper: Sendable {
-    private let control: GuestControl
-    private let running = Atomic<Bool>(false)
-    private let thread = Mutex<WorkerThread?>(nil)
-    /// Posted by `stop()` so the renewal sleep ends at once.
-    private let wake = DispatchSemaphore(value: 0)
-
-    init(control: GuestControl) { self.control = control }
-
-    func start() {
-        guard !running.exchange(true, ordering: .relaxed) else { return }
-        let control = self.control
-        let t = WorkerThread(name: "mig/lease") { [self] in
-            while running.load(ordering: .relaxed) {
-                control.renewLease()
-                _ = wake.wait(timeout: .now() + .milliseconds(100))
-            }
-        }
-        thread.withLock { $0 = t }
-    }
-
-    func stop() {
-        guard running.exchange(false, ordering: .relaxed) else { return }
-        wake.signal()
-        if let t = thread.withLock({ t -> WorkerThread? in
-            let x = t
-            t = nil
-            return x
-        }) {
-            t.join()
-        }
     }
 }
 
