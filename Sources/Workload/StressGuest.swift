@@ -86,6 +86,10 @@ public final class StressGuest: Sendable {
                         + "so its RAM and state do not belong together; migrate the guest here again")
             case .pauseRequested where !control.pauseHolderVanished:
                 throw GuestMemoryError("the guest in \(control.path) is paused by a running migration (source pid \(control.sourcePID))")
+            case .waitingIncoming:
+                throw GuestMemoryError(
+                    "\(control.path) belongs to an incoming guest (livemig stress --incoming, pid \(control.guestPID)) that waits for a "
+                        + "migration; its RAM has not arrived, so there is nothing to resume: migrate a guest into it")
             default: break
             }
             let loaded: StressState
@@ -227,7 +231,7 @@ public final class StressGuest: Sendable {
                 pacedPages = 0
                 busySince = paceStart
                 continue
-            case .migrated, .incoming, .incomplete, .handedOver:
+            case .migrated, .incoming, .incomplete, .handedOver, .waitingIncoming:
                 return .migrated
             }
             if stopFlag.load(ordering: .relaxed) { return .stopped }

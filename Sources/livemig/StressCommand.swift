@@ -155,6 +155,12 @@ struct VerifyCommand: ParsableCommand {
                 throw CommandFailure(
                     message: "the guest in \(control) is incomplete: the migration into it did not complete; migrate the guest here again")
             }
+            guard c.runState != .waitingIncoming else {
+                throw CommandFailure(
+                    message:
+                        "\(control) belongs to an incoming guest (pid \(c.guestPID)) that waits for a migration: its RAM and state have not arrived; verify after the migration"
+                )
+            }
             let state: StressState
             switch StressState.decode(c.readState()) {
             case .success(let s): state = s
