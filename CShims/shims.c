@@ -509,6 +509,14 @@ int64_t lm_recv_fd(int sock, void *buf, size_t cap, int *fd) {
     return (int64_t)n;
 }
 
+int lm_accept_cloexec(int sock) {
+    int r;
+    do {
+        r = accept4(sock, NULL, NULL, SOCK_CLOEXEC);
+    } while (r < 0 && errno == EINTR);
+    return r >= 0 ? r : -errno;
+}
+
 int lm_peer_credentials(int sock, int32_t *pid, uint32_t *uid) {
     struct ucred cred;
     socklen_t len = sizeof cred;

@@ -332,6 +332,10 @@ int64_t lm_send_fd(int sock, int fd, const void *payload, size_t len);
 /// descriptors are closed). Returns the bytes read (0: the peer closed), or
 /// -errno (EINTR retried); -EMSGSIZE when the control data was truncated.
 int64_t lm_recv_fd(int sock, void *buf, size_t cap, int *fd);
+/// accept4(sock, NULL, NULL, SOCK_CLOEXEC) (accept4 needs _GNU_SOURCE,
+/// which Swift's Glibc module lacks). Returns the descriptor or -errno
+/// (EINTR retried).
+int lm_accept_cloexec(int sock);
 /// SO_PEERCRED of a connected Unix socket: the peer's pid and uid when it
 /// connected (or listened). Returns 0 or -errno.
 int lm_peer_credentials(int sock, int32_t *pid, uint32_t *uid);
