@@ -87,9 +87,13 @@ public final class StressGuest: Sendable {
             case .pauseRequested where !control.pauseHolderVanished:
                 throw GuestMemoryError("the guest in \(control.path) is paused by a running migration (source pid \(control.sourcePID))")
             case .waitingIncoming:
+                let pid = control.guestPID
+                let who =
+                    pid > 0 && SystemCall.processExists(pid)
+                    ? "belongs to an incoming guest (livemig stress --incoming, pid \(pid)) that waits for a migration"
+                    : "was left by an incoming guest (pid \(pid)) that ended before a migration reached it"
                 throw GuestMemoryError(
-                    "\(control.path) belongs to an incoming guest (livemig stress --incoming, pid \(control.guestPID)) that waits for a "
-                        + "migration; its RAM has not arrived, so there is nothing to resume: migrate a guest into it")
+                    "\(control.path) \(who): its RAM and state have not arrived, so there is nothing to resume; migrate a guest into it")
             default: break
             }
             let loaded: StressState
