@@ -179,7 +179,7 @@ struct StressCommand: ParsableCommand {
         // guest takes it once the receiver lets go (IncomingGuest).
         guest.claimRAMWhenFree()
         FileHandleStderr.write(
-            "stress: guest resumed (incoming, \(guest.handoffs) hand-off(s)): pattern \(stress.options.pattern), "
+            "stress: guest resumed (incoming): pattern \(stress.options.pattern), "
                 + "\(stress.options.threads) thread(s), target \(options.rate.map { formatBytes($0) + "/s" } ?? "unlimited"), pid \(getpid())\n"
         )
         // The hand-off server keeps running while the guest runs: a
