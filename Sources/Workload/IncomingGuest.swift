@@ -90,15 +90,19 @@ public final class IncomingGuest: Sendable {
                 errno: .fileNameTooLong)
         }
 
-        // The writer lock while the file is prepared (created, emptied);
-        // released at the end of init, before the wait (see the type's doc).
-        let prepareLock: OwnerLock
+        // The RAM writer lock, held only while the file is prepared
+        // (created, emptied, registered). It must not be held while the
+        // guest waits: the receiver claims it for the migration, since it
+        // is the receiver that writes the RAM then. Released before the run
+        // state tells receivers to come.
+        var prepareLock: OwnerLock?
         let ram: RAMFile
         var createdRAM = false
         do throws(GuestMemoryError) {
             if let size, access(ramPath.string, F_OK) != 0 {
-                prepareLock = try OwnerLock.claimRAM(ramPath, create: true)
-                createdRAM = prepareLock.created
+                let lock = try OwnerLock.claimRAM(ramPath, create: true)
+                prepareLock = lock
+                createdRAM = lock.created
                 // Sized with ftruncate: a hole, not allocated, not faulted.
                 ram = try RAMFile.create(path: ramPath, size: size)
             } else {
@@ -138,12 +142,15 @@ public final class IncomingGuest: Sendable {
             control.handoffSocketPath = socket
             server = try FaultHandoffServer(
                 path: socket, userfault: userfault, base: base, length: ram.block.size, pageSize: ram.block.pageSize)
+            // Let go of the writer byte: the lock's deinit closes its
+            // descriptor, and with it the kernel drops the lock.
+            withExtendedLifetime(prepareLock) {}
+            prepareLock = nil
             control.setRunState(.waitingIncoming)
         } catch {
             if createdRAM { unlink(ramPath.string) }
             throw error
         }
-        withExtendedLifetime(prepareLock) {}
         self.ram = ram
         self.control = control
         self.guestLock = guestLock
