@@ -200,9 +200,10 @@ struct UserfaultTests {
         let writer = WorkerThread(name: "test/writer") {
             UnsafeMutableRawPointer(bitPattern: UInt(address))!.storeBytes(of: UInt64(0xABCD), as: UInt64.self)
         }
+        var joined = false  // join exactly once (twice is undefined)
         defer {
             ram.close()
-            writer.join()
+            if !joined { writer.join() }
         }
         let faults = try nextFaults(ram.userfault)
         try #require(faults.count == 1)
@@ -210,6 +211,7 @@ struct UserfaultTests {
         #expect(faults[0].write)
         _ = try ram.userfault.zeroPage(at: address, length: Self.pageSize)
         writer.join()
+        joined = true
         #expect(ram.viewB(1).prefix(8) == [0xCD, 0xAB, 0, 0, 0, 0, 0, 0])
     }
 
