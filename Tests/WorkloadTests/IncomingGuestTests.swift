@@ -200,8 +200,10 @@ struct IncomingGuestTests {
         let files = ShmFiles()
         defer { files.remove() }
         let guest = try Child([
-            "stress", "--incoming", "--ram", files.ram, "--control", files.control, "--size", "1MiB",
+            "stress", "--incoming", "--ram", files.ram, "--control", files.control, "--size", "1MiB", "--rate", "64MiB/s",
         ])
+        // (A modest rate: the suites run in parallel, and two guest threads
+        // at full speed would take both CPUs from timing-sensitive tests.)
         defer { guest.terminate() }  // a guest thread blocked on a fault dies only by SIGKILL
         try #require(guest.waitForStderr("stress: incoming guest waiting on"), "\(guest.stderr)")
 
@@ -262,7 +264,8 @@ struct IncomingGuestTests {
         #expect(stopped, "the guest did not take its RAM lock or touch every page within 30 s")
         #expect(guestTookRAMLock)
         #expect(guest.wait(within: 10) == 0, "\(guest.stderr)")
-        #expect(guest.stderr.contains("stress: guest resumed (incoming): pattern counter, 2 thread(s)"), "\(guest.stderr)")
+        #expect(
+            guest.stderr.contains("stress: guest resumed (incoming): pattern counter, 2 thread(s), target 64.0 MiB/s"), "\(guest.stderr)")
         #expect(guest.stdout.contains("stopped by signal; guest state saved"), "\(guest.stdout)")
         #expect(access(socket, F_OK) != 0, "the socket file outlived the guest")
 
