@@ -294,3 +294,256 @@ void lm_keep_freed_memory(void) {
     mallopt(M_MMAP_THRESHOLD, 64 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
 }
+
+/* ---- userfaultfd -------------------------------------------------------- */
+
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/ioctl.h>
+#include <sys/statfs.h>
+
+#ifndef __NR_userfaultfd
+#if defined(__x86_64__)
+#define __NR_userfaultfd 323
+#elif defined(__aarch64__)
+#define __NR_userfaultfd 282
+#endif
+#endif
+
+/* The ABI as CShims.h writes it out, mirrored here and checked against the
+ * build's uapi header: a typo in a constant fails the build, not a guest. */
+struct lm_uffdio_range { uint64_t start, len; };
+struct lm_uffdio_api { uint64_t api, features, ioctls; };
+struct lm_uffdio_register { struct lm_uffdio_range range; uint64_t mode, ioctls; };
+struct lm_uffdio_copy { uint64_t dst, src, len, mode; int64_t copy; };
+struct lm_uffdio_zeropage { struct lm_uffdio_range range; uint64_t mode; int64_t zeropage; };
+
+_Static_assert(sizeof(struct uffd_msg) == LM_UFFD_MSG_SIZE, "uffd_msg is 32 bytes");
+_Static_assert(offsetof(struct uffd_msg, arg.pagefault.flags) == 8, "pagefault.flags at 8");
+_Static_assert(offsetof(struct uffd_msg, arg.pagefault.address) == 16, "pagefault.address at 16");
+_Static_assert(offsetof(struct uffd_msg, arg.pagefault.feat.ptid) == 24, "pagefault.ptid at 24");
+_Static_assert(sizeof(struct lm_uffdio_api) == sizeof(struct uffdio_api), "uffdio_api");
+_Static_assert(sizeof(struct lm_uffdio_register) == sizeof(struct uffdio_register), "uffdio_register");
+_Static_assert(sizeof(struct lm_uffdio_copy) == sizeof(struct uffdio_copy), "uffdio_copy");
+_Static_assert(sizeof(struct lm_uffdio_zeropage) == sizeof(struct uffdio_zeropage), "uffdio_zeropage");
+_Static_assert(LM_UFFD_API == UFFD_API, "UFFD_API");
+_Static_assert(LM_UFFDIO_API == UFFDIO_API, "UFFDIO_API");
+_Static_assert(LM_UFFDIO_REGISTER == UFFDIO_REGISTER, "UFFDIO_REGISTER");
+_Static_assert(LM_UFFDIO_UNREGISTER == UFFDIO_UNREGISTER, "UFFDIO_UNREGISTER");
+_Static_assert(LM_UFFDIO_WAKE == UFFDIO_WAKE, "UFFDIO_WAKE");
+_Static_assert(LM_UFFDIO_COPY == UFFDIO_COPY, "UFFDIO_COPY");
+_Static_assert(LM_UFFDIO_ZEROPAGE == UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE");
+_Static_assert(LM_UFFDIO_REGISTER_MODE_MISSING == UFFDIO_REGISTER_MODE_MISSING, "MODE_MISSING");
+_Static_assert(LM_UFFD_FEATURE_THREAD_ID == UFFD_FEATURE_THREAD_ID, "FEATURE_THREAD_ID");
+_Static_assert(LM_UFFD_EVENT_PAGEFAULT == UFFD_EVENT_PAGEFAULT, "EVENT_PAGEFAULT");
+_Static_assert(LM_UFFD_PAGEFAULT_FLAG_WRITE == UFFD_PAGEFAULT_FLAG_WRITE, "FLAG_WRITE");
+_Static_assert(LM_UFFD_IOCTL_COPY == (1ULL << _UFFDIO_COPY), "_UFFDIO_COPY");
+_Static_assert(LM_UFFD_IOCTL_ZEROPAGE == (1ULL << _UFFDIO_ZEROPAGE), "_UFFDIO_ZEROPAGE");
+_Static_assert(LM_UFFD_IOCTL_WAKE == (1ULL << _UFFDIO_WAKE), "_UFFDIO_WAKE");
+#ifdef USERFAULTFD_IOC_NEW
+_Static_assert(LM_USERFAULTFD_IOC_NEW == USERFAULTFD_IOC_NEW, "USERFAULTFD_IOC_NEW");
+#endif
+
+int lm_uffd_create(int *dev_err) {
+    *dev_err = 0;
+    long fd = syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0) return (int)fd;
+    int sys_err = -errno;
+    /* /dev/userfaultfd (Linux 6.1+) is governed by its file mode instead of
+     * vm.unprivileged_userfaultfd, and a seccomp filter that denies the
+     * system call may still allow open and ioctl. */
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0) {
+        *dev_err = -errno;
+        return sys_err;
+    }
+    int r = ioctl(dev, LM_USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    if (r < 0) *dev_err = -errno;
+    close(dev);
+    return r >= 0 ? r : sys_err;
+}
+
+int lm_uffd_api(int fd, uint64_t features, uint64_t *granted) {
+    struct lm_uffdio_api api = {.api = LM_UFFD_API, .features = features, .ioctls = 0};
+    if (ioctl(fd, LM_UFFDIO_API, &api) != 0) return -errno;
+    /* The kernel answers with every feature it supports; it enabled only
+     * the ones asked for. */
+    *granted = api.features & features;
+    return 0;
+}
+
+int lm_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls) {
+    struct lm_uffdio_register reg = {.range = {.start = start, .len = len}, .mode = mode, .ioctls = 0};
+    int r;
+    do {
+        r = ioctl(fd, LM_UFFDIO_REGISTER, &reg);
+    } while (r != 0 && errno == EINTR);
+    if (r != 0) return -errno;
+    *ioctls = reg.ioctls;
+    return 0;
+}
+
+int lm_uffd_unregister(int fd, uint64_t start, uint64_t len) {
+    struct lm_uffdio_range range = {.start = start, .len = len};
+    int r;
+    do {
+        r = ioctl(fd, LM_UFFDIO_UNREGISTER, &range);
+    } while (r != 0 && errno == EINTR);
+    return r == 0 ? 0 : -errno;
+}
+
+int lm_uffd_wake(int fd, uint64_t start, uint64_t len) {
+    struct lm_uffdio_range range = {.start = start, .len = len};
+    return ioctl(fd, LM_UFFDIO_WAKE, &range) == 0 ? 0 : -errno;
+}
+
+/* The kernel writes the bytes done (or -errno) into the struct's last field
+ * and returns 0 when all of `len` was done, -EAGAIN when only part was, or
+ * the error when nothing was. The field says which. */
+int64_t lm_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, bool dont_wake) {
+    struct lm_uffdio_copy c = {
+        .dst = dst, .src = (uint64_t)(uintptr_t)src, .len = len, .mode = dont_wake ? UFFDIO_COPY_MODE_DONTWAKE : 0, .copy = 0};
+    if (ioctl(fd, LM_UFFDIO_COPY, &c) == 0) return (int64_t)len;
+    int e = errno;
+    if (c.copy > 0) return c.copy;
+    return c.copy < 0 ? c.copy : -e;
+}
+
+int64_t lm_uffd_zeropage(int fd, uint64_t start, uint64_t len, bool dont_wake) {
+    struct lm_uffdio_zeropage z = {
+        .range = {.start = start, .len = len}, .mode = dont_wake ? UFFDIO_ZEROPAGE_MODE_DONTWAKE : 0, .zeropage = 0};
+    if (ioctl(fd, LM_UFFDIO_ZEROPAGE, &z) == 0) return (int64_t)len;
+    int e = errno;
+    if (z.zeropage > 0) return z.zeropage;
+    return z.zeropage < 0 ? z.zeropage : -e;
+}
+
+int lm_uffd_read(int fd, lm_uffd_fault *out, int max) {
+    struct uffd_msg msgs[64];
+    if (max > 64) max = 64;
+    if (max <= 0) return 0;
+    ssize_t n;
+    do {
+        n = read(fd, msgs, (size_t)max * sizeof(struct uffd_msg));
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) return -errno;
+    int count = (int)(n / (ssize_t)sizeof(struct uffd_msg));
+    for (int i = 0; i < count; i++) {
+        out[i].event = msgs[i].event;
+        out[i].flags = 0;
+        out[i].address = 0;
+        out[i].ptid = 0;
+        if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
+            out[i].flags = msgs[i].arg.pagefault.flags;
+            out[i].address = msgs[i].arg.pagefault.address;
+            out[i].ptid = msgs[i].arg.pagefault.feat.ptid;
+        }
+    }
+    return count;
+}
+
+/* ---- descriptor passing ------------------------------------------------- */
+
+int64_t lm_send_fd(int sock, int fd, const void *payload, size_t len) {
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {.iov_base = (void *)payload, .iov_len = len};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    ssize_t n;
+    do {
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n >= 0 ? (int64_t)n : -errno;
+}
+
+int64_t lm_recv_fd(int sock, void *buf, size_t cap, int *fd) {
+    /* Room for a few descriptors: a hostile peer sending several must not
+     * leave any open here (MSG_CTRUNC would drop them silently otherwise). */
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(8 * sizeof(int))];
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = {.iov_base = buf, .iov_len = cap};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    *fd = -1;
+    ssize_t n;
+    do {
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) return -errno;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; i++) {
+            int got;
+            memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            if (*fd < 0) {
+                *fd = got;
+            } else {
+                close(got);
+            }
+        }
+    }
+    if (msg.msg_flags & MSG_CTRUNC) {
+        if (*fd >= 0) close(*fd);
+        *fd = -1;
+        return -EMSGSIZE;
+    }
+    return (int64_t)n;
+}
+
+int lm_accept_cloexec(int sock) {
+    int r;
+    do {
+        r = accept4(sock, NULL, NULL, SOCK_CLOEXEC);
+    } while (r < 0 && errno == EINTR);
+    return r >= 0 ? r : -errno;
+}
+
+int lm_peer_credentials(int sock, int32_t *pid, uint32_t *uid) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -errno;
+    *pid = cred.pid;
+    *uid = cred.uid;
+    return 0;
+}
+
+/* ---- files -------------------------------------------------------------- */
+
+int lm_punch_hole(int fd, int64_t offset, int64_t len) {
+    int r;
+    do {
+        r = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len);
+    } while (r != 0 && errno == EINTR);
+    return r == 0 ? 0 : -errno;
+}
+
+int64_t lm_fstatfs_type(int fd) {
+    struct statfs st;
+    if (fstatfs(fd, &st) != 0) return -errno;
+    return (int64_t)(uint64_t)(unsigned long)st.f_type & 0xffffffffLL;
+}
+
+int64_t lm_statfs_type(const char *path) {
+    struct statfs st;
+    if (statfs(path, &st) != 0) return -errno;
+    return (int64_t)(uint64_t)(unsigned long)st.f_type & 0xffffffffLL;
+}

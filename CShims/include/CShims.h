@@ -16,7 +16,13 @@
 //   - zero-page detection written for the vectoriser,
 //   - libzstd behind opaque contexts (zstd.c; <zstd.h> stays out of this
 //     header like liburing's),
-//   - a seccomp filter tests use to take io_uring away from a process.
+//   - a seccomp filter tests use to take io_uring away from a process,
+//   - userfaultfd (postcopy): its ioctls behind plain functions, with the
+//     uapi constants and struct layouts written out here, because
+//     <linux/userfaultfd.h> cannot be included (see above); shims.c checks
+//     them against the build's header where it has them,
+//   - SCM_RIGHTS hand-off of one descriptor (struct msghdr and the CMSG_*
+//     macros do not import), peer credentials, fallocate, statfs.
 #ifndef LIVEMIG_CSHIMS_H
 #define LIVEMIG_CSHIMS_H
 
@@ -245,6 +251,107 @@ int lm_signal_watch_start(void);
 /// Restores the default action of SIGINT and SIGTERM, then writes a 0 byte
 /// to the pipe (the reader's cue to stop) and closes its write end.
 void lm_signal_watch_stop(void);
+
+// ---- userfaultfd (postcopy; docs in Sources/GuestMemory/Userfault.swift) ---
+// Values from the kernel's include/uapi/linux/userfaultfd.h (stable ABI;
+// shims.c static-asserts them against the build's copy of that header).
+// Every function returns -errno on failure, never sets errno for Swift.
+
+#define LM_UFFD_API 0xAAULL
+/// ioctl on /dev/userfaultfd that makes a new userfaultfd (flags: O_CLOEXEC...).
+#define LM_USERFAULTFD_IOC_NEW 0xAA00UL
+#define LM_UFFDIO_API 0xC018AA3FUL
+#define LM_UFFDIO_REGISTER 0xC020AA00UL
+#define LM_UFFDIO_UNREGISTER 0x8010AA01UL
+#define LM_UFFDIO_WAKE 0x8010AA02UL
+#define LM_UFFDIO_COPY 0xC028AA03UL
+#define LM_UFFDIO_ZEROPAGE 0xC020AA04UL
+/// Register modes.
+#define LM_UFFDIO_REGISTER_MODE_MISSING (1ULL << 0)
+#define LM_UFFDIO_REGISTER_MODE_WP (1ULL << 1)
+#define LM_UFFDIO_REGISTER_MODE_MINOR (1ULL << 2)
+/// Features asked for in UFFDIO_API.
+#define LM_UFFD_FEATURE_THREAD_ID (1ULL << 8)
+/// Bits of the ioctl mask UFFDIO_REGISTER answers (1 << _UFFDIO_x).
+#define LM_UFFD_IOCTL_WAKE (1ULL << 0x02)
+#define LM_UFFD_IOCTL_COPY (1ULL << 0x03)
+#define LM_UFFD_IOCTL_ZEROPAGE (1ULL << 0x04)
+/// `struct uffd_msg`: 32 bytes, packed. Page faults only need these fields.
+#define LM_UFFD_MSG_SIZE 32
+#define LM_UFFD_EVENT_PAGEFAULT 0x12
+#define LM_UFFD_PAGEFAULT_FLAG_WRITE (1ULL << 0)
+#define LM_UFFD_PAGEFAULT_FLAG_WP (1ULL << 1)
+#define LM_UFFD_PAGEFAULT_FLAG_MINOR (1ULL << 2)
+
+/// One page-fault message, decoded from a `struct uffd_msg`.
+typedef struct lm_uffd_fault {
+    uint8_t event;     // LM_UFFD_EVENT_*: only PAGEFAULT fills the rest
+    uint64_t flags;    // LM_UFFD_PAGEFAULT_FLAG_*
+    uint64_t address;  // the faulting address (page-aligned unless EXACT_ADDRESS)
+    uint32_t ptid;     // the faulting thread, with UFFD_FEATURE_THREAD_ID; else 0
+} lm_uffd_fault;
+
+/// A non-blocking, close-on-exec userfaultfd for this process: the
+/// userfaultfd(2) system call, or, when that is refused (EPERM without
+/// vm.unprivileged_userfaultfd, ENOSYS under a seccomp filter),
+/// ioctl(/dev/userfaultfd, USERFAULTFD_IOC_NEW). Returns the descriptor, or
+/// -errno of the system call; *dev_err gets the /dev/userfaultfd attempt's
+/// -errno (0 when it was not needed).
+int lm_uffd_create(int *dev_err);
+/// UFFDIO_API handshake asking for `features`. Returns 0 and stores in
+/// *granted the requested features the kernel has (the kernel answers with
+/// every feature it knows; only the requested ones are enabled), or -errno.
+int lm_uffd_api(int fd, uint64_t features, uint64_t *granted);
+/// UFFDIO_REGISTER of [start, start + len) with `mode`; *ioctls gets the
+/// mask of range ioctls the kernel allows there (LM_UFFD_IOCTL_*).
+int lm_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls);
+/// UFFDIO_UNREGISTER of [start, start + len); wakes the range's waiters.
+int lm_uffd_unregister(int fd, uint64_t start, uint64_t len);
+/// UFFDIO_WAKE of [start, start + len).
+int lm_uffd_wake(int fd, uint64_t start, uint64_t len);
+/// UFFDIO_COPY of `len` bytes from `src` (the caller's memory) to `dst` (in
+/// the registered mm), waking its waiters unless `dont_wake`. Returns the
+/// bytes copied (> 0; fewer than `len` when interrupted part-way), or -errno
+/// when nothing was copied (-EEXIST: the first page is present; -EAGAIN:
+/// retry; -ESRCH: the mm is gone; -ENOENT: no registered range there).
+int64_t lm_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, bool dont_wake);
+/// UFFDIO_ZEROPAGE of [start, start + len): like lm_uffd_copy, with zeros.
+int64_t lm_uffd_zeropage(int fd, uint64_t start, uint64_t len, bool dont_wake);
+/// Reads up to `max` messages (read(2) of max × 32 bytes) and decodes them
+/// into `out`. Returns how many, or -errno (-EAGAIN: none pending).
+int lm_uffd_read(int fd, lm_uffd_fault *out, int max);
+
+// ---- descriptor passing and peers (Unix stream sockets) -----------------
+
+/// sendmsg(2) of `len` payload bytes with `fd` attached (SCM_RIGHTS) on the
+/// connected Unix socket `sock`, MSG_NOSIGNAL. Returns the bytes sent or
+/// -errno (EINTR retried).
+int64_t lm_send_fd(int sock, int fd, const void *payload, size_t len);
+/// recvmsg(2) of up to `cap` bytes into `buf`, MSG_CMSG_CLOEXEC. *fd gets a
+/// received descriptor, or -1 when the message carried none (extra
+/// descriptors are closed). Returns the bytes read (0: the peer closed), or
+/// -errno (EINTR retried); -EMSGSIZE when the control data was truncated.
+int64_t lm_recv_fd(int sock, void *buf, size_t cap, int *fd);
+/// accept4(sock, NULL, NULL, SOCK_CLOEXEC) (accept4 needs _GNU_SOURCE,
+/// which Swift's Glibc module lacks). Returns the descriptor or -errno
+/// (EINTR retried).
+int lm_accept_cloexec(int sock);
+/// SO_PEERCRED of a connected Unix socket: the peer's pid and uid when it
+/// connected (or listened). Returns 0 or -errno.
+int lm_peer_credentials(int sock, int32_t *pid, uint32_t *uid);
+
+// ---- files -------------------------------------------------------------
+
+/// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of [offset,
+/// offset + len): the pages leave the file and its page cache, the size
+/// stays. Returns 0 or -errno (EINTR retried).
+int lm_punch_hole(int fd, int64_t offset, int64_t len);
+/// The f_type of fstatfs(2) (the file system's magic number), or -errno.
+int64_t lm_fstatfs_type(int fd);
+/// The f_type of statfs(2) of `path`, or -errno.
+int64_t lm_statfs_type(const char *path);
+#define LM_TMPFS_MAGIC 0x01021994
+#define LM_HUGETLBFS_MAGIC 0x958458f6
 
 // ---- test support ------------------------------------------------------
 

@@ -31,6 +31,7 @@ import SystemPackage
 /// | 88 | 8 | pause lease deadline, CLOCK_MONOTONIC ns |
 /// | 96 | 4 | state length |
 /// | 100 | 4 | generation (bumped on each run-state change) |
+/// | 128 | 108 | hand-off socket path of an incoming guest, NUL-terminated |
 ///
 /// The bitmap follows at `bitmap offset`, the guest-state bytes after it
 /// (page-aligned). Every run-control word is accessed only atomically.
@@ -60,6 +61,11 @@ public final class GuestControl: @unchecked Sendable {
         /// run there now. Exit for good; only `stress --resume --reclaim`
         /// takes it back, after the user checked the destination.
         case handedOver = 5
+        /// An incoming guest (`livemig stress --incoming`) is attached: its
+        /// RAM is registered with a userfaultfd and waits to be filled. It
+        /// starts when a receiver stores *incoming*. Nothing else may run
+        /// or resume it; it is a destination, never a source.
+        case waitingIncoming = 6
 
         public var description: String {
             switch self {
@@ -69,6 +75,7 @@ public final class GuestControl: @unchecked Sendable {
             case .incoming: "incoming"
             case .incomplete: "incomplete"
             case .handedOver: "handed over"
+            case .waitingIncoming: "waiting incoming"
             }
         }
     }
@@ -297,6 +304,41 @@ public final class GuestControl: @unchecked Sendable {
         if monotonicNanoseconds() > leaseDeadline { return true }
         let pid = sourcePID
         return pid > 0 && !SystemCall.processExists(pid)
+    }
+
+    // MARK: - incoming guest
+
+    /// Where the hand-off socket path lives in the header (unused space).
+    static let handoffSocketPathOffset = 128
+    /// The longest hand-off socket path, in bytes: what `sun_path` holds
+    /// (108 bytes) less its NUL.
+    public static let handoffSocketPathLimit = 107
+
+    /// The Unix socket on which an incoming guest hands out its
+    /// userfaultfd (`FaultHandoffServer`), or nil when none is announced.
+    /// An absolute path, so that a receiver in another directory finds it.
+    ///
+    /// Plain bytes, not a run-control word: the guest stores the path
+    /// before it sets *waiting incoming* (a release store), and a receiver
+    /// reads it after it saw that state (an acquire load), which orders
+    /// them. Trust it only while the run state is *waiting incoming*: a
+    /// guest that was killed leaves its path behind. Setting a path longer
+    /// than `handoffSocketPathLimit` bytes is a programming error (check it
+    /// first).
+    public var handoffSocketPath: String? {
+        get {
+            let p = UnsafeRawBufferPointer(start: base + Self.handoffSocketPathOffset, count: Self.handoffSocketPathLimit + 1)
+            guard let end = p.firstIndex(of: 0), end > 0 else { return nil }
+            return String(decoding: p[..<end], as: UTF8.self)
+        }
+        set {
+            let bytes = Array((newValue ?? "").utf8)
+            precondition(
+                bytes.count <= Self.handoffSocketPathLimit, "hand-off socket path longer than \(Self.handoffSocketPathLimit) bytes")
+            let p = base + Self.handoffSocketPathOffset
+            p.initializeMemory(as: UInt8.self, repeating: 0, count: Self.handoffSocketPathLimit + 1)
+            if !bytes.isEmpty { bytes.withUnsafeBytes { p.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+        }
     }
 
     // MARK: - guest state

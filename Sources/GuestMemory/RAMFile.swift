@@ -266,6 +266,70 @@ public final class RAMFile: @unchecked Sendable {
         }
     }
 
+    /// Drops `length` bytes at `offset` (page-aligned) from the file:
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`. The pages leave the page cache
+    /// and the file keeps its size, so every mapping of the file faults on
+    /// them again. A mapping registered with a userfaultfd for MISSING
+    /// faults then reports them and waits for the pages to be placed; any
+    /// other access (another mapping, pread) would read zeros or allocate a
+    /// zero page, which is why postcopy never touches them another way.
+    public func discard(offset: UInt64, length: UInt64) throws(GuestMemoryError) {
+        precondition(access == .readWrite, "discard in a read-only RAM file")
+        guard offset % block.pageSize == 0, length % block.pageSize == 0, offset <= block.size, length <= block.size - offset
+        else {
+            throw GuestMemoryError(
+                "cannot discard \(length) bytes at offset \(offset) of RAM file \(path) (\(block.size) bytes, pages of "
+                    + "\(block.pageSize)): the range must be page-aligned and inside the file", errno: .invalidArgument)
+        }
+        guard length > 0 else { return }
+        let r = lm_punch_hole(fd.rawValue, Int64(offset), Int64(length))
+        guard r == 0 else {
+            let e = SystemCall.error(negated: r)
+            throw GuestMemoryError(
+                "cannot discard \(length) bytes at offset \(offset) of RAM file \(path) (fallocate PUNCH_HOLE): \(e)"
+                    + (e == .notSupported ? "; its file system cannot punch holes (use tmpfs: /dev/shm)" : ""), errno: e)
+        }
+    }
+
+    /// Why the RAM file at `path` cannot take postcopy, or nil when it can.
+    ///
+    /// A userfaultfd reports MISSING faults on a shared file mapping only
+    /// where the page cache can lack a page without a disk behind it:
+    /// tmpfs (which includes memfd and POSIX shared memory,
+    /// `TMPFS_MAGIC` 0x01021994) and hugetlbfs (0x958458f6). Anywhere else
+    /// `UFFDIO_REGISTER` refuses the mapping. A path that does not exist
+    /// yet is judged by its directory.
+    public static func postcopyRefusal(for path: FilePath) -> String? {
+        var type = lm_statfs_type(path.string)
+        if type == -Int64(ENOENT) {
+            var dir = path
+            dir.removeLastComponent()
+            type = lm_statfs_type(dir.isEmpty ? "." : dir.string)
+        }
+        guard type >= 0 else {
+            return "cannot tell the file system of RAM file \(path) (statfs: \(SystemCall.error(negated: type))); "
+                + "postcopy needs the RAM file on tmpfs or hugetlbfs, e.g. under /dev/shm"
+        }
+        switch type {
+        case Int64(LM_TMPFS_MAGIC), Int64(LM_HUGETLBFS_MAGIC): return nil
+        default:
+            return "RAM file \(path) is on \(fileSystemName(type)), where a userfaultfd cannot report missing pages; "
+                + "postcopy needs the RAM file on tmpfs, memfd or hugetlbfs: put it under /dev/shm"
+        }
+    }
+
+    /// A file system's name from its statfs magic, for messages.
+    static func fileSystemName(_ magic: Int64) -> String {
+        let known: [Int64: String] = [
+            0xEF53: "ext2/ext3/ext4", 0x5846_5342: "xfs", 0x9123_683E: "btrfs", 0x794C_7630: "overlayfs",
+            0x6969: "nfs", 0x6573_5546: "fuse", 0x0102_1994: "tmpfs", 0x9584_58F6: "hugetlbfs", 0x2FC1_2FC1: "zfs",
+            0x4D44: "vfat", 0x5346_544E: "ntfs", 0xFF53_4D42: "cifs", 0x0102_1997: "9p",
+            0xF2F5_2010: "f2fs", 0x9FA0: "proc",
+        ]
+        let hex = "0x" + String(magic, radix: 16)
+        return known[magic].map { "\($0) (f_type \(hex))" } ?? "a file system of type \(hex)"
+    }
+
     /// Pointer to byte `offset` of the block.
     @inlinable public func pointer(at offset: UInt64) -> UnsafeMutableRawPointer {
         base + Int(offset)

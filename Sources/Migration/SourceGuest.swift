@@ -90,6 +90,11 @@ final class SourceGuest: Sendable {
         case .incomplete:
             throw MigrationError(
                 .mismatch, "the guest in \(g.path) is incomplete: the migration into it did not complete; it is no guest to send")
+        case .waitingIncoming:
+            throw MigrationError(
+                .mismatch,
+                "an incoming guest waits here (livemig stress --incoming, pid \(g.guestPID)); this is a destination: give it to receive --guest, not to send"
+            )
         case .handedOver:
             throw MigrationError(
                 .mismatch,

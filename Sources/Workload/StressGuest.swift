@@ -86,6 +86,14 @@ public final class StressGuest: Sendable {
                         + "so its RAM and state do not belong together; migrate the guest here again")
             case .pauseRequested where !control.pauseHolderVanished:
                 throw GuestMemoryError("the guest in \(control.path) is paused by a running migration (source pid \(control.sourcePID))")
+            case .waitingIncoming:
+                let pid = control.guestPID
+                let who =
+                    pid > 0 && SystemCall.processExists(pid)
+                    ? "belongs to an incoming guest (livemig stress --incoming, pid \(pid)) that waits for a migration"
+                    : "was left by an incoming guest (pid \(pid)) that ended before a migration reached it"
+                throw GuestMemoryError(
+                    "\(control.path) \(who): its RAM and state have not arrived, so there is nothing to resume; migrate a guest into it")
             default: break
             }
             let loaded: StressState
@@ -227,7 +235,7 @@ public final class StressGuest: Sendable {
                 pacedPages = 0
                 busySince = paceStart
                 continue
-            case .migrated, .incoming, .incomplete, .handedOver:
+            case .migrated, .incoming, .incomplete, .handedOver, .waitingIncoming:
                 return .migrated
             }
             if stopFlag.load(ordering: .relaxed) { return .stopped }

@@ -204,7 +204,7 @@ func guestAfterFailure(_ g: GuestControl) -> String {
             "The guest is stopped here and its RAM and state are intact, but it was handed over: the destination may have committed it. "
             + "If `livemig receive` exited 0 there, the guest lives on the destination; if it failed, take the guest back here with "
             + "`livemig stress --resume --reclaim`."
-    case .migrated, .incoming, .incomplete:
+    case .migrated, .incoming, .incomplete, .waitingIncoming:
         return "The guest's RAM was not modified; its control file says '\(g.runState)'."
     }
 }

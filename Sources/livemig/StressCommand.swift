@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import FoundationEssentials
 import GuestMemory
+import Synchronization
 import SystemPackage
 import WorkerThreads
 import Workload
@@ -20,7 +21,12 @@ struct StressCommand: ParsableCommand {
             sequential, hotset:F (a fraction F of pages gets 90% of the writes), counter (QEMU's a-b test: \
             pass after pass, +1 to the counter in the first 8 bytes of each page, in order). \
             It exits when --duration passes, on SIGINT/SIGTERM, or when its migration completes \
-            (it then runs on the destination).
+            (it then runs on the destination). \
+            With --incoming it is an incoming guest (QEMU's -incoming): it maps the RAM file (on tmpfs or \
+            hugetlbfs, e.g. /dev/shm; created sparse with --size) with every page missing, registers it with a \
+            userfaultfd, hands that descriptor to receivers on a Unix socket (default CONTROL.uffd, path stored \
+            in the control file) and waits until a receiver has placed its RAM and state; then it continues \
+            like --resume.
             """
     )
 
@@ -40,10 +46,17 @@ struct StressCommand: ParsableCommand {
         help:
             "With --resume: take back a guest whose switchover was never confirmed (run state 'handed over'). Only after checking that the destination's receive failed."
     ) var reclaim = false
+    @Flag(
+        help:
+            "Start as an incoming guest: wait, with the RAM registered for missing-page faults, until a receiver migrates a guest in; then run it like --resume."
+    ) var incoming = false
+    @Option(help: "With --incoming: the hand-off socket's path (default: CONTROL.uffd).") var handoffSocket: String?
 
     func validate() throws {
         guard (1...256).contains(threads) else { throw ValidationError("--threads must be from 1 to 256, got \(threads)") }
         if reclaim, !resume { throw ValidationError("--reclaim goes with --resume") }
+        if incoming, resume { throw ValidationError("--incoming and --resume exclude each other (an incoming guest resumes by itself)") }
+        if handoffSocket != nil, !incoming { throw ValidationError("--handoff-socket goes with --incoming") }
         if rate != "unlimited" {
             guard let r = parseRate(rate) else {
                 throw ValidationError("--rate: '\(rate)' is not a rate (examples: 200MiB/s, 1GiB/s, unlimited)")
@@ -63,6 +76,7 @@ struct StressCommand: ParsableCommand {
     }
 
     func run() throws {
+        if incoming { return try runIncoming() }
         let ramFile: RAMFile
         let controlFile: GuestControl
         // The guest owns its RAM (the writer byte) and its control file (the
@@ -114,11 +128,73 @@ struct StressCommand: ParsableCommand {
                 + "target \(options.rate.map { formatBytes($0) + "/s" } ?? "unlimited"), pid \(getpid())\n")
         let outcome = withExtendedLifetime((ramLock, guestLock)) { guest.run() }
         signals.end()
+        report(outcome, rate: options.rate)
+    }
+
+    /// `stress --incoming`: the incoming guest (`IncomingGuest`) waits for
+    /// a receiver, then runs like `--resume`.
+    private func runIncoming() throws {
+        let guest: IncomingGuest
+        do {
+            guest = try IncomingGuest(
+                ram: FilePath(ram), control: FilePath(control), size: size.flatMap(parseSize), socketPath: handoffSocket)
+        } catch {
+            throw CommandFailure(message: error.description)
+        }
+        // One watch per process: it stops the wait, then the running guest.
+        let running = Mutex<StressGuest?>(nil)
+        let signals = SignalWatch { _ in
+            guest.stop()
+            running.withLock { $0 }?.stop()
+        }
+        defer { guest.finish() }
+        FileHandleStderr.write(
+            "stress: incoming guest waiting on \(ram) (\(formatBytes(guest.ram.block.size)), every page missing, registered with a "
+                + "userfaultfd), control \(control), hand-off socket \(guest.socketPath), pid \(getpid())\n")
+        switch guest.waitForStart() {
+        case .started: break
+        case .stopped:
+            signals.end()
+            print("stress: stopped by signal while waiting for an incoming migration; no guest ran")
+            return
+        case .abandoned(let state):
+            signals.end()
+            throw CommandFailure(
+                message: "the run state of \(control) became '\(state)' while the incoming guest waited for a receiver; not starting")
+        }
+        var options = StressOptions()
+        options.rate = rate == "unlimited" ? nil : parseRate(rate)
+        options.duration = duration.flatMap(parseDuration)
+        options.resume = true
+        let stress: StressGuest
+        do {
+            stress = try StressGuest(ram: guest.ram, control: guest.control, options: options)
+        } catch {
+            signals.end()
+            throw CommandFailure(message: "the incoming guest cannot start: \(error.description)")
+        }
+        running.withLock { $0 = stress }
+        if guest.stopRequested { stress.stop() }  // a signal before `running` was set
+        // The receiver holds the RAM writer lock while it places pages; the
+        // guest takes it once the receiver lets go (IncomingGuest).
+        guest.claimRAMWhenFree()
+        FileHandleStderr.write(
+            "stress: guest resumed (incoming): pattern \(stress.options.pattern), "
+                + "\(stress.options.threads) thread(s), target \(options.rate.map { formatBytes($0) + "/s" } ?? "unlimited"), pid \(getpid())\n"
+        )
+        // The hand-off server keeps running while the guest runs: a
+        // receiver may attach again (postcopy recovery).
+        let outcome = withExtendedLifetime(guest) { stress.run() }
+        signals.end()
+        report(outcome, rate: options.rate)
+    }
+
+    private func report(_ outcome: StressOutcome, rate: UInt64?) {
         // Saturate: a Double beyond UInt64 must not trap the report.
         let rateText = formatBytes(outcome.bytesPerSecond < 1.8e19 ? UInt64(max(0, outcome.bytesPerSecond)) : .max) + "/s"
         var line =
             "stress: wrote \(outcome.pagesWritten) pages in \(fixed(outcome.seconds, 2)) s: dirty rate achieved \(rateText)"
-        if let r = options.rate { line += " (target \(formatBytes(r))/s)" }
+        if let r = rate { line += " (target \(formatBytes(r))/s)" }
         print(line)
         if outcome.selfResumes > 0 {
             print(
@@ -154,6 +230,14 @@ struct VerifyCommand: ParsableCommand {
             guard c.runState != .incomplete else {
                 throw CommandFailure(
                     message: "the guest in \(control) is incomplete: the migration into it did not complete; migrate the guest here again")
+            }
+            guard c.runState != .waitingIncoming else {
+                let pid = c.guestPID
+                let who =
+                    pid > 0 && (kill(pid, 0) == 0 || errno == EPERM)
+                    ? "belongs to an incoming guest (pid \(pid)) that waits for a migration"
+                    : "was left by an incoming guest (pid \(pid)) that ended before a migration reached it"
+                throw CommandFailure(message: "\(control) \(who): its RAM and state have not arrived; verify after a migration into it")
             }
             let state: StressState
             switch StressState.decode(c.readState()) {

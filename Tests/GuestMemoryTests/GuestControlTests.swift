@@ -257,6 +257,47 @@ struct GuestControlTests {
         #expect(GuestControl.RunState.pauseRequested.description == "pause requested")
         #expect(GuestControl.RunState.migrated.description == "migrated")
         #expect(GuestControl.RunState.incoming.description == "incoming")
+        #expect(GuestControl.RunState.waitingIncoming.description == "waiting incoming")
+        #expect(GuestControl.RunState.waitingIncoming.rawValue == 6)
+    }
+
+    @Test func waitingIncomingRoundTrips() throws {
+        try Self.withControlPath { path, url in
+            let a = try GuestControl.create(path: path, for: Self.block)
+            let b = try GuestControl(path: path)
+            a.setRunState(.waitingIncoming)
+            #expect(b.runState == .waitingIncoming)
+            #expect(try Self.bytes(url, 64..<68) == [6, 0, 0, 0])
+            #expect(b.exchangeRunState(from: .waitingIncoming, to: .incoming))
+            #expect(a.runState == .incoming)
+        }
+    }
+
+    @Test func handoffSocketPathRoundTripsAtOffset128() throws {
+        try Self.withControlPath { path, url in
+            let a = try GuestControl.create(path: path, for: Self.block)
+            let b = try GuestControl(path: path)
+            #expect(b.handoffSocketPath == nil)
+            let generation = try Self.generation(url)
+            a.handoffSocketPath = "/dev/shm/vm.ctl.uffd"
+            #expect(b.handoffSocketPath == "/dev/shm/vm.ctl.uffd")
+            #expect(try Self.bytes(url, 128..<149) == Array("/dev/shm/vm.ctl.uffd".utf8) + [0])
+            // A shorter path replaces the whole field: no tail of the old one.
+            a.handoffSocketPath = "/s"
+            #expect(b.handoffSocketPath == "/s")
+            #expect(try Self.bytes(url, 128..<236).dropFirst(2).allSatisfy { $0 == 0 })
+            // The longest that fits a sun_path, with its NUL in byte 107.
+            let longest = "/" + String(repeating: "p", count: GuestControl.handoffSocketPathLimit - 1)
+            a.handoffSocketPath = longest
+            #expect(b.handoffSocketPath == longest)
+            #expect(try Self.bytes(url, 235..<236) == [0])
+            a.handoffSocketPath = nil
+            #expect(b.handoffSocketPath == nil)
+            // Nothing else in the header moved.
+            #expect(try Self.generation(url) == generation)
+            #expect(b.ramSize == Self.block.size)
+            #expect(b.runState == .running)
+        }
     }
 
     @Test func waitWhileWakesOnAChange() throws {
