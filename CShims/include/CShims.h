@@ -87,6 +87,14 @@ static inline uint64_t lm_atomic_fetch_or_release_u64(uint64_t *word, uint64_t b
 static inline uint64_t lm_atomic_exchange_acquire_u64(uint64_t *word, uint64_t value) {
     return __atomic_exchange_n(word, value, __ATOMIC_ACQUIRE);
 }
+/// Clears bits, returning the word before (acquire: the caller may read
+/// the pages of the bits it cleared, like after a harvest).
+static inline uint64_t lm_atomic_fetch_and_acquire_u64(uint64_t *word, uint64_t mask) {
+    return __atomic_fetch_and(word, mask, __ATOMIC_ACQUIRE);
+}
+static inline void lm_atomic_store_relaxed_u64(uint64_t *word, uint64_t value) {
+    __atomic_store_n(word, value, __ATOMIC_RELAXED);
+}
 static inline uint64_t lm_atomic_load_relaxed_u64(const uint64_t *word) {
     return __atomic_load_n(word, __ATOMIC_RELAXED);
 }

@@ -82,6 +82,20 @@ public final class DirtyBitmap: @unchecked Sendable {
         lm_atomic_exchange_acquire_u64(words + index, 0)
     }
 
+    /// Clears `page` and says whether it was marked (acquire, like a
+    /// harvest: whoever clears a set bit owns sending that page). Postcopy's
+    /// request server takes requested pages from the unsent set with it.
+    @inlinable public func take(page: Int) -> Bool {
+        let bit: UInt64 = 1 << UInt64(page & 63)
+        return lm_atomic_fetch_and_acquire_u64(words + (page >> 6), ~bit) & bit != 0
+    }
+
+    /// Clears `page` (relaxed: for bitmaps whose readers a barrier orders,
+    /// like the destination's arrived set at the postcopy switch).
+    @inlinable public func clear(page: Int) {
+        _ = lm_atomic_fetch_and_acquire_u64(words + (page >> 6), ~(1 << UInt64(page & 63)))
+    }
+
     /// Whether `page` is marked (relaxed: a hint, not a hand-off).
     @inlinable public func isDirty(page: Int) -> Bool {
         lm_atomic_load_relaxed_u64(words + (page >> 6)) & (1 << UInt64(page & 63)) != 0

@@ -24,25 +24,53 @@ final class DestinationGuest: Sendable {
     /// nil when the file did not exist at `init` (it is created at
     /// completion).
     private let lock: OwnerLock?
+    /// The incoming guest that waits on this control file
+    /// (`livemig stress --incoming`), attached: its userfaultfd and its
+    /// mapping. Nil for an ordinary destination.
+    let incoming: IncomingAttachment?
 
     /// Claims the control file's receiver byte and refuses a control file
-    /// whose guest runs (its guest byte is held). Claims nothing when the
-    /// file does not exist yet.
+    /// whose guest runs (its guest byte is held), unless that guest is an
+    /// incoming guest waiting for this migration: then attaches to it
+    /// (`FaultHandoff`). Claims nothing when the file does not exist yet.
     init(path: FilePath) throws(MigrationError) {
         self.path = path
         do throws(GuestMemoryError) {
             if access(path.string, F_OK) == 0 {
-                try Self.refuseLiveGuest(path)
-                _ = try GuestControl(path: path)
+                let control = try GuestControl(path: path)
+                if let socket = try Self.waitingIncomingGuest(control, path: path) {
+                    incoming = try FaultHandoff.attach(path: socket, timeout: 5)
+                    guard incoming!.length == control.ramSize, incoming!.pageSize == control.pageSize else {
+                        throw GuestMemoryError(
+                            "the incoming guest on \(path) registered \(incoming!.length) bytes of RAM in pages of \(incoming!.pageSize), "
+                                + "but its control file says \(control.ramSize) in pages of \(control.pageSize)")
+                    }
+                } else {
+                    try Self.refuseLiveGuest(path)
+                    incoming = nil
+                }
                 lock = try OwnerLock.acquire(.receiver, on: path) { holder in
                     "control file \(path) is in use by \(holder.named("livemig receive")); give another path"
                 }
             } else {
                 lock = nil
+                incoming = nil
             }
         } catch {
             throw MigrationError(.mismatch, error.description)
         }
+    }
+
+    /// The hand-off socket of an incoming guest that waits on `control`:
+    /// run state *waiting incoming* (or *incomplete*, after a migration
+    /// into it failed before it ran), a hand-off path, and its guest byte
+    /// held by a live process. Nil when no incoming guest waits.
+    private static func waitingIncomingGuest(_ control: GuestControl, path: FilePath) throws(GuestMemoryError) -> String? {
+        guard control.runState == .waitingIncoming || control.runState == .incomplete,
+            let socket = control.handoffSocketPath,
+            try OwnerLock.holder(of: .guest, on: path) != nil
+        else { return nil }
+        return socket
     }
 
     /// Marks an existing control file *incomplete* before the migration
@@ -51,7 +79,7 @@ final class DestinationGuest: Sendable {
     func markIncomplete() throws(MigrationError) {
         do throws(GuestMemoryError) {
             guard access(path.string, F_OK) == 0 else { return }
-            try Self.refuseLiveGuest(path)
+            if incoming == nil { try Self.refuseLiveGuest(path) }
             try GuestControl(path: path).setRunState(.incomplete)
         } catch {
             throw MigrationError(.mismatch, error.description)
@@ -63,7 +91,7 @@ final class DestinationGuest: Sendable {
     /// source commits.
     func store(_ state: [UInt8], for block: RAMBlock) throws(MigrationError) {
         do throws(GuestMemoryError) {
-            try Self.refuseLiveGuest(path)
+            if incoming == nil { try Self.refuseLiveGuest(path) }
             let control = try GuestControl.openOrCreate(path: path, for: block)
             let pid = control.guestPID
             if control.runState == .running, pid > 0, SystemCall.processExists(pid), control.guestThreads > 0 {
@@ -79,7 +107,8 @@ final class DestinationGuest: Sendable {
     }
 
     /// The point of no return on this side: the source stopped its copy
-    /// for good, so the guest becomes *incoming*.
+    /// for good, so the guest becomes *incoming*. An incoming guest that
+    /// waits (`stress --incoming`) starts running at this store.
     func commit() throws(MigrationError) {
         do throws(GuestMemoryError) {
             try GuestControl(path: path).setRunState(.incoming)
@@ -87,6 +116,10 @@ final class DestinationGuest: Sendable {
             throw MigrationError(error)
         }
     }
+
+    /// The control file, opened (nil when it cannot be): for reading the
+    /// running guest's thread count during postcopy.
+    func control() -> GuestControl? { try? GuestControl(path: path) }
 
     private static func refuseLiveGuest(_ path: FilePath) throws(GuestMemoryError) {
         if let holder = try OwnerLock.holder(of: .guest, on: path) {

@@ -77,6 +77,14 @@ public final class DestinationMigration: Sendable {
     /// Every access to the destination's control file (`--guest`); holds
     /// its receiver byte from `init`.
     private let guest: DestinationGuest?
+    /// The preempt channel's totals (postcopy), apart from the multifd ones.
+    private let preemptCounters = TransferCounters()
+    /// The multifd bytes that had arrived at the postcopy switch.
+    private let bytesAtSwitch = Atomic<UInt64>(0)
+    /// Where the migration stands, for the failure message: after the
+    /// postcopy commit a failure leaves the guest running here without all
+    /// of its pages (postcopy-paused).
+    private let phase = Atomic<PostcopyPhase>(.none)
     /// The listening socket's file (a Unix address), to remove at exit.
     private let socketFile: (path: String, device: UInt64, inode: UInt64)?
 
@@ -92,7 +100,27 @@ public final class DestinationMigration: Sendable {
         watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
         guest = try config.guestControl.map { path throws(MigrationError) in try DestinationGuest(path: path) }
         var created = false
-        if let size = config.size {
+        if let incoming = guest?.incoming {
+            // An incoming guest waits: its RAM file exists (it made it) and
+            // is registered in its process. Never pre-faulted: a page this
+            // process faults in could never fault in the guest.
+            let lock = try Self.claim(config.ramPath, create: false)
+            ramLock.withLock { $0 = lock }
+            let ram = try Self.mapped(prefault: false) { () throws(GuestMemoryError) in
+                try RAMFile(path: config.ramPath, access: .readWrite)
+            }
+            try Self.checkIncoming(incoming, ram: ram, size: config.size)
+            do {
+                // Every page missing again: a migration into this guest that
+                // failed before it ran may have left pages (the writer byte
+                // says nobody else writes the file now).
+                try ram.discard(offset: 0, length: ram.block.size)
+            } catch {
+                throw MigrationError(error)
+            }
+            ramFile.withLock { $0 = ram }
+            prefaulted = false
+        } else if let size = config.size {
             let exists = access(config.ramPath.string, F_OK) == 0
             if !exists {
                 try Self.checkBounds(
@@ -133,6 +161,47 @@ public final class DestinationMigration: Sendable {
         }
     }
 
+    /// Checks that the incoming guest mapped this very RAM file at the
+    /// address it registered (`/proc/PID/maps`): pages placed through its
+    /// userfaultfd and pages written into `--ram` must be the same memory.
+    private static func checkIncoming(_ incoming: IncomingAttachment, ram: RAMFile, size: UInt64?) throws(MigrationError) {
+        guard ram.block.size == incoming.length else {
+            throw MigrationError(
+                .mismatch,
+                "the incoming guest registered \(incoming.length) bytes of RAM but \(ram.path) has \(ram.block.size): give receive the guest's own RAM file"
+            )
+        }
+        if let size, size != ram.block.size {
+            throw MigrationError(
+                .mismatch, "--size \(size) differs from the incoming guest's RAM of \(ram.block.size) bytes; leave --size out")
+        }
+        var st = stat()
+        guard stat(ram.path.string, &st) == 0 else {
+            throw MigrationError(.local, "cannot stat RAM file \(ram.path): \(SystemCall.lastError)")
+        }
+        let maps = String(decoding: SystemCall.readSmallFile("/proc/\(incoming.guestPID)/maps") ?? [], as: UTF8.self)
+        let start = String(incoming.guestBase, radix: 16)
+        let dev = UInt64(st.st_dev)
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))
+        let minor = (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff))
+        for line in maps.split(separator: "\n") {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count >= 5, f[0].hasPrefix(start + "-") else { continue }
+            let d = f[3].split(separator: ":")
+            if d.count == 2, UInt64(d[0], radix: 16) == major, UInt64(d[1], radix: 16) == minor, UInt64(f[4]) == UInt64(st.st_ino) {
+                return
+            }
+            throw MigrationError(
+                .mismatch,
+                "the incoming guest (pid \(incoming.guestPID)) maps another file than \(ram.path) as its RAM: give receive the --ram the guest was started with"
+            )
+        }
+        throw MigrationError(
+            .mismatch,
+            "cannot find the incoming guest's RAM mapping in /proc/\(incoming.guestPID)/maps (did it exit?); start it again with livemig stress --incoming"
+        )
+    }
+
     /// Removes the listening socket's file, if it is still the one this
     /// destination bound (docs/PROTOCOL.md §1). Call before exiting: the
     /// process may exit before the listener's deinit would.
@@ -153,13 +222,17 @@ public final class DestinationMigration: Sendable {
     /// Stops from any thread.
     public func cancel(_ reason: String) { latch.fail(MigrationError(.cancelled, reason)) }
 
+    /// Whether a failure found the migration after the postcopy commit.
+    public var postcopyPaused: Bool { latch.hasFailed && phase.load(ordering: .acquiring) == .postcopyActive }
+
     public func run() throws(MigrationError) -> MigrationStats {
         var control: ControlChannel?
         var receivers: [PacketReceiver] = []
         var threads: [WorkerThread] = []
-        let barrier = RoundBarrier(channels: config.channels)
+        var faultThread: PostcopyFaults?
         var start = 0.0
         defer {
+            faultThread?.stop()
             for r in receivers { r.socket.shutdown() }
             control?.socket.shutdown()
             for t in threads { t.join() }
@@ -179,6 +252,9 @@ public final class DestinationMigration: Sendable {
             }
             try acceptHello(hello, on: ctl)
             let session = hello.session
+            let postcopy = hello.flags.contains(.postcopy)
+            // The preempt channel has its own SYNC, at the end of postcopy.
+            let barrier = RoundBarrier(channels: config.channels + (postcopy ? 1 : 0))
             let ram = try acceptLayout(ctl)
             TestHook.stop(at: "setup", ifRequested: config.testStopAt)
             // The hello deadline guarded the handshake only: a round may
@@ -193,35 +269,61 @@ public final class DestinationMigration: Sendable {
             let arrived = DirtyBitmap(pageCount: ram.block.pageCount)
             let roundSeen = DirtyBitmap(pageCount: ram.block.pageCount)
             let table = PageTable(pages: ram.block.pageCount)
-            let (channels, early) = try acceptChannels(session: session, main: ctl, trust: trust)
+            let target = guest?.incoming.map { PostcopyTarget($0, pageCount: ram.block.pageCount) }
+            let (channels, early) = try acceptChannels(session: session, main: ctl, trust: trust, preempt: postcopy)
             for (id, (s, keys)) in channels.enumerated() {
+                // The preempt channel (the last) counts apart: the source's
+                // completion totals are the multifd channels'.
                 receivers.append(
                     try PacketReceiver(
-                        id: id, socket: s, ram: ram, limits: limits(id), counters: counters, arrived: arrived, roundSeen: roundSeen,
-                        table: table,
-                        sealer: keys.map { PacketSealer(key: $0.toDestination, encrypts: trust.encrypt) }, writeThrough: !prefaulted))
+                        id: id, socket: s, ram: ram, limits: limits(id), counters: id < config.channels ? counters : preemptCounters,
+                        arrived: arrived, roundSeen: roundSeen, table: table,
+                        sealer: keys.map { PacketSealer(key: $0.toDestination, encrypts: trust.encrypt) }, writeThrough: !prefaulted,
+                        postcopy: target))
+            }
+            if postcopy, let target, let (s, keys) = channels.last {
+                faultThread = PostcopyFaults(
+                    target: target, arrived: arrived, requests: ControlChannel(socket: s, keys: keys, isSource: false), latch: latch)
             }
             latch.onFailure { [receivers, barrier] in
                 for r in receivers { r.socket.shutdown() }
                 barrier.wakeAll()
             }
             let setupTime = Monotonic.now - start
-            watchdog.start(latch: latch) { [counters] in counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) }
+            watchdog.start(latch: latch) { [counters, preemptCounters] in
+                counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) &+ preemptCounters.read(preemptCounters.multifdBytes)
+            }
             defer { watchdog.stop() }
             for r in receivers {
                 let latch = self.latch
                 threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })
             }
             let rounds = try serveControl(
-                ctl, barrier: barrier, arrived: arrived, roundSeen: roundSeen, table: table, ram: ram, first: early)
+                ctl, barrier: barrier, arrived: arrived, roundSeen: roundSeen, table: table, ram: ram, first: early,
+                postcopy: postcopy ? faultThread.map { ($0, target!) } : nil)
             var s = MigrationStats(status: .completed)
             s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
             s.setupTime = UInt64(setupTime * 1000)
             s.ram.dirtySyncCount = rounds
             s.fillCompression(counters, method: hello.compression, level: nil, pageSize: ram.block.pageSize)
+            if postcopy, let target {
+                var p = target.faults.snapshot(at: Monotonic.now)
+                p.postcopyBytes =
+                    preemptCounters.read(preemptCounters.multifdBytes) + counters.read(counters.multifdBytes)
+                    - bytesAtSwitch.load(ordering: .relaxed)
+                s.postcopy = p
+            }
             return s
         } catch {
             latch.fail(error)
+            if phase.load(ordering: .acquiring) == .postcopyActive {
+                throw MigrationError(
+                    (latch.error ?? error).kind,
+                    "postcopy-paused: \((latch.error ?? error).description). The guest runs here, but some of its pages never arrived: its "
+                        + "threads that touch them wait. Its complete copy (RAM and state as at the switch) stays on the source, stopped "
+                        + "(run state handed over). Recovery is not implemented: end this guest, then take the guest back on the source "
+                        + "with livemig stress --resume --reclaim")
+            }
             // A RAM file this process created holds a partial copy and
             // nothing else: remove it (a file that existed keeps its
             // incomplete mark). The lock is still ours, so nobody else
@@ -271,6 +373,18 @@ public final class DestinationMigration: Sendable {
         }
         if !live, config.guestControl != nil {
             throw MigrationError(.mismatch, "receive has --guest but the source sends no guest (start send with --guest CONTROL)")
+        }
+        if hello.flags.contains(.postcopy) {
+            if let refusal = RAMFile.postcopyRefusal(for: config.ramPath) {
+                throw MigrationError(.mismatch, "this destination cannot take postcopy: \(refusal)")
+            }
+            guard guest?.incoming != nil else {
+                throw MigrationError(
+                    .mismatch,
+                    "this destination cannot take postcopy: no incoming guest waits on \(config.guestControl?.string ?? "its control file"). "
+                        + "Start one first (livemig stress --incoming --ram \(config.ramPath) --control CONTROL), then receive --guest CONTROL; "
+                        + "or migrate without --postcopy")
+            }
         }
         try ctl.send(.helloAccepted)
     }
@@ -380,22 +494,24 @@ public final class DestinationMigration: Sendable {
     /// progress. The connections may be accepted after the source already
     /// sent on main (a small first round fits in the socket buffers): such
     /// a message is returned for the control loop, unless it is an error.
-    private func acceptChannels(session: SessionID, main: ControlChannel, trust: TrustSetting) throws(MigrationError) -> (
-        [(Socket, ChannelKeys?)], MainMessage?
-    ) {
-        var byID = [(Socket, ChannelKeys?)?](repeating: nil, count: config.channels)
+    private func acceptChannels(session: SessionID, main: ControlChannel, trust: TrustSetting, preempt: Bool) throws(MigrationError)
+        -> ([(Socket, ChannelKeys?)], MainMessage?)
+    {
+        // With postcopy the preempt channel comes last, with id N.
+        let wanted = config.channels + (preempt ? 1 : 0)
+        var byID = [(Socket, ChannelKeys?)?](repeating: nil, count: wanted)
         var early: MainMessage?
         var opened = 0
         var gate = HelloGate(listener: listener, helloTimeout: config.helloTimeout, notice: notice, latch: latch)
         let deadline = Monotonic.now + config.channelTimeout
-        while opened < config.channels {
+        while opened < wanted {
             let next: (Socket, ChannelHello, [UInt8])?
             do {
                 next = try gate.next(deadline: deadline, strict: false, watch: early == nil ? main.socket : nil)
             } catch  where error.kind == .timeout {
                 throw MigrationError(
                     .timeout,
-                    "only \(opened) of \(config.channels) multifd channels connected within \(formatSeconds(config.channelTimeout)) s")
+                    "only \(opened) of \(wanted) channels (multifd\(preempt ? " and preempt" : "")) connected within \(formatSeconds(config.channelTimeout)) s")
             }
             guard let (s, h, bytes) = next else {
                 // The source says something (an error, most likely) or left.
@@ -404,7 +520,7 @@ public final class DestinationMigration: Sendable {
                 early = m
                 continue
             }
-            guard h.kind == .multifd, h.session == session else {
+            guard h.kind == .multifd || (preempt && h.kind == .preempt), h.session == session else {
                 notice(
                     "dropped a connection from \(s.peer) that is not a multifd channel of this migration (\(h.kind == .main ? "a second main channel" : "session \(h.session)"))"
                 )
@@ -435,17 +551,23 @@ public final class DestinationMigration: Sendable {
 
     // MARK: - transfer
 
-    /// The main thread's loop: end-of-round barriers, then completion.
-    /// Returns the number of rounds.
+    /// The main thread's loop: end-of-round barriers, then completion; with
+    /// `postcopy` (the fault thread and the guest's userfaultfd), the
+    /// postcopy switch between them (docs/PROTOCOL.md §8). Returns the
+    /// number of rounds.
     private func serveControl(
         _ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, roundSeen: DirtyBitmap, table: PageTable, ram: RAMFile,
-        first: MainMessage?
+        first: MainMessage?, postcopy: (faults: PostcopyFaults, target: PostcopyTarget)?
     )
         throws(MigrationError)
         -> UInt64
     {
         var rounds: UInt64 = 0
         var guestState: [UInt8]?
+        /// Pages the source said are stale (postcopy-discard), and whether
+        /// the postcopy phase began (committed).
+        var discarded: UInt64 = 0
+        var inPostcopy = false
         var pending = first
         while true {
             let m: MainMessage
@@ -465,11 +587,27 @@ public final class DestinationMigration: Sendable {
                         .protocolViolation, "guest state of \(bytes.count) bytes exceeds the \(GuestControl.stateCapacity)-byte bound")
                 }
                 guestState = bytes
+            case .postcopyDiscard(let ranges):
+                guard postcopy != nil, !inPostcopy, rounds > 0 else {
+                    throw MigrationError(.protocolViolation, "unexpected postcopy-discard (after \(rounds) rounds, postcopy \(inPostcopy))")
+                }
+                discarded += try discard(ranges, arrived: arrived, ram: ram)
+            case .postcopyStart(let r, let count):
+                guard let postcopy, !inPostcopy, r == rounds, rounds > 0 else {
+                    throw MigrationError(.protocolViolation, "unexpected postcopy-start after round \(r) (\(rounds) rounds arrived)")
+                }
+                guard count == discarded else {
+                    throw MigrationError(
+                        .mismatch, "the source discarded \(count) pages before postcopy-start but \(discarded) discards arrived")
+                }
+                try startPostcopy(ctl, postcopy: postcopy, guestState: guestState, arrived: arrived, ram: ram)
+                inPostcopy = true
             case .endOfRound(let r):
                 guard r == rounds + 1 else {
                     throw MigrationError(.protocolViolation, "end-of-round \(r) after round \(rounds); rounds are numbered 1, 2, ...")
                 }
-                for _ in 0..<config.channels {
+                // The postcopy round ends with a SYNC on the preempt channel too.
+                for _ in 0..<(inPostcopy ? config.channels + 1 : config.channels) {
                     barrier.synced.wait()
                     try latch.check()
                 }
@@ -477,6 +615,27 @@ public final class DestinationMigration: Sendable {
                 // Every receiver waits at its SYNC: nobody marks now.
                 roundSeen.clearAll()
                 for s in barrier.resume { s.signal() }
+            case .complete(let summary) where inPostcopy:
+                guard let postcopy else { fatalError("postcopy without its state") }
+                try checkCompletion(summary, rounds: rounds, arrived: arrived, table: table, ram: ram)
+                guard UInt64(guestState?.count ?? -1) == summary.guestStateBytes else {
+                    throw MigrationError(
+                        .mismatch,
+                        "the source completed with a \(summary.guestStateBytes)-byte guest state but \(guestState?.count ?? 0) bytes arrived")
+                }
+                // Every page is in the guest: no fault can come any more.
+                postcopy.faults.stop()
+                do {
+                    let t = postcopy.target
+                    try t.userfault.unregister(address: t.guestBase, length: ram.block.size)
+                } catch {
+                    notice("every page arrived, but the guest's RAM could not be unregistered (\(error.description)); it runs on")
+                }
+                try clearIncompleteMark()
+                phase.store(.completed, ordering: .releasing)
+                barrier.quit.store(true, ordering: .releasing)
+                try ctl.send(.completed)
+                return rounds
             case .complete(let summary):
                 try checkCompletion(summary, rounds: rounds, arrived: arrived, table: table, ram: ram)
                 if let guest {
@@ -526,10 +685,100 @@ public final class DestinationMigration: Sendable {
 
     /// The point of no return on this side: the source stopped its copy for
     /// good, so the RAM loses its incomplete mark and a live guest becomes
-    /// *incoming*, ready for `livemig stress --resume`.
+    /// *incoming*, ready for `livemig stress --resume`. An incoming guest
+    /// (`stress --incoming`) holds every page now: its RAM is unregistered
+    /// first, then it starts at the run state.
     private func commit() throws(MigrationError) {
         try clearIncompleteMark()
+        if let incoming = guest?.incoming, let ram {
+            do {
+                try incoming.userfault.unregister(address: incoming.guestBase, length: ram.block.size)
+            } catch {
+                throw MigrationError(.local, "cannot unregister the incoming guest's RAM before starting it: \(error.description)")
+            }
+        }
         try guest?.commit()
+    }
+
+    // MARK: - postcopy
+
+    /// Drops the pages the source says are stale (`postcopy-discard`):
+    /// they lose their arrived mark and leave the file (a hole), so the
+    /// guest faults on them. Returns the pages named.
+    private func discard(_ ranges: [PageRange], arrived: DirtyBitmap, ram: RAMFile) throws(MigrationError) -> UInt64 {
+        let pages = UInt64(ram.block.pageCount), pageSize = ram.block.pageSize
+        var total: UInt64 = 0
+        for r in ranges {
+            guard r.block == 0, r.count > 0, r.first < pages, r.count <= pages - r.first else {
+                throw MigrationError(
+                    .protocolViolation,
+                    "postcopy-discard names pages \(r.first)..+\(r.count) of block \(r.block); the RAM has one block of \(pages) pages")
+            }
+            for p in r.first..<(r.first + r.count) { arrived.clear(page: Int(p)) }
+            do {
+                try ram.discard(offset: r.first * pageSize, length: r.count * pageSize)
+            } catch {
+                throw MigrationError(error)
+            }
+            total += r.count
+        }
+        return total
+    }
+
+    /// The postcopy switch on this side (docs/PROTOCOL.md §8): every page
+    /// that has not arrived is made a hole too (it should be one already),
+    /// so that every page the guest lacks faults; the guest state is
+    /// stored; receivers place through the guest's userfaultfd from now
+    /// on; `postcopy-ready`. Then the source hands its guest over and says
+    /// `commit`: the fault thread starts, the guest starts, `committed`.
+    private func startPostcopy(
+        _ ctl: ControlChannel, postcopy: (faults: PostcopyFaults, target: PostcopyTarget), guestState: [UInt8]?, arrived: DirtyBitmap,
+        ram: RAMFile
+    ) throws(MigrationError) {
+        guard let guest, let state = guestState else {
+            throw MigrationError(.protocolViolation, "postcopy-start before the guest state")
+        }
+        let pageSize = ram.block.pageSize
+        var page = 0
+        do {
+            while page < ram.block.pageCount {
+                guard !arrived.isDirty(page: page) else {
+                    page += 1
+                    continue
+                }
+                var end = page + 1
+                while end < ram.block.pageCount, !arrived.isDirty(page: end) { end += 1 }
+                try ram.discard(offset: UInt64(page) * pageSize, length: UInt64(end - page) * pageSize)
+                page = end
+            }
+        } catch {
+            throw MigrationError(error)
+        }
+        try guest.store(state, for: ram.block)
+        bytesAtSwitch.store(counters.read(counters.multifdBytes), ordering: .relaxed)
+        postcopy.target.activate()
+        try ctl.send(.postcopyReady)
+        TestHook.stop(at: "postcopy-ready", ifRequested: config.testStopAt)
+        let decision = try ctl.receive("waiting for the source to commit the postcopy switch")
+        switch decision {
+        case .commit:
+            let control = guest.control()
+            postcopy.faults.start { control.map { Int($0.guestThreads) } ?? 0 }
+            try guest.commit()
+            // Release: pairs with the failure path's acquire load.
+            phase.store(.postcopyActive, ordering: .releasing)
+            TestHook.stop(at: "postcopy-committed", ifRequested: config.testStopAt)
+            do {
+                try ctl.send(.committed)
+            } catch {
+                notice("committed the postcopy switch, but the confirmation did not reach the source (\(error.description))")
+                throw error
+            }
+        case .error(let text):
+            throw MigrationError(.peer, "the source aborted the postcopy switch: \(text)")
+        default:
+            throw MigrationError(.protocolViolation, "'\(decision.name)' instead of commit or error after 'postcopy-ready'")
+        }
     }
 
     private func checkCompletion(_ s: CompletionSummary, rounds: UInt64, arrived: DirtyBitmap, table: PageTable, ram: RAMFile)

@@ -3,6 +3,7 @@ import Dispatch
 import GuestMemory
 import MigrationWire
 import Synchronization
+import OSCall
 import Trust
 import URing
 
@@ -46,6 +47,12 @@ final class PacketReceiver: @unchecked Sendable {
     private let writeThrough: Bool
     private let zeroHash: UInt64
     private var expectedPacket: UInt64 = 0
+    /// The incoming guest's postcopy state, when an incoming guest waits:
+    /// once it is active, pages go through the guest's userfaultfd
+    /// (`placePostcopy`). Before, every page placed must be present in the
+    /// file: a zero page is written even into a hole (a page marked arrived
+    /// must never fault in the guest).
+    private let postcopy: PostcopyTarget?
 
     /// `writeThrough`: pwrite page data into the file instead of copying it
     /// into the mapping. For a destination that was not pre-faulted: a
@@ -55,8 +62,10 @@ final class PacketReceiver: @unchecked Sendable {
     /// full file system is an error (ENOSPC) instead of a SIGBUS.
     init(
         id: Int, socket: Socket, ram: RAMFile, limits: PacketLimits, counters: TransferCounters, arrived: DirtyBitmap,
-        roundSeen: DirtyBitmap, table: PageTable, sealer: PacketSealer? = nil, writeThrough: Bool = false
+        roundSeen: DirtyBitmap, table: PageTable, sealer: PacketSealer? = nil, writeThrough: Bool = false,
+        postcopy: PostcopyTarget? = nil
     ) throws(MigrationError) {
+        self.postcopy = postcopy
         decompressor =
             limits.compression == .none ? nil : try PacketDecompressor(method: limits.compression, pageSize: Int(limits.pageSize))
         self.id = id
@@ -209,6 +218,10 @@ final class PacketReceiver: @unchecked Sendable {
                 "\(what(h)): zero page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) carries hash 0x\(String(hashes[i], radix: 16)), not the zero page's 0x\(String(zeroHash, radix: 16))"
             )
         }
+        if let postcopy, postcopy.active {
+            try placePostcopy(h, pages: pages, into: postcopy)
+            return
+        }
         for i in 0..<total where roundSeen.testAndMark(page: Int(offsets[i] / limits.pageSize)) {
             throw MigrationError(
                 .protocolViolation,
@@ -228,16 +241,86 @@ final class PacketReceiver: @unchecked Sendable {
         // ordered by the SYNC barrier, so an earlier round's mark is seen;
         // within a round a page comes once.)
         let startsZero = ram.createdEmpty
+        let materialize = postcopy != nil
         for i in normal..<total {
             let off = offsets[i]
             if startsZero && !arrived.isDirty(page: Int(off / limits.pageSize)) { continue }
             let p = ram.base + Int(off)
-            if !lm_buffer_is_zero(p, pageSize) { p.initializeMemory(as: UInt8.self, repeating: 0, count: pageSize) }
+            if materialize || !lm_buffer_is_zero(p, pageSize) { p.initializeMemory(as: UInt8.self, repeating: 0, count: pageSize) }
         }
         for i in 0..<total {
             let page = Int(offsets[i] / limits.pageSize)
             arrived.mark(page: page)
             table.record(page: page, hash: hashes[i])
+        }
+        counters.add(counters.normalPages, UInt64(normal))
+        counters.add(counters.zeroPages, UInt64(total - normal))
+        counters.add(counters.packets, 1)
+        counters.add(counters.multifdBytes, UInt64(h.prefixSize + limits.tagSize) + UInt64(h.payloadSize))
+    }
+
+    /// Postcopy placement: the guest runs, so every page goes in through its
+    /// userfaultfd, whole (`UFFDIO_COPY` from this channel's buffer,
+    /// `UFFDIO_ZEROPAGE`), and wakes the guest threads waiting on it. A
+    /// page may come twice (requested on the preempt channel and pushed on
+    /// a multifd channel, or asked again): a page that arrived already is
+    /// skipped once its hash equals the one recorded (the source RAM no
+    /// longer changes, so any other hash is corruption), and a copy that
+    /// finds the page present (EEXIST: the other channel won the race) is
+    /// not an error. There is no per-round check here: postcopy is one
+    /// round. Nothing touches the receiver's own mapping.
+    private func placePostcopy(_ h: MultiFDPacketHeader, pages: UnsafeRawPointer, into target: PostcopyTarget) throws(MigrationError) {
+        let normal = Int(h.normalCount), total = normal + Int(h.zeroCount)
+        let pageSize = Int(limits.pageSize)
+        let base = target.guestBase
+        var i = 0
+        do {
+            while i < total {
+                let page = Int(offsets[i] / limits.pageSize)
+                if arrived.isDirty(page: page) {
+                    let recorded = table.entry(page: page)
+                    guard recorded == hashes[i] else {
+                        throw MigrationError(
+                            .integrity,
+                            "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) arrived again with hash 0x\(String(hashes[i], radix: 16)), but the copy placed holds 0x\(String(recorded, radix: 16)); in postcopy the source RAM does not change, so one of them is corrupt"
+                        )
+                    }
+                    i += 1
+                    continue
+                }
+                // A run of adjacent pages of one kind (normal or zero) that
+                // have not arrived: one ioctl.
+                let zero = i >= normal
+                var end = i + 1
+                while end < (zero ? total : normal), offsets[end] == offsets[end - 1] + limits.pageSize,
+                    !arrived.isDirty(page: page + (end - i))
+                {
+                    end += 1
+                }
+                let address = base + offsets[i], length = (end - i) * pageSize
+                if zero {
+                    _ = try target.userfault.zeroPage(at: address, length: length)
+                } else {
+                    _ = try target.userfault.copy(to: address, from: pages + i * pageSize, length: length)
+                }
+                let log = target.faults
+                for k in i..<end {
+                    arrived.mark(page: page + (k - i))
+                    table.record(page: page + (k - i), hash: hashes[k])
+                }
+                if log.hasWaits {
+                    let now = Monotonic.now
+                    for k in i..<end { log.placed(page: page + (k - i), at: now) }
+                }
+                i = end
+            }
+        } catch let e as MigrationError {
+            throw e
+        } catch let e as GuestMemoryError {
+            throw MigrationError(
+                .local, "\(what(h)): cannot place pages into the incoming guest (pid \(target.guestPID)): \(e.description)")
+        } catch {
+            throw MigrationError(.local, "\(error)")
         }
         counters.add(counters.normalPages, UInt64(normal))
         counters.add(counters.zeroPages, UInt64(total - normal))

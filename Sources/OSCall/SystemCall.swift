@@ -66,6 +66,24 @@ public enum SystemCall {
     /// Whether process `pid` exists: `kill(pid, 0)` succeeds, or fails only
     /// because we may not signal it (EPERM). False when it fails with ESRCH
     /// (no such process, or a zombie that was reaped).
+    /// The whole contents of a small file (a /proc file: its size is not
+    /// known before reading), or nil when it cannot be read.
+    public static func readSmallFile(_ path: String, limit: Int = 1 << 22) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while out.count < limit {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0, errno == EINTR { continue }
+            guard n >= 0 else { return nil }
+            if n == 0 { break }
+            out.append(contentsOf: chunk[..<n])
+        }
+        return out
+    }
+
     public static func processExists(_ pid: pid_t) -> Bool {
         kill(pid, 0) == 0 || lastError != .noSuchProcess
     }
