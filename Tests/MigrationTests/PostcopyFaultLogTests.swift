@@ -1,4 +1,5 @@
 import Dispatch
+import FoundationEssentials
 import Testing
 
 @testable import Migration
@@ -190,5 +191,28 @@ struct PostcopyFaultLogTests {
         #expect(!log.hasWaits)
         #expect(s.requests == UInt64(threads * pagesPerThread))
         #expect(s.latencyDist.reduce(0, +) == UInt64(threads * pagesPerThread))
+    }
+
+    @Test("MigrationStats encodes the postcopy block with QEMU's names")
+    func encodesQEMUNames() throws {
+        var stats = MigrationStats(status: .postcopyActive)
+        var p = PostcopyStats()
+        p.requests = 2
+        p.postcopyBytes = 8192
+        p.latencyDist = [1, 2]
+        stats.postcopy = p
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let text = String(decoding: try encoder.encode(stats), as: UTF8.self)
+        #expect(text.contains(#""status":"postcopy-active""#))
+        for key in [
+            "postcopy-requests", "postcopy-bytes", "postcopy-faults", "postcopy-blocktime", "postcopy-vcpu-blocktime",
+            "postcopy-latency", "postcopy-latency-dist", "postcopy-latency-p50-us", "postcopy-latency-p99-us",
+            "postcopy-latency-max-us",
+        ] {
+            #expect(text.contains("\"\(key)\":"), "missing \(key) in \(text)")
+        }
+        #expect(text.contains(#""postcopy":{"#))
+        #expect(text.contains(#""postcopy-latency-dist":[1,2]"#))
     }
 }
