@@ -19,6 +19,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
         .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"5.0.0"),
+        // Postcopy fault latencies (p50/p99/max) on the destination.
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     ],
     targets: [
         // Linux, liburing and libzstd pieces Swift cannot import directly:
@@ -62,6 +64,7 @@ let package = Package(
             dependencies: [
                 "CShims", "OSCall", "GuestMemory", "MigrationWire", "Trust", "URing", "WorkerThreads",
                 .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
             swiftSettings: strict
         ),

@@ -6,6 +6,13 @@ import MigrationWire
 public struct MigrationStats: Encodable, Sendable {
     public enum Status: String, Encodable, Sendable {
         case setup, active, completed, failed, cancelled
+        /// After the point of no return: the destination's guest runs and
+        /// pulls the pages it still misses.
+        case postcopyActive = "postcopy-active"
+        /// Postcopy failed after the point of no return: neither side can go
+        /// on alone; the source keeps RAM and state, the guest's missing
+        /// pages wait.
+        case postcopyPaused = "postcopy-paused"
     }
 
     public var status: Status
@@ -25,6 +32,9 @@ public struct MigrationStats: Encodable, Sendable {
     public var zeroCopyCopied: UInt64?
     /// With `--compress`: what compression did (QEMU's `compression` names).
     public var compression: CompressionStats?
+    /// After a switch to postcopy: requests, bytes, and on the destination
+    /// the fault costs (`PostcopyFaultLog`).
+    public var postcopy: PostcopyStats?
     public var errorDesc: String?
 
     public init(status: Status) { self.status = status }
@@ -63,6 +73,7 @@ public struct MigrationStats: Encodable, Sendable {
         case zeroCopySends = "zerocopy-sends"
         case zeroCopyCopied = "zerocopy-copied"
         case compression
+        case postcopy
         case errorDesc = "error-desc"
     }
 }

@@ -37,6 +37,16 @@ func printStats(_ s: MigrationStats, format: OutputFormat, role: String) {
                 "\(role): \(c.method)\(c.level.map { " level \($0)" } ?? ""): \(c.pages) pages (\(formatBytes(raw))) took "
                     + "\(formatBytes(c.compressedSize)) on the wire (\(rate)x)")
         }
+        if let p = s.postcopy {
+            // Latency: QEMU's average is in ns; the rest of the line is µs.
+            print(
+                "\(role): postcopy: \(p.requests) requests for \(p.faults) faults, \(formatBytes(p.postcopyBytes)), "
+                    + "blocktime \(p.blocktime) ms, latency avg \(fixed(Double(p.latency) / 1000, 1)) µs "
+                    + "p50 \(p.latencyP50Us) µs p99 \(p.latencyP99Us) µs max \(p.latencyMaxUs) µs")
+            if !p.vcpuBlocktime.isEmpty {
+                print("\(role): postcopy: blocked per guest thread (ms): \(p.vcpuBlocktime.map(String.init).joined(separator: " "))")
+            }
+        }
         if let sends = s.zeroCopySends, let copied = s.zeroCopyCopied {
             print("\(role): zero copy: \(sends) sends, \(copied) of them copied by the kernel anyway")
         }
