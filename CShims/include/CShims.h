@@ -258,6 +258,9 @@ int lm_signal_watch_start(void);
 
 /// Restores the default action of SIGINT and SIGTERM, then writes a 0 byte
 /// to the pipe (the reader's cue to stop) and closes its write end.
+/// Also forwards SIGUSR1 to the watch (after lm_signal_watch_start);
+/// 0 or -errno.
+int lm_signal_watch_add_usr1(void);
 void lm_signal_watch_stop(void);
 
 // ---- userfaultfd (postcopy; docs in Sources/GuestMemory/Userfault.swift) ---

@@ -291,7 +291,8 @@ public final class DestinationMigration: Sendable {
             }
             let setupTime = Monotonic.now - start
             watchdog.start(latch: latch) { [counters, preemptCounters] in
-                counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes) &+ preemptCounters.read(preemptCounters.multifdBytes)
+                counters.read(counters.multifdBytes) &+ counters.read(counters.mainBytes)
+                    &+ preemptCounters.read(preemptCounters.multifdBytes)
             }
             defer { watchdog.stop() }
             for r in receivers {
@@ -511,7 +512,8 @@ public final class DestinationMigration: Sendable {
             } catch  where error.kind == .timeout {
                 throw MigrationError(
                     .timeout,
-                    "only \(opened) of \(wanted) channels (multifd\(preempt ? " and preempt" : "")) connected within \(formatSeconds(config.channelTimeout)) s")
+                    "only \(opened) of \(wanted) channels (multifd\(preempt ? " and preempt" : "")) connected within \(formatSeconds(config.channelTimeout)) s"
+                )
             }
             guard let (s, h, bytes) = next else {
                 // The source says something (an error, most likely) or left.
@@ -621,7 +623,8 @@ public final class DestinationMigration: Sendable {
                 guard UInt64(guestState?.count ?? -1) == summary.guestStateBytes else {
                     throw MigrationError(
                         .mismatch,
-                        "the source completed with a \(summary.guestStateBytes)-byte guest state but \(guestState?.count ?? 0) bytes arrived")
+                        "the source completed with a \(summary.guestStateBytes)-byte guest state but \(guestState?.count ?? 0) bytes arrived"
+                    )
                 }
                 // Every page is in the guest: no fault can come any more.
                 postcopy.faults.stop()

@@ -39,6 +39,12 @@ public struct MigrationStats: Encodable, Sendable {
 
     public init(status: Status) { self.status = status }
 
+    /// The report of a migration that failed after the postcopy commit.
+    public init(failedPostcopy error: MigrationError) {
+        status = .postcopyPaused
+        errorDesc = error.description
+    }
+
     /// Fills the totals both ends report alike from their counters.
     mutating func fillTransfer(_ counters: TransferCounters, block: RAMBlock, channels: Int, elapsed: Double) {
         totalTime = UInt64(elapsed * 1000)

@@ -2,8 +2,8 @@ import CShims
 import Dispatch
 import GuestMemory
 import MigrationWire
-import Synchronization
 import OSCall
+import Synchronization
 import Trust
 import URing
 

@@ -44,6 +44,13 @@ public struct SourceConfig: Sendable {
     public var peerTimeout = 10.0
     /// Convergence rules for a live guest.
     public var policy = ConvergencePolicy()
+    /// Switch to postcopy (live only) after `postcopyAfterRounds` precopy
+    /// rounds, unless precopy converges first (docs/PROTOCOL.md §8).
+    public var postcopy = false
+    public var postcopyAfterRounds = 1
+    /// Answer page requests on the preempt channel (false: queue them
+    /// into the multifd stream, for comparison).
+    public var postcopyPreempt = true
     /// Test hook: hold the guest paused this long before the final round,
     /// so a test can kill the source while it holds the pause.
     public var testHoldPause: Double?
@@ -101,6 +108,12 @@ public final class SourceMigration: Sendable {
     private let switchover: Switchover
     /// Every access to the guest's control file (live migration).
     private let sourceGuest: SourceGuest?
+    /// `startPostcopy()` was called (SIGUSR1).
+    private let postcopyRequested = Atomic<Bool>(false)
+    /// After the postcopy commit a failure is *postcopy-paused*.
+    private let phase = Atomic<PostcopyPhase>(.none)
+    /// The preempt channel's totals, apart from the multifd ones.
+    private let preemptCounters = TransferCounters()
 
     public init(ram: RAMFile, config: SourceConfig, guest: GuestControl? = nil, onRound: (@Sendable (RoundRecord) -> Void)? = nil) {
         self.ram = ram
@@ -121,6 +134,13 @@ public final class SourceMigration: Sendable {
         latch.fail(MigrationError(.cancelled, reason))
     }
 
+    /// Switches to postcopy at the end of the round in progress (QEMU's
+    /// `migrate-start-postcopy`; SIGUSR1). Only with `config.postcopy`.
+    public func startPostcopy() { postcopyRequested.store(true, ordering: .relaxed) }
+
+    /// Whether a failure found the migration after the postcopy commit.
+    public var postcopyPaused: Bool { latch.hasFailed && phase.load(ordering: .acquiring) == .postcopyActive }
+
     /// Runs the migration to completion. Throws the first failure of any
     /// thread; every thread has ended by the time this returns or throws.
     public func run() throws(MigrationError) -> MigrationStats {
@@ -129,8 +149,11 @@ public final class SourceMigration: Sendable {
         var sockets: [Socket] = []
         var pool: MultiFDSend?
         var reader: WorkerThread?
+        var preempt: PreemptChannel?
         defer {
             pool?.finish()
+            preempt?.socket.shutdown()
+            preempt?.source.join()
             for s in sockets { s.shutdown() }
             control?.socket.shutdown()
             reader?.join()
@@ -162,6 +185,9 @@ public final class SourceMigration: Sendable {
             }
             let table = PageTable(pages: ram.block.pageCount)
             let transports = try makeTransports(sockets, sealers: sealers, table: table)
+            if config.postcopy, guest != nil {
+                preempt = try openPreempt(session: session, table: table)
+            }
 
             let replies = DestinationReplies()
             latch.onFailure { replies.wakeAll() }
@@ -185,7 +211,7 @@ public final class SourceMigration: Sendable {
                 return (r.reduce(0) { $0 + $1.sends }, r.reduce(0) { $0 + $1.copied })
             }
             if let g = sourceGuest {
-                try migrateLive(g, ctl: ctl, multifd: multifd, table: table, replies: replies, stats: &stats)
+                try migrateLive(g, ctl: ctl, multifd: multifd, table: table, replies: replies, preempt: preempt, stats: &stats)
             } else {
                 let bitmap = DirtyBitmap(pageCount: ram.block.pageCount)
                 bitmap.markAll()
@@ -213,7 +239,15 @@ public final class SourceMigration: Sendable {
             // Lifts the pause and throttle of a guest it claimed, unless it
             // was handed over: the destination may run it then.
             sourceGuest?.restoreAfterFailure()
-            throw latch.error ?? error
+            let e = latch.error ?? error
+            if phase.load(ordering: .acquiring) == .postcopyActive {
+                throw MigrationError(
+                    e.kind,
+                    "postcopy-paused: \(e.description). The guest runs on the destination, which lacks some of its pages; this side "
+                        + "keeps the complete guest as it was at the switch (RAM and state, run state handed over, not running). "
+                        + "Recovery is not implemented: do not resume it here while the destination's guest runs")
+            }
+            throw e
         }
     }
 
@@ -253,7 +287,7 @@ public final class SourceMigration: Sendable {
 
     private func migrateLive(
         _ g: SourceGuest, ctl: ControlChannel, multifd: MultiFDSend, table: PageTable,
-        replies: DestinationReplies, stats: inout MigrationStats
+        replies: DestinationReplies, preempt: PreemptChannel?, stats: inout MigrationStats
     ) throws(MigrationError) {
         let policy = config.policy
         var judge = ConvergenceJudge(policy: policy)
@@ -294,6 +328,15 @@ public final class SourceMigration: Sendable {
             progress.dirtyPagesRate.store(UInt64(record.dirtyPagesRate), ordering: .relaxed)
             progress.throttle.store(g.throttlePercent, ordering: .relaxed)
             stats.ram.dirtyPagesRate = UInt64(record.dirtyPagesRate)
+            if let preempt, verdict.decision != .switchover,
+                round >= config.postcopyAfterRounds || postcopyRequested.load(ordering: .relaxed)
+            {
+                record.decision = "postcopy"
+                onRound?(record)
+                return try migratePostcopy(
+                    g, ctl: ctl, multifd: multifd, table: table, replies: replies, preempt: preempt, round: round,
+                    expected: expected, stats: &stats)
+            }
             switch verdict.decision {
             case .nextRound:
                 record.decision = "next-round"
@@ -317,20 +360,7 @@ public final class SourceMigration: Sendable {
         // destination's `committed`; the deadline bounds the part up to its
         // `completed` (docs/PROTOCOL.md §7).
         let precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
-        let pauseStart = Monotonic.now
-        let limit = config.switchoverDeadline
-        switchover.begin()
-        watchdog.arm(
-            ProgressWatchdog.Deadline(at: pauseStart + limit) { [switchover] in
-                guard switchover.expire() else { return nil }
-                return MigrationError(
-                    .timeout,
-                    "the switchover did not complete within its deadline of \(formatSeconds(limit)) s (the destination did not confirm "
-                        + "that it holds every page and the state); the guest resumes on the source. Raise --switchover-timeout or "
-                        + "--downtime-limit, or check the destination")
-            })
-        try g.pause()
-        if let hold = config.testHoldPause { usleep(UInt32(hold * 1e6)) }
+        let pauseStart = try beginSwitchover(g)
         TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
         round += 1
         _ = try sendRound(g.bitmap, through: multifd, limit: nil)
@@ -364,6 +394,146 @@ public final class SourceMigration: Sendable {
         stats.ram.dirtySyncCount = UInt64(round)
         stats.ram.precopyBytes = precopyBytes
         stats.ram.downtimeBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes) - precopyBytes
+    }
+
+    /// Pauses the guest for the switchover, under the switchover deadline
+    /// (armed first: it bounds the pause too). Returns when it began.
+    private func beginSwitchover(_ g: SourceGuest) throws(MigrationError) -> Double {
+        let pauseStart = Monotonic.now
+        let limit = config.switchoverDeadline
+        switchover.begin()
+        watchdog.arm(
+            ProgressWatchdog.Deadline(at: pauseStart + limit) { [switchover] in
+                guard switchover.expire() else { return nil }
+                return MigrationError(
+                    .timeout,
+                    "the switchover did not complete within its deadline of \(formatSeconds(limit)) s (the destination did not confirm "
+                        + "that it holds every page and the state); the guest resumes on the source. Raise --switchover-timeout or "
+                        + "--downtime-limit, or check the destination")
+            })
+        try g.pause()
+        if let hold = config.testHoldPause { usleep(UInt32(hold * 1e6)) }
+        return pauseStart
+    }
+
+    // MARK: - postcopy
+
+    /// The postcopy switch and phase (docs/PROTOCOL.md §8): pause, take
+    /// every page still dirty as *unsent*, tell the destination they are
+    /// stale, send the guest state, and once it is ready hand the guest
+    /// over and commit: the point of no return. Then the request server
+    /// answers page requests on the preempt channel while this thread
+    /// pushes the rest of *unsent* on the multifd channels, from the last
+    /// requested page on; SYNC everywhere, `complete`, `completed`.
+    private func migratePostcopy(
+        _ g: SourceGuest, ctl: ControlChannel, multifd: MultiFDSend, table: PageTable, replies: DestinationReplies,
+        preempt: PreemptChannel, round: Int, expected: Double, stats: inout MigrationStats
+    ) throws(MigrationError) {
+        let pageCount = ram.block.pageCount
+        let precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
+        let pauseStart = try beginSwitchover(g)
+        TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
+        // The guest is paused (every thread acknowledged, acquire): its
+        // bitmap is final. Whatever is dirty is stale at the destination.
+        let unsent = preempt.unsent
+        g.bitmap.harvestAll { unsent.mark(page: $0) }
+        var ranges: [PageRange] = []
+        var discarded: UInt64 = 0
+        var page = 0
+        while let w = unsent.nextDirtyWord(from: page >> 6) {
+            page = max(page, w << 6)
+            while page < pageCount, !unsent.isDirty(page: page) { page += 1 }
+            guard page < pageCount else { break }
+            var end = page + 1
+            while end < pageCount, unsent.isDirty(page: end) { end += 1 }
+            ranges.append(PageRange(block: 0, first: UInt64(page), count: UInt64(end - page)))
+            discarded += UInt64(end - page)
+            if ranges.count == MainMessage.maxDiscardRanges {
+                try ctl.send(.postcopyDiscard(ranges))
+                ranges.removeAll(keepingCapacity: true)
+            }
+            page = end
+        }
+        if !ranges.isEmpty { try ctl.send(.postcopyDiscard(ranges)) }
+        let state = try g.pausedState()
+        try ctl.send(.guestState(state))
+        try ctl.send(.postcopyStart(rounds: UInt64(round), discardedPages: discarded))
+        try awaitReply(replies.postcopyReady)
+        TestHook.stop(at: "handover", ifRequested: config.testStopAt)
+        try g.handOver {
+            guard ctl.socket.peerHungUp() else { return nil }
+            return MigrationError(
+                .peer,
+                "the destination closed the main channel after it was ready for postcopy, before the hand-over; the guest was not handed over"
+            )
+        }
+        try ctl.send(.commit)
+        TestHook.stop(at: "commit", ifRequested: config.testStopAt)
+        try awaitCommitted(replies)
+        // Release: pairs with the failure path's acquire load.
+        phase.store(.postcopyActive, ordering: .releasing)
+        let downtime = Monotonic.now - pauseStart
+        let switchBytes = counters.read(counters.multifdBytes)
+        preempt.source.start()
+        TestHook.stop(at: "postcopy", ifRequested: config.testStopAt)
+        try pushUnsent(unsent, through: multifd, source: preempt.source)
+        try multifd.sync()
+        try preempt.source.finish()
+        try ctl.send(.endOfRound(round: UInt64(round + 1)))
+        try ctl.send(.complete(summary(rounds: UInt64(round + 1), guestStateBytes: UInt64(state.count), table: table)))
+        try awaitReply(replies.prepared)
+        phase.store(.completed, ordering: .releasing)
+        g.markMigrated()
+
+        stats.downtime = UInt64(downtime * 1000)
+        stats.expectedDowntime = expected.isFinite ? UInt64(expected * 1000) : nil
+        stats.cpuThrottlePercentage = Int(g.throttlePercent)
+        stats.ram.dirtySyncCount = UInt64(round + 1)
+        stats.ram.precopyBytes = precopyBytes
+        var p = PostcopyStats()
+        p.requests = preempt.source.served.load(ordering: .relaxed)
+        p.postcopyBytes =
+            counters.read(counters.multifdBytes) - switchBytes + preemptCounters.read(preemptCounters.multifdBytes)
+        stats.postcopy = p
+    }
+
+    /// The background pusher: sends every page of `unsent` on the multifd
+    /// channels, walking the bitmap from where the last page request
+    /// pointed (wrapping around), until no page is left. With requests
+    /// queued for it (`--no-preempt`) it sends those first.
+    private func pushUnsent(_ unsent: DirtyBitmap, through multifd: MultiFDSend, source: PostcopySource) throws(MigrationError) {
+        var pages = MultiFDPages()
+        let pageSize = ram.block.pageSize
+        let limiter = config.policy.maxBandwidth.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
+        func add(_ page: Int) throws(MigrationError) {
+            if pages.isFull {
+                limiter?.wait()
+                try multifd.send(&pages)
+            }
+            pages.append(offset: UInt64(page) &* pageSize, block: 0)
+        }
+        var word = 0
+        while true {
+            try latch.check()
+            for r in source.takeQueued() {
+                for p in r.first..<(r.first + r.count) { try add(Int(p)) }
+            }
+            let c = source.cursor.exchange(-1, ordering: .relaxed)
+            if c >= 0 {
+                // Go on next to the request: flush what is batched first.
+                if !pages.isEmpty { try multifd.send(&pages) }
+                word = c >> 6
+            }
+            if word >= unsent.wordCount { word = 0 }
+            guard let i = unsent.nextDirtyWord(from: word) ?? unsent.nextDirtyWord(from: 0) else { break }
+            var bits = unsent.harvest(word: i)
+            while bits != 0 {
+                try add(i << 6 | bits.trailingZeroBitCount)
+                bits &= bits &- 1
+            }
+            word = i + 1
+        }
+        if !pages.isEmpty { try multifd.send(&pages) }
     }
 
     // MARK: - rounds
@@ -443,6 +613,7 @@ public final class SourceMigration: Sendable {
     {
         var flags: ChannelHello.Flags = []
         if kind == .main, guest != nil { flags.insert(.guestState) }
+        if kind == .main, guest != nil, config.postcopy { flags.insert(.postcopy) }
         if config.trust.key != nil { flags.insert(.authenticated) }
         if config.trust.encrypt { flags.insert(.encrypted) }
         let hello = ChannelHello(
@@ -451,6 +622,26 @@ public final class SourceMigration: Sendable {
         socket.setReceiveTimeout(config.handshakeTimeout)
         defer { socket.setReceiveTimeout(nil) }
         return try ChannelHandshake.open(socket, hello: hello, trust: config.trust, counters: counters)
+    }
+
+    /// Opens the preempt channel (id N, after the multifd channels) and
+    /// builds the request server on it: its own sender (one batch per
+    /// job, plain sendmsg: a request is small and wants no ring's
+    /// batching), its own counters, the shared page table.
+    private func openPreempt(session: SessionID, table: PageTable) throws(MigrationError) -> PreemptChannel {
+        let s = try connect()
+        latch.onFailure { [s] in s.shutdown() }
+        let keys = try openChannel(s, kind: .preempt, id: config.channels, session: session)
+        let (writer, _) = makeStreamWriter(for: s, useRing: false, zeroCopy: false)
+        let sender = try PacketSender(
+            channelID: config.channels, ram: ram, writer: writer, counters: preemptCounters, table: table,
+            sealer: keys.map { PacketSealer(key: $0.toDestination, encrypts: config.trust.encrypt) }, jobCapacity: 1,
+            compression: config.compression)
+        let unsent = DirtyBitmap(pageCount: ram.block.pageCount)
+        let source = PostcopySource(
+            unsent: unsent, sender: sender, requests: ControlChannel(socket: s, keys: keys, isSource: true), latch: latch,
+            answersOnPreempt: config.postcopyPreempt, pageSize: ram.block.pageSize)
+        return PreemptChannel(socket: s, unsent: unsent, source: source)
     }
 
     /// After the main channel's hello: its acceptance, then the RAM layout's.
@@ -488,21 +679,27 @@ public final class SourceMigration: Sendable {
     }
 
     /// The main channel's reader thread: the only replies after the
-    /// handshake are `completed` (prepared), then `committed`, and `error`.
+    /// handshake are `completed` (prepared), then `committed`, and `error`;
+    /// with postcopy `postcopy-ready`, `committed`, then `completed`.
     private func readDestination(_ ctl: ControlChannel, replies: DestinationReplies) {
         do {
-            var prepared = false
+            var prepared = false, ready = false, committed = false
             while true {
                 let m = try ctl.receive(prepared ? "waiting for the destination to commit" : "waiting for the destination")
                 switch m {
-                case .completed where !prepared:
+                case .postcopyReady where !ready && !prepared:
+                    ready = true
+                    replies.postcopyReady.signal()
+                case .completed where !prepared && ready == committed:
                     prepared = true
                     replies.prepared.signal()
-                case .committed where prepared:
+                    if committed { return }
+                case .committed where (prepared || ready) && !committed:
+                    committed = true
                     // Release: pairs with the acquiring load in `awaitCommitted`.
                     confirmed.store(true, ordering: .releasing)
                     replies.committed.signal()
-                    return
+                    if prepared { return }
                 case .error(let text):
                     latch.fail(MigrationError(.peer, "destination failed: \(text)"))
                     return
@@ -562,9 +759,21 @@ final class DestinationReplies: Sendable {
     let prepared = DispatchSemaphore(value: 0)
     /// `committed`: the destination took the guest.
     let committed = DispatchSemaphore(value: 0)
+    /// `postcopy-ready`: the destination dropped the stale pages and
+    /// stored the state; it waits for `commit` to start the guest.
+    let postcopyReady = DispatchSemaphore(value: 0)
 
     func wakeAll() {
         prepared.signal()
         committed.signal()
+        postcopyReady.signal()
     }
+}
+
+/// The source's preempt channel: its socket, the pages the destination
+/// lacks once postcopy began, and the request server.
+struct PreemptChannel: Sendable {
+    let socket: Socket
+    let unsent: DirtyBitmap
+    let source: PostcopySource
 }

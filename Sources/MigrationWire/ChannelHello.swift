@@ -140,7 +140,8 @@ public struct ChannelHello: Equatable, Sendable {
         let session = SessionID(high: try r.u64("session"), low: try r.u64("session"))
         let rawKind = try r.u8("kind")
         guard let kind = Kind(rawValue: rawKind) else {
-            throw WireError(message: what, field: "kind", value: "\(rawKind)", reason: "known kinds are 1 (main), 2 (multifd) and 3 (preempt)")
+            throw WireError(
+                message: what, field: "kind", value: "\(rawKind)", reason: "known kinds are 1 (main), 2 (multifd) and 3 (preempt)")
         }
         let rawCompression = try r.u8("compression")
         let id = try r.u16("channel-id")

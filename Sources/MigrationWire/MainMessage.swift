@@ -246,7 +246,8 @@ public enum MainMessage: Equatable, Sendable {
         var r = ByteReader(bytes, message: "main message")
         let type = try r.u16("type")
         guard Tag(rawValue: type) != nil else {
-            throw WireError(message: "main message", field: "type", value: "\(type)", reason: "no such message type (1...\(Tag.pageRequest.rawValue))")
+            throw WireError(
+                message: "main message", field: "type", value: "\(type)", reason: "no such message type (1...\(Tag.pageRequest.rawValue))")
         }
         _ = try r.u16("reserved")
         let length = try r.u32("length")

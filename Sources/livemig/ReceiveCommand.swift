@@ -93,6 +93,9 @@ struct ReceiveCommand: ParsableCommand {
             printStats(stats, format: common.format, role: "receive")
             dropPageTablesBeforeExit(destination.ram)
         case .failure(let e):
+            if destination.postcopyPaused, common.format == .json {
+                printStats(MigrationStats(failedPostcopy: e), format: .json, role: "receive")
+            }
             throw CommandFailure(message: "receiving on \(address) failed: \(e.description)")
         }
     }

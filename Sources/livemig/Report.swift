@@ -144,7 +144,9 @@ final class SignalWatch {
     private let readEnd: Int32
     private let reader: WorkerThread?
 
-    init(_ cancel: @escaping @Sendable (String) -> Void) {
+    /// `user1`: also watch SIGUSR1 and call it for each (`send
+    /// --postcopy`: switch to postcopy now).
+    init(user1: (@Sendable () -> Void)? = nil, _ cancel: @escaping @Sendable (String) -> Void) {
         let fd = lm_signal_watch_start()
         readEnd = fd
         guard fd >= 0 else {
@@ -156,11 +158,18 @@ final class SignalWatch {
             reader = nil
             return
         }
+        if user1 != nil, lm_signal_watch_add_usr1() != 0 {
+            FileHandleStderr.write("livemig: warning: cannot watch SIGUSR1; it would end the process\n")
+        }
         reader = WorkerThread(name: "signals") {
             var byte: UInt8 = 0
             while true {
                 let n = (try? SystemCall.retrying { read(fd, &byte, 1) }) ?? -1
                 guard n == 1, byte != 0 else { return }  // 0: end() was called
+                if Int32(byte) == SIGUSR1 {
+                    user1?()
+                    continue
+                }
                 cancel("cancelled by \(Int32(byte) == SIGINT ? "SIGINT" : "SIGTERM")")
             }
         }

@@ -74,6 +74,17 @@ struct SendCommand: ParsableCommand {
     @Option(help: "Write one JSON line per round to this file (emptied first).")
     var events: String?
 
+    @Flag(
+        help: ArgumentHelp(
+            "Switch to postcopy after --postcopy-after-rounds precopy rounds, or at once on SIGUSR1, unless precopy converges first; "
+                + "the destination needs an incoming guest (livemig stress --incoming) with its RAM on tmpfs."))
+    var postcopy = false
+
+    @Option(parsing: .unconditional, help: "With --postcopy: precopy rounds before the switch (default 1).")
+    var postcopyAfterRounds: Int?
+
+    @Flag(help: .hidden) var noPreempt = false
+
     func validate() throws {
         let address = try parseAddress(to, option: "--to")
         if zerocopy, case .unix = address {
@@ -104,6 +115,13 @@ struct SendCommand: ParsableCommand {
         }
         guard (1...99).contains(throttleIncrement) else {
             throw ValidationError("--throttle-increment must be from 1 to 99 (percent), got \(throttleIncrement)")
+        }
+        if let n = postcopyAfterRounds {
+            guard n >= 1 else { throw ValidationError("--postcopy-after-rounds must be at least 1, got \(n)") }
+            if !postcopy { throw ValidationError("--postcopy-after-rounds goes with --postcopy") }
+        }
+        if postcopy, guest == nil {
+            throw ValidationError("--postcopy applies to live migration: add --guest CONTROL")
         }
         if guest == nil, autoConverge || maxRounds != nil || timeout != nil || maxBandwidth != nil {
             throw ValidationError(
@@ -139,6 +157,9 @@ struct SendCommand: ParsableCommand {
         config.policy.throttleIncrement = UInt32(throttleIncrement)
         config.policy.maxRounds = maxRounds
         config.policy.timeout = timeout.flatMap(parseDuration)
+        config.postcopy = postcopy
+        config.postcopyAfterRounds = postcopyAfterRounds ?? 1
+        config.postcopyPreempt = !noPreempt
         var control: GuestControl?
         // One source per guest: the control file's source byte, held until
         // this process exits.
@@ -158,7 +179,9 @@ struct SendCommand: ParsableCommand {
         var onRound: (@Sendable (RoundRecord) -> Void)?
         if let log = eventLog { onRound = { log.append($0) } }
         let source = SourceMigration(ram: file, config: config, guest: control, onRound: onRound)
-        let signals = SignalWatch { source.cancel($0) }
+        var switchNow: (@Sendable () -> Void)?
+        if postcopy { switchNow = { @Sendable in source.startPostcopy() } }
+        let signals = SignalWatch(user1: switchNow) { source.cancel($0) }
         let progress = ProgressLine.start(
             role: "send", ram: { (file.block.size, file.block.pageSize) }, counters: source.counters,
             live: control == nil ? nil : source.progress)
@@ -178,6 +201,9 @@ struct SendCommand: ParsableCommand {
             // rounds' scattered ones) left page-table entries behind.
             let inPlace = source.counters.read(source.counters.pagesReadInPlace)
             dropPageTablesBeforeExit(file, touchedBytes: inPlace * file.block.pageSize)
+        case .failure(let e) where source.postcopyPaused:
+            if common.format == .json { printStats(MigrationStats(failedPostcopy: e), format: .json, role: "send") }
+            throw CommandFailure(message: "migration to \(address) failed after the postcopy switch: \(e.description)")
         case .failure(let e):
             let kept = control.map(guestAfterFailure) ?? "The source RAM file \(ram) was not modified."
             throw CommandFailure(message: "migration to \(address) failed: \(e.description). \(kept)")

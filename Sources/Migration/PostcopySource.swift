@@ -1,0 +1,160 @@
+import GuestMemory
+import MigrationWire
+import Synchronization
+import URing
+import WorkerThreads
+
+/// The source's postcopy phase, next to the background pusher
+/// (`SourceMigration.pushUnsent`): a request server thread
+/// (`mig/src/requests`) reads the destination's page requests on the
+/// preempt channel's return direction and answers each at once on the
+/// preempt channel, so a requested page never waits behind background
+/// packets (docs/PROTOCOL.md §8).
+///
+/// Who touches what:
+/// - `unsent` holds the pages the destination lacks. The pusher harvests
+///   whole words; this thread takes requested pages out bit by bit
+///   (`DirtyBitmap.take`), so the pusher skips them. A requested page is
+///   sent even when the pusher already took it: it may be queued behind
+///   a whole job on a multifd channel, and the destination takes a second
+///   copy for what it is (the source RAM no longer changes).
+/// - `cursor` (the page after the last request) tells the pusher where to
+///   go on (locality, as QEMU and CRIU do); it takes the value with an
+///   exchange.
+/// - The preempt sender is used under `preempt`'s lock: by this thread for
+///   each request and by the migration thread for the final SYNC
+///   (`finish`), after which nothing more is sent on it.
+/// - Without a preempt channel for pages (`--no-preempt`, for
+///   comparison), requests are queued for the pusher to send first on the
+///   multifd channels.
+final class PostcopySource: Sendable {
+    private let unsent: DirtyBitmap
+    private let requests: ControlChannel
+    private let latch: FailureLatch
+    private let answersOnPreempt: Bool
+    private let pageSize: UInt64
+    private let preempt: Mutex<Preempt>
+    private let queue = Mutex<[PageRange]>([])
+    private let thread = Mutex<WorkerThread?>(nil)
+    /// The page after the last requested range, or -1.
+    let cursor = Atomic<Int>(-1)
+    /// Page requests answered (QEMU's `postcopy-requests`).
+    let served = Atomic<UInt64>(0)
+
+    // @unchecked: lives in `preempt` and is used only under its lock.
+    private struct Preempt: ~Copyable, @unchecked Sendable {
+        let sender: PacketSender
+        let job = MultiFDJob(capacity: 1)
+        var pages = MultiFDPages()
+        var closed = false
+    }
+
+    init(
+        unsent: DirtyBitmap, sender: PacketSender, requests: ControlChannel, latch: FailureLatch, answersOnPreempt: Bool,
+        pageSize: UInt64
+    ) {
+        self.unsent = unsent
+        self.requests = requests
+        self.latch = latch
+        self.answersOnPreempt = answersOnPreempt
+        self.pageSize = pageSize
+        preempt = Mutex(Preempt(sender: sender))
+    }
+
+    func start() {
+        let t = WorkerThread(name: "mig/src/requests") { [self] in serve() }
+        thread.withLock { $0 = t }
+    }
+
+    /// The requests queued for the pusher (`--no-preempt`), taken.
+    func takeQueued() -> [PageRange] {
+        queue.withLock { q in
+            defer { q.removeAll(keepingCapacity: true) }
+            return q
+        }
+    }
+
+    /// Ends the preempt channel: its SYNC, after which no page goes on it
+    /// (requests that still come are answered by the pages already sent on
+    /// the multifd channels). Call after the multifd SYNC of the last round.
+    func finish() throws(MigrationError) {
+        let error: MigrationError? = preempt.withLock { p in
+            p.closed = true
+            do throws(MigrationError) {
+                try p.sender.sendSync()
+                return nil
+            } catch {
+                return error
+            }
+        }
+        if let error { throw error }
+    }
+
+    /// Joins the thread; call after the preempt socket was shut down.
+    func join() {
+        if let t = thread.withLock({ t -> WorkerThread? in
+            defer { t = nil }
+            return t
+        }) {
+            t.join()
+        }
+    }
+
+    private var isClosed: Bool { preempt.withLock { $0.closed } }
+
+    private func serve() {
+        let pages = UInt64(unsent.pageCount)
+        do throws(MigrationError) {
+            while true {
+                let m = try requests.receive("waiting for page requests on the preempt channel")
+                guard case .pageRequest(let r) = m else {
+                    if case .error(let text) = m { throw MigrationError(.peer, "destination failed: \(text)") }
+                    throw MigrationError(.protocolViolation, "'\(m.name)' on the preempt channel; only page requests come there")
+                }
+                guard r.block == 0, r.count > 0, r.first < pages, r.count <= pages - r.first else {
+                    throw MigrationError(
+                        .protocolViolation, "page request for pages \(r.first)..+\(r.count) of block \(r.block); the RAM has \(pages) pages"
+                    )
+                }
+                served.add(1, ordering: .relaxed)
+                for p in r.first..<(r.first + r.count) { _ = unsent.take(page: Int(p)) }
+                cursor.store(Int(r.first + r.count), ordering: .relaxed)
+                if answersOnPreempt {
+                    try send(r)
+                } else {
+                    queue.withLock { $0.append(r) }
+                }
+            }
+        } catch {
+            // After `finish` the destination may hang up: not a failure.
+            if isClosed || latch.hasFailed { return }
+            latch.fail(error)
+        }
+    }
+
+    /// Sends the pages of `r` on the preempt channel, 128 per packet.
+    private func send(_ r: PageRange) throws(MigrationError) {
+        let pageSize = self.pageSize
+        let error: MigrationError? = preempt.withLock { p in
+            guard !p.closed else { return nil }
+            var page = r.first
+            let end = r.first + r.count
+            do throws(MigrationError) {
+                while page < end {
+                    while page < end, !p.pages.isFull {
+                        p.pages.append(offset: page * pageSize, block: 0)
+                        page += 1
+                    }
+                    // The batch goes into the job's slot, an empty one comes back.
+                    p.job.take(&p.pages)
+                    defer { p.job.reset() }
+                    try p.sender.sendJob(p.job) {}
+                }
+                return nil
+            } catch {
+                return error
+            }
+        }
+        if let error { throw error }
+    }
+}
