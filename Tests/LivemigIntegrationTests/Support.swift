@@ -104,8 +104,10 @@ func livemig(_ args: [String], env: [String: String] = [:], timeout: Double = 60
 final class Scratch {
     let dir: String
 
-    init() throws {
-        dir = NSTemporaryDirectory() + "livemig-test-" + UUID().uuidString
+    /// `under`: the parent directory (default the temporary directory;
+    /// postcopy tests need tmpfs: /dev/shm/).
+    init(under parent: String = NSTemporaryDirectory()) throws {
+        dir = parent + "livemig-test-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     }
 

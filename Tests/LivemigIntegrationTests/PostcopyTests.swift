@@ -1,0 +1,181 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Postcopy with real processes (docs/PROTOCOL.md §8): a counter guest that
+/// dirties memory as fast as it can (precopy cannot converge) moves to an
+/// incoming guest (`stress --incoming`) that starts running before its RAM
+/// has arrived. RAM files live on tmpfs (/dev/shm), as postcopy needs.
+@Suite("postcopy", .serialized)
+struct PostcopyTests {
+    static let size = "64MiB"
+
+    final class Rig {
+        let scratch: Scratch
+        let src, srcCtl, dst, dstCtl: String
+        let addr: String
+        var guest: LivemigProcess?
+        var incoming: LivemigProcess?
+        var receiver: LivemigProcess?
+
+        init() throws {
+            scratch = try Scratch(under: "/dev/shm/")
+            src = scratch.path("src.ram")
+            srcCtl = scratch.path("src.ctl")
+            dst = scratch.path("dst.ram")
+            dstCtl = scratch.path("dst.ctl")
+            addr = "tcp:127.0.0.1:\(freePort())"
+        }
+
+        deinit {
+            // A guest left waiting on a missing page would never end.
+            for p in [guest, incoming, receiver] where p?.process.isRunning == true { kill(p!.pid, SIGKILL) }
+        }
+
+        func startGuest() throws {
+            let g = try LivemigProcess([
+                "stress", "--ram", src, "--control", srcCtl, "--size", PostcopyTests.size, "--pattern", "counter", "--threads", "2",
+                "--rate", "unlimited",
+            ])
+            #expect(g.waitForStderr("guest started"), "the guest did not start")
+            guest = g
+            usleep(200_000)
+        }
+
+        func startIncoming(duration: String = "3s") throws {
+            let g = try LivemigProcess([
+                "stress", "--incoming", "--ram", dst, "--control", dstCtl, "--size", PostcopyTests.size, "--duration", duration,
+            ])
+            #expect(g.waitForStderr("incoming guest waiting"), "the incoming guest did not start")
+            incoming = g
+        }
+
+        func startReceiver(env: [String: String] = [:]) throws {
+            let r = try LivemigProcess(
+                ["receive", "--ram", dst, "--listen", addr, "--guest", dstCtl, "--format", "json", "--peer-timeout", "3s"], env: env)
+            #expect(r.waitForStderr("listening"))
+            receiver = r
+        }
+
+        func sendArgs(_ extra: [String]) -> [String] {
+            ["send", "--ram", src, "--to", addr, "--guest", srcCtl, "--format", "json", "--peer-timeout", "3s"] + extra
+        }
+    }
+
+    @Test("a counter guest at unlimited rate migrates with --postcopy; the destination guest runs during postcopy and verifies")
+    func counterGuestPostcopy() throws {
+        let rig = try Rig()
+        try rig.startGuest()
+        try rig.startIncoming()
+        try rig.startReceiver()
+        // The pusher is held to 32 MiB/s, so the running destination guest
+        // must fault on pages that have not arrived.
+        let sent = try livemig(rig.sendArgs(["--postcopy", "--max-bandwidth", "32MiB/s"]), timeout: 60)
+        let recv = rig.receiver!.wait(timeout: 30)
+        let g = rig.guest!.wait(timeout: 20)
+        let dg = rig.incoming!.wait(timeout: 30)
+        #expect(sent.status == 0, "\(sent.stderr)")
+        #expect(recv.status == 0, "\(recv.stderr)")
+        #expect(g.status == 0 && g.stdout.contains("migrated"), "\(g.stdout) \(g.stderr)")
+        #expect(dg.status == 0, "\(dg.stdout) \(dg.stderr)")
+        let s = try stats(sent.stdout), r = try stats(recv.stdout)
+        #expect(s["status"] as? String == "completed")
+        let sp = try #require(s["postcopy"] as? [String: Any]), rp = try #require(r["postcopy"] as? [String: Any])
+        // Faults were read from the destination guest before every page had
+        // arrived: it ran during postcopy. Each one was asked for once.
+        let faults = try #require(rp["postcopy-faults"] as? Int), requests = try #require(rp["postcopy-requests"] as? Int)
+        #expect(faults > 0, "the destination guest never faulted: it did not run during postcopy")
+        #expect(requests > 0 && requests <= faults)
+        #expect(sp["postcopy-requests"] as? Int == requests, "source served \(sp["postcopy-requests"] ?? "-"), destination asked \(requests)")
+        // Every page's counter agrees with the state the destination guest
+        // saved when it stopped: no page was lost, stale or zero.
+        let v = try livemig(["verify", "--ram", rig.dst, "--control", rig.dstCtl])
+        #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
+    }
+
+    @Test("precopy into an incoming guest: it starts at completion and verifies")
+    func precopyIntoIncomingGuest() throws {
+        let rig = try Rig()
+        let g = try LivemigProcess([
+            "stress", "--ram", rig.src, "--control", rig.srcCtl, "--size", PostcopyTests.size, "--pattern", "counter", "--threads", "2",
+            "--rate", "16MiB/s",
+        ])
+        #expect(g.waitForStderr("guest started"))
+        rig.guest = g
+        try rig.startIncoming(duration: "1s")
+        try rig.startReceiver()
+        let sent = try livemig(rig.sendArgs([]), timeout: 60)
+        let recv = rig.receiver!.wait(timeout: 30)
+        let dg = rig.incoming!.wait(timeout: 30)
+        #expect(sent.status == 0, "\(sent.stderr)")
+        #expect(recv.status == 0, "\(recv.stderr)")
+        #expect(dg.status == 0 && dg.stderr.contains("guest resumed"), "\(dg.stdout) \(dg.stderr)")
+        let v = try livemig(["verify", "--ram", rig.dst, "--control", rig.dstCtl])
+        #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
+    }
+
+    @Test("--postcopy to a destination that cannot take it fails before any page; the source guest runs on")
+    func refusedWithoutIncomingGuest() throws {
+        let rig = try Rig()
+        try rig.startGuest()
+        // An ordinary destination on ext4 (the temporary directory): no
+        // incoming guest, a file system without missing-page faults.
+        let plain = try Scratch()
+        let r = try LivemigProcess([
+            "receive", "--ram", plain.path("dst.ram"), "--listen", rig.addr, "--guest", plain.path("dst.ctl"), "--format", "json",
+        ])
+        #expect(r.waitForStderr("listening"))
+        let sent = try livemig(rig.sendArgs(["--postcopy"]), timeout: 30)
+        let recv = r.wait(timeout: 20)
+        #expect(sent.status == 1)
+        #expect(sent.stderr.contains("cannot take postcopy"), "\(sent.stderr)")
+        #expect(sent.stderr.contains("/dev/shm") || sent.stderr.contains("stress --incoming"), "no fix named: \(sent.stderr)")
+        #expect(recv.status != 0)
+        #expect(!FileManager.default.fileExists(atPath: plain.path("dst.ram")), "the refused destination created its RAM file")
+        #expect(rig.guest!.process.isRunning, "the source guest stopped")
+        kill(rig.guest!.pid, SIGINT)
+        let g = rig.guest!.wait(timeout: 20)
+        #expect(g.status == 0)
+        let v = try livemig(["verify", "--ram", rig.src, "--control", rig.srcCtl])
+        #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
+
+        // And an incoming guest refuses a RAM file on such a file system.
+        let inc = try livemig([
+            "stress", "--incoming", "--ram", plain.path("in.ram"), "--control", plain.path("in.ctl"), "--size", "1MiB",
+        ])
+        #expect(inc.status != 0)
+        #expect(inc.stderr.contains("/dev/shm"), "\(inc.stderr)")
+    }
+
+    @Test("the destination killed during postcopy: send reports postcopy-paused and keeps the guest's RAM and state")
+    func destinationKilledDuringPostcopy() throws {
+        let rig = try Rig()
+        try rig.startGuest()
+        try rig.startIncoming(duration: "30s")
+        try rig.startReceiver()
+        let send = try LivemigProcess(rig.sendArgs(["--postcopy"]), env: ["LIVEMIG_TEST_STOP_AT": "postcopy"])
+        #expect(send.waitForStderr("stopped at postcopy"), "send never reached the postcopy phase")
+        // The source guest was handed over: it stopped, its RAM frozen.
+        let g = rig.guest!.wait(timeout: 20)
+        #expect(g.stdout.contains("migrated") || g.stdout.contains("handed over"), "\(g.stdout) \(g.stderr)")
+        let before = try Data(contentsOf: URL(fileURLWithPath: rig.src))
+        kill(rig.receiver!.pid, SIGKILL)
+        _ = rig.receiver!.wait(timeout: 10)
+        kill(send.pid, SIGCONT)
+        let sent = send.wait(timeout: 30)
+        #expect(sent.status == 1)
+        #expect(sent.stderr.contains("postcopy-paused"), "\(sent.stderr)")
+        let s = try stats(sent.stdout)
+        #expect(s["status"] as? String == "postcopy-paused")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: rig.src)) == before, "the source RAM changed")
+        // The complete guest stays on the source, not running and not
+        // resumable by mistake.
+        let resume = try livemig(["stress", "--resume", "--ram", rig.src, "--control", rig.srcCtl, "--duration", "1s"])
+        #expect(resume.status != 0, "the handed-over source guest resumed: \(resume.stdout)")
+        kill(rig.incoming!.pid, SIGKILL)
+        _ = rig.incoming!.wait(timeout: 10)
+    }
+}
