@@ -156,7 +156,9 @@ struct PostcopyTests {
         try rig.startGuest()
         try rig.startIncoming(duration: "30s")
         try rig.startReceiver()
-        let send = try LivemigProcess(rig.sendArgs(["--postcopy"]), env: ["LIVEMIG_TEST_STOP_AT": "postcopy"])
+        // A downtime limit no round can meet: precopy must not converge first.
+        let send = try LivemigProcess(
+            rig.sendArgs(["--postcopy", "--downtime-limit", "1ms"]), env: ["LIVEMIG_TEST_STOP_AT": "postcopy"])
         #expect(send.waitForStderr("stopped at postcopy"), "send never reached the postcopy phase")
         // The source guest was handed over: it stopped, its RAM frozen.
         let g = rig.guest!.wait(timeout: 20)

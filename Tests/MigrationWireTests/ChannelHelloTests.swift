@@ -45,7 +45,8 @@ struct ChannelHelloTests {
         #expect(ChannelHello.Flags.guestState.rawValue == 1 << 0)
         #expect(ChannelHello.Flags.authenticated.rawValue == 1 << 1)
         #expect(ChannelHello.Flags.encrypted.rawValue == 1 << 2)
-        #expect(ChannelHello.Flags.known.rawValue == 0b111)
+        #expect(ChannelHello.Flags.postcopy.rawValue == 1 << 3)
+        #expect(ChannelHello.Flags.known.rawValue == 0b1111)
         // The default nonce is 32 zero bytes, at the end of the hello.
         let plain = ChannelHello(session: Self.session, kind: .main, channelID: 0, channelCount: 1, flags: .guestState)
         #expect(Array(plain.encoded()[30..<32]) == [0, 1])
@@ -119,7 +120,7 @@ struct ChannelHelloTests {
     }
 
     @Test func rejectsUnknownFlagBits() {
-        for (raw, unknown) in [(UInt16(0x0008), "0x8"), (0x8000, "0x8000"), (0x000B, "0x8"), (0xFFFF, "0xfff8")] {
+        for (raw, unknown) in [(UInt16(0x0010), "0x10"), (0x8000, "0x8000"), (0x001B, "0x10"), (0xFFFF, "0xfff0")] {
             let bytes = Self.valid().settingU16(raw, at: 30)
             let error = expectWireError(field: "flags", value: "0x" + String(raw, radix: 16)) { _ = try Self.decode(bytes) }
             #expect(error?.reason.contains("unknown bits \(unknown)") == true, "\(String(describing: error))")

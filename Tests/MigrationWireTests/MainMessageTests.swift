@@ -66,6 +66,13 @@ struct MainMessageTests {
         .error("the guest went away"),
         .error(""),
         .error("ünïcødé ✓"),
+        .postcopyDiscard([PageRange(block: 0, first: 0, count: 1)]),
+        .postcopyDiscard([PageRange(block: 3, first: 1 << 30, count: 77), PageRange(block: 0, first: 5, count: 1 << 40)]),
+        .postcopyStart(rounds: 2, discardedPages: 0),
+        .postcopyStart(rounds: .max, discardedPages: 1 << 33),
+        .postcopyReady,
+        .pageRequest(PageRange(block: 0, first: 12345, count: 1)),
+        .pageRequest(PageRange(block: 1, first: .max - 1024, count: UInt64(MainMessage.maxRequestPages))),
     ]
 
     // MARK: - round trips
@@ -101,12 +108,12 @@ struct MainMessageTests {
     @Test func namesOfFrameTypes() {
         let names = [
             "hello-accepted", "ram-layout", "layout-accepted", "end-of-round", "guest-state", "complete", "completed", "error", "commit",
-            "committed",
+            "committed", "postcopy-discard", "postcopy-start", "postcopy-ready", "page-request",
         ]
         for (i, name) in names.enumerated() { #expect(MainMessage.name(type: UInt16(i + 1)) == name) }
         // A type no message has is named by its number (for error texts).
         #expect(MainMessage.name(type: 0) == "type 0")
-        #expect(MainMessage.name(type: 11) == "type 11")
+        #expect(MainMessage.name(type: 15) == "type 15")
         #expect(MainMessage.name(type: 0x1234) == "type 4660")
     }
 
@@ -180,9 +187,24 @@ struct MainMessageTests {
 
     // MARK: - one test per validation rule
 
+    @Test func rejectsBadPostcopyRanges() {
+        // A page request beyond the bound, a zero count, a discard whose
+        // count disagrees with its bytes.
+        for message in [
+            MainMessage.pageRequest(PageRange(block: 0, first: 0, count: UInt64(MainMessage.maxRequestPages) + 1)),
+            .pageRequest(PageRange(block: 0, first: 0, count: 0)),
+            .postcopyDiscard([PageRange(block: 0, first: 0, count: 0)]),
+        ] {
+            #expect(throws: WireError.self, "\(message)") { _ = try Self.decodeFrame(message.encoded()) }
+        }
+        var frame = MainMessage.postcopyDiscard([PageRange(block: 0, first: 0, count: 1)]).encoded()
+        frame[MainMessage.frameHeaderSize] = 2  // range-count 2, one range's bytes
+        #expect(throws: WireError.self) { _ = try Self.decodeFrame(frame) }
+    }
+
     @Test func rejectsUnknownType() {
         expectWireError(field: "type", value: "4660") { _ = try Self.decodeHeader(Self.header(type: 0x1234, length: 0)) }
-        expectWireError(field: "type", value: "11") { _ = try Self.decodeHeader(Self.header(type: 11, length: 0)) }
+        expectWireError(field: "type", value: "15") { _ = try Self.decodeHeader(Self.header(type: 15, length: 0)) }
         expectWireError(field: "type", value: "0") { _ = try Self.decodeHeader(Self.header(type: 0, length: 0)) }
         // decode checks on its own too.
         expectWireError(field: "type", value: "4660") { _ = try Self.decodePayload(type: 0x1234, []) }
