@@ -89,7 +89,8 @@ struct PostcopyTests {
         let faults = try #require(rp["postcopy-faults"] as? Int), requests = try #require(rp["postcopy-requests"] as? Int)
         #expect(faults > 0, "the destination guest never faulted: it did not run during postcopy")
         #expect(requests > 0 && requests <= faults)
-        #expect(sp["postcopy-requests"] as? Int == requests, "source served \(sp["postcopy-requests"] ?? "-"), destination asked \(requests)")
+        #expect(
+            sp["postcopy-requests"] as? Int == requests, "source served \(sp["postcopy-requests"] ?? "-"), destination asked \(requests)")
         // Every page's counter agrees with the state the destination guest
         // saved when it stopped: no page was lost, stale or zero.
         let v = try livemig(["verify", "--ram", rig.dst, "--control", rig.dstCtl])
