@@ -97,6 +97,31 @@ struct PostcopyTests {
         #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
     }
 
+    @Test("SIGUSR1 to send switches to postcopy at the end of the round in progress")
+    func switchOnSignal() throws {
+        let rig = try Rig()
+        try rig.startGuest()
+        try rig.startIncoming(duration: "1s")
+        try rig.startReceiver()
+        // Round 1 takes about 2 s at 32 MiB/s; without the signal the
+        // switch would wait for round 50.
+        let send = try LivemigProcess(rig.sendArgs(["--postcopy", "--postcopy-after-rounds", "50", "--max-bandwidth", "32MiB/s"]))
+        usleep(500_000)
+        kill(send.pid, SIGUSR1)
+        let sent = send.wait(timeout: 60)
+        let recv = rig.receiver!.wait(timeout: 30)
+        _ = rig.guest!.wait(timeout: 20)
+        _ = rig.incoming!.wait(timeout: 30)
+        #expect(sent.status == 0, "\(sent.stderr)")
+        #expect(recv.status == 0, "\(recv.stderr)")
+        let s = try stats(sent.stdout)
+        #expect(s["postcopy"] != nil, "no postcopy phase: \(sent.stdout)")
+        let ram = try #require(s["ram"] as? [String: Any])
+        #expect(ram["dirty-sync-count"] as? Int == 2, "the switch came after round \(ram["dirty-sync-count"] ?? "-"), not round 1")
+        let v = try livemig(["verify", "--ram", rig.dst, "--control", rig.dstCtl])
+        #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
+    }
+
     @Test("precopy into an incoming guest: it starts at completion and verifies")
     func precopyIntoIncomingGuest() throws {
         let rig = try Rig()
@@ -178,6 +203,28 @@ struct PostcopyTests {
         // resumable by mistake.
         let resume = try livemig(["stress", "--resume", "--ram", rig.src, "--control", rig.srcCtl, "--duration", "1s"])
         #expect(resume.status != 0, "the handed-over source guest resumed: \(resume.stdout)")
+        kill(rig.incoming!.pid, SIGKILL)
+        _ = rig.incoming!.wait(timeout: 10)
+    }
+
+    @Test("the source killed during postcopy: receive reports postcopy-paused; the destination guest lives on")
+    func sourceKilledDuringPostcopy() throws {
+        let rig = try Rig()
+        try rig.startGuest()
+        try rig.startIncoming(duration: "30s")
+        try rig.startReceiver()
+        let send = try LivemigProcess(
+            rig.sendArgs(["--postcopy", "--downtime-limit", "1ms"]), env: ["LIVEMIG_TEST_STOP_AT": "postcopy"])
+        #expect(send.waitForStderr("stopped at postcopy"), "send never reached the postcopy phase")
+        kill(send.pid, SIGKILL)
+        _ = send.wait(timeout: 10)
+        let recv = rig.receiver!.wait(timeout: 30)
+        #expect(recv.status == 1)
+        #expect(recv.stderr.contains("postcopy-paused"), "\(recv.stderr)")
+        #expect(try stats(recv.stdout)["status"] as? String == "postcopy-paused")
+        // The guest was started at the commit and is not ended by the
+        // receiver's failure (its threads on missing pages wait).
+        #expect(rig.incoming!.process.isRunning, "the destination guest ended with the receiver")
         kill(rig.incoming!.pid, SIGKILL)
         _ = rig.incoming!.wait(timeout: 10)
     }
