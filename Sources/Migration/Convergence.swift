@@ -40,7 +40,10 @@ public struct RoundRecord: Sendable, Encodable, Equatable {
     public var expectedDowntime: Double
     /// Guest throttle after this round, percent.
     public var throttle: UInt32
-    /// "next-round", "switchover" or "give-up".
+    /// "next-round", "switchover" or "give-up"; with postcopy "postcopy"
+    /// (this round ends precopy), then one line "postcopy-active" (the
+    /// destination committed: `remaining` is what it lacks) and one
+    /// "postcopy-completed" (the postcopy round: what it sent).
     public var decision: String = ""
 
     enum CodingKeys: String, CodingKey {

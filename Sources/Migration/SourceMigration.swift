@@ -70,6 +70,10 @@ public final class LiveProgress: Sendable {
     public let remainingBytes = Atomic<UInt64>(0)
     public let dirtyPagesRate = Atomic<UInt64>(0)
     public let throttle = Atomic<UInt32>(0)
+    /// The postcopy phase runs (after the commit), and the page requests
+    /// answered so far.
+    public let postcopy = Atomic<Bool>(false)
+    public let postcopyRequests = Atomic<UInt64>(0)
     public init() {}
 }
 
@@ -335,7 +339,7 @@ public final class SourceMigration: Sendable {
                 onRound?(record)
                 return try migratePostcopy(
                     g, ctl: ctl, multifd: multifd, table: table, replies: replies, preempt: preempt, round: round,
-                    expected: expected, stats: &stats)
+                    expected: expected, precopyStart: precopyStart, stats: &stats)
             }
             switch verdict.decision {
             case .nextRound:
@@ -427,7 +431,7 @@ public final class SourceMigration: Sendable {
     /// requested page on; SYNC everywhere, `complete`, `completed`.
     private func migratePostcopy(
         _ g: SourceGuest, ctl: ControlChannel, multifd: MultiFDSend, table: PageTable, replies: DestinationReplies,
-        preempt: PreemptChannel, round: Int, expected: Double, stats: inout MigrationStats
+        preempt: PreemptChannel, round: Int, expected: Double, precopyStart: Double, stats: inout MigrationStats
     ) throws(MigrationError) {
         let pageCount = ram.block.pageCount
         let precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
@@ -474,6 +478,13 @@ public final class SourceMigration: Sendable {
         phase.store(.postcopyActive, ordering: .releasing)
         let downtime = Monotonic.now - pauseStart
         let switchBytes = counters.read(counters.multifdBytes)
+        let postcopyStart = Monotonic.now
+        progress.postcopy.store(true, ordering: .relaxed)
+        onRound?(
+            RoundRecord(
+                round: round + 1, start: pauseStart - precopyStart, duration: postcopyStart - pauseStart, bytes: 0, pages: 0,
+                remaining: discarded * ram.block.pageSize, bandwidth: 0, dirtyPagesRate: 0, expectedDowntime: -1,
+                throttle: g.throttlePercent, decision: "postcopy-active"))
         preempt.source.start()
         TestHook.stop(at: "postcopy", ifRequested: config.testStopAt)
         try pushUnsent(unsent, through: multifd, source: preempt.source)
@@ -484,6 +495,12 @@ public final class SourceMigration: Sendable {
         try awaitReply(replies.prepared)
         phase.store(.completed, ordering: .releasing)
         g.markMigrated()
+        let pushed = counters.read(counters.multifdBytes) - switchBytes + preemptCounters.read(preemptCounters.multifdBytes)
+        onRound?(
+            RoundRecord(
+                round: round + 1, start: postcopyStart - precopyStart, duration: Monotonic.now - postcopyStart, bytes: pushed,
+                pages: discarded, remaining: 0, bandwidth: 0, dirtyPagesRate: 0, expectedDowntime: -1, throttle: g.throttlePercent,
+                decision: "postcopy-completed"))
 
         stats.downtime = UInt64(downtime * 1000)
         stats.expectedDowntime = expected.isFinite ? UInt64(expected * 1000) : nil
@@ -525,6 +542,7 @@ public final class SourceMigration: Sendable {
                 word = c >> 6
             }
             if word >= unsent.wordCount { word = 0 }
+            progress.postcopyRequests.store(source.served.load(ordering: .relaxed), ordering: .relaxed)
             guard let i = unsent.nextDirtyWord(from: word) ?? unsent.nextDirtyWord(from: 0) else { break }
             var bits = unsent.harvest(word: i)
             while bits != 0 {

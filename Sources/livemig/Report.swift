@@ -105,6 +105,9 @@ final class ProgressLine: Sendable {
                     line += ", dirty \(formatBytes(live.dirtyPagesRate.load(ordering: .relaxed) &* pageSize))/s"
                     let t = live.throttle.load(ordering: .relaxed)
                     if t > 0 { line += ", throttle \(t)%" }
+                    if live.postcopy.load(ordering: .relaxed) {
+                        line += ", postcopy-active, \(live.postcopyRequests.load(ordering: .relaxed)) page requests"
+                    }
                 }
                 line += "   "
                 FileHandleStderr.write(line)

@@ -73,7 +73,8 @@ struct PostcopyTests {
         try rig.startReceiver()
         // The pusher is held to 32 MiB/s, so the running destination guest
         // must fault on pages that have not arrived.
-        let sent = try livemig(rig.sendArgs(["--postcopy", "--max-bandwidth", "32MiB/s"]), timeout: 60)
+        let events = rig.scratch.path("events.jsonl")
+        let sent = try livemig(rig.sendArgs(["--postcopy", "--max-bandwidth", "32MiB/s", "--events", events]), timeout: 60)
         let recv = rig.receiver!.wait(timeout: 30)
         let g = rig.guest!.wait(timeout: 20)
         let dg = rig.incoming!.wait(timeout: 30)
@@ -91,6 +92,11 @@ struct PostcopyTests {
         #expect(requests > 0 && requests <= faults)
         #expect(
             sp["postcopy-requests"] as? Int == requests, "source served \(sp["postcopy-requests"] ?? "-"), destination asked \(requests)")
+        // One line per phase in --events, in order.
+        let decisions = try String(contentsOfFile: events, encoding: .utf8).split(separator: "\n").compactMap { line in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["decision"] as? String
+        }
+        #expect(decisions.suffix(3) == ["postcopy", "postcopy-active", "postcopy-completed"], "\(decisions)")
         // Every page's counter agrees with the state the destination guest
         // saved when it stopped: no page was lost, stale or zero.
         let v = try livemig(["verify", "--ram", rig.dst, "--control", rig.dstCtl])
