@@ -96,6 +96,13 @@ public final class DirtyBitmap: @unchecked Sendable {
         _ = lm_atomic_fetch_and_acquire_u64(words + (page >> 6), ~(1 << UInt64(page & 63)))
     }
 
+    /// Whether `page` is marked, with acquire order: pairs with the release
+    /// in `mark(page:)`, so what the marker wrote before marking (a page
+    /// table entry) is seen. Postcopy's duplicate check needs it.
+    @inlinable public func isMarkedAcquire(page: Int) -> Bool {
+        lm_atomic_load_acquire_u64(words + (page >> 6)) & (1 << UInt64(page & 63)) != 0
+    }
+
     /// Whether `page` is marked (relaxed: a hint, not a hand-off).
     @inlinable public func isDirty(page: Int) -> Bool {
         lm_atomic_load_relaxed_u64(words + (page >> 6)) & (1 << UInt64(page & 63)) != 0

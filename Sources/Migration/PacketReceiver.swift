@@ -277,7 +277,12 @@ final class PacketReceiver: @unchecked Sendable {
         do {
             while i < total {
                 let page = Int(offsets[i] / limits.pageSize)
-                if arrived.isDirty(page: page) {
+                // Acquire: pairs with the release of `mark` below (another
+                // channel's), which follows its `record`: an arrived page's
+                // entry is the hash of the copy placed, never a stale
+                // precopy one (postcopy-discard clears the arrived bit and
+                // leaves the entry).
+                if arrived.isMarkedAcquire(page: page) {
                     let recorded = table.entry(page: page)
                     guard recorded == hashes[i] else {
                         throw MigrationError(
@@ -304,9 +309,10 @@ final class PacketReceiver: @unchecked Sendable {
                     _ = try target.userfault.copy(to: address, from: pages + i * pageSize, length: length)
                 }
                 let log = target.faults
+                // The entry first, then the arrived bit (release): see above.
                 for k in i..<end {
-                    arrived.mark(page: page + (k - i))
                     table.record(page: page + (k - i), hash: hashes[k])
+                    arrived.mark(page: page + (k - i))
                 }
                 if log.hasWaits {
                     let now = Monotonic.now

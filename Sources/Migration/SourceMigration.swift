@@ -433,32 +433,21 @@ public final class SourceMigration: Sendable {
         _ g: SourceGuest, ctl: ControlChannel, multifd: MultiFDSend, table: PageTable, replies: DestinationReplies,
         preempt: PreemptChannel, round: Int, expected: Double, precopyStart: Double, stats: inout MigrationStats
     ) throws(MigrationError) {
-        let pageCount = ram.block.pageCount
         let precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
+        // Before the pause, while the guest still runs: the pages dirtied
+        // since their last copy are stale at the destination already, so
+        // it drops them now, outside the downtime (dropping a page costs
+        // about as much as copying it). Their bits stay set: the final
+        // harvest takes them again, and dropping a hole is cheap.
+        var discarded = try sendDiscards(of: g.bitmap, ctl: ctl)
         let pauseStart = try beginSwitchover(g)
         TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
         // The guest is paused (every thread acknowledged, acquire): its
         // bitmap is final. Whatever is dirty is stale at the destination.
         let unsent = preempt.unsent
         g.bitmap.harvestAll { unsent.mark(page: $0) }
-        var ranges: [PageRange] = []
-        var discarded: UInt64 = 0
-        var page = 0
-        while let w = unsent.nextDirtyWord(from: page >> 6) {
-            page = max(page, w << 6)
-            while page < pageCount, !unsent.isDirty(page: page) { page += 1 }
-            guard page < pageCount else { break }
-            var end = page + 1
-            while end < pageCount, unsent.isDirty(page: end) { end += 1 }
-            ranges.append(PageRange(block: 0, first: UInt64(page), count: UInt64(end - page)))
-            discarded += UInt64(end - page)
-            if ranges.count == MainMessage.maxDiscardRanges {
-                try ctl.send(.postcopyDiscard(ranges))
-                ranges.removeAll(keepingCapacity: true)
-            }
-            page = end
-        }
-        if !ranges.isEmpty { try ctl.send(.postcopyDiscard(ranges)) }
+        let lacking = UInt64(unsent.dirtyCount())
+        discarded += try sendDiscards(of: unsent, ctl: ctl)
         let state = try g.pausedState()
         try ctl.send(.guestState(state))
         try ctl.send(.postcopyStart(rounds: UInt64(round), discardedPages: discarded))
@@ -483,7 +472,7 @@ public final class SourceMigration: Sendable {
         onRound?(
             RoundRecord(
                 round: round + 1, start: pauseStart - precopyStart, duration: postcopyStart - pauseStart, bytes: 0, pages: 0,
-                remaining: discarded * ram.block.pageSize, bandwidth: 0, dirtyPagesRate: 0, expectedDowntime: -1,
+                remaining: lacking * ram.block.pageSize, bandwidth: 0, dirtyPagesRate: 0, expectedDowntime: -1,
                 throttle: g.throttlePercent, decision: "postcopy-active"))
         preempt.source.start()
         TestHook.stop(at: "postcopy", ifRequested: config.testStopAt)
@@ -499,7 +488,7 @@ public final class SourceMigration: Sendable {
         onRound?(
             RoundRecord(
                 round: round + 1, start: postcopyStart - precopyStart, duration: Monotonic.now - postcopyStart, bytes: pushed,
-                pages: discarded, remaining: 0, bandwidth: 0, dirtyPagesRate: 0, expectedDowntime: -1, throttle: g.throttlePercent,
+                pages: lacking, remaining: 0, bandwidth: 0, dirtyPagesRate: 0, expectedDowntime: -1, throttle: g.throttlePercent,
                 decision: "postcopy-completed"))
 
         stats.downtime = UInt64(downtime * 1000)
@@ -512,6 +501,31 @@ public final class SourceMigration: Sendable {
         p.postcopyBytes =
             counters.read(counters.multifdBytes) - switchBytes + preemptCounters.read(preemptCounters.multifdBytes)
         stats.postcopy = p
+    }
+
+    /// Sends `postcopy-discard` for every page marked in `bitmap` (read
+    /// only), in ranges of adjacent pages. Returns the pages named.
+    private func sendDiscards(of bitmap: DirtyBitmap, ctl: ControlChannel) throws(MigrationError) -> UInt64 {
+        let pageCount = ram.block.pageCount
+        var ranges: [PageRange] = []
+        var discarded: UInt64 = 0
+        var page = 0
+        while let w = bitmap.nextDirtyWord(from: page >> 6) {
+            page = max(page, w << 6)
+            while page < pageCount, !bitmap.isDirty(page: page) { page += 1 }
+            guard page < pageCount else { break }
+            var end = page + 1
+            while end < pageCount, bitmap.isDirty(page: end) { end += 1 }
+            ranges.append(PageRange(block: 0, first: UInt64(page), count: UInt64(end - page)))
+            discarded += UInt64(end - page)
+            if ranges.count == MainMessage.maxDiscardRanges {
+                try ctl.send(.postcopyDiscard(ranges))
+                ranges.removeAll(keepingCapacity: true)
+            }
+            page = end
+        }
+        if !ranges.isEmpty { try ctl.send(.postcopyDiscard(ranges)) }
+        return discarded
     }
 
     /// The background pusher: sends every page of `unsent` on the multifd
