@@ -594,6 +594,7 @@ public final class DestinationMigration: Sendable {
                     throw MigrationError(.protocolViolation, "unexpected postcopy-discard (after \(rounds) rounds, postcopy \(inPostcopy))")
                 }
                 discarded += try discard(ranges, arrived: arrived, ram: ram)
+                try ctl.send(.postcopyDiscarded(pages: discarded))
             case .postcopyStart(let r, let count):
                 guard let postcopy, !inPostcopy, r == rounds, rounds > 0 else {
                     throw MigrationError(.protocolViolation, "unexpected postcopy-start after round \(r) (\(rounds) rounds arrived)")

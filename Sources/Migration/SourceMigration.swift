@@ -440,6 +440,7 @@ public final class SourceMigration: Sendable {
         // about as much as copying it). Their bits stay set: the final
         // harvest takes them again, and dropping a hole is cheap.
         var discarded = try sendDiscards(of: g.bitmap, ctl: ctl)
+        try replies.awaitDiscarded(discarded, latch: latch)
         let pauseStart = try beginSwitchover(g)
         TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
         // The guest is paused (every thread acknowledged, acquire): its
@@ -719,6 +720,8 @@ public final class SourceMigration: Sendable {
             while true {
                 let m = try ctl.receive(prepared ? "waiting for the destination to commit" : "waiting for the destination")
                 switch m {
+                case .postcopyDiscarded(let pages) where !ready && !prepared:
+                    replies.discarded(pages)
                 case .postcopyReady where !ready && !prepared:
                     ready = true
                     replies.postcopyReady.signal()
@@ -795,10 +798,29 @@ final class DestinationReplies: Sendable {
     /// stored the state; it waits for `commit` to start the guest.
     let postcopyReady = DispatchSemaphore(value: 0)
 
+    /// The pages the destination reported dropped (`postcopy-discarded`).
+    private let dropped = Atomic<UInt64>(0)
+    private let droppedPosted = DispatchSemaphore(value: 0)
+
     func wakeAll() {
         prepared.signal()
         committed.signal()
         postcopyReady.signal()
+        droppedPosted.signal()
+    }
+
+    /// The reader: the destination dropped `pages` so far.
+    func discarded(_ pages: UInt64) {
+        dropped.store(pages, ordering: .relaxed)
+        droppedPosted.signal()
+    }
+
+    /// Waits until the destination reported `pages` dropped (or a failure).
+    func awaitDiscarded(_ pages: UInt64, latch: FailureLatch) throws(MigrationError) {
+        while dropped.load(ordering: .relaxed) < pages {
+            droppedPosted.wait()
+            try latch.check()
+        }
     }
 }
 

@@ -109,6 +109,11 @@ public enum MainMessage: Equatable, Sendable {
     /// Destination → source on the preempt channel (the return path): a
     /// destination guest thread waits for these pages.
     case pageRequest(PageRange)
+    /// Destination → source, after each `postcopyDiscard`: the pages it
+    /// has dropped so far. The source waits for it before the pause, so the
+    /// destination's catching up and dropping happen while the source
+    /// guest still runs, not in the downtime.
+    case postcopyDiscarded(pages: UInt64)
 
     public static let frameHeaderSize = 8
     /// Bytes of the tag after every frame's payload.
@@ -124,7 +129,7 @@ public enum MainMessage: Equatable, Sendable {
 
     enum Tag: UInt16 {
         case helloAccepted = 1, ramLayout, layoutAccepted, endOfRound, guestState, complete, completed, error, commit, committed
-        case postcopyDiscard, postcopyStart, postcopyReady, pageRequest
+        case postcopyDiscard, postcopyStart, postcopyReady, pageRequest, postcopyDiscarded
     }
 
     var tag: Tag {
@@ -143,6 +148,7 @@ public enum MainMessage: Equatable, Sendable {
         case .postcopyStart: .postcopyStart
         case .postcopyReady: .postcopyReady
         case .pageRequest: .pageRequest
+        case .postcopyDiscarded: .postcopyDiscarded
         }
     }
 
@@ -168,6 +174,7 @@ public enum MainMessage: Equatable, Sendable {
         case .postcopyStart: "postcopy-start"
         case .postcopyReady: "postcopy-ready"
         case .pageRequest: "page-request"
+        case .postcopyDiscarded: "postcopy-discarded"
         }
     }
 
@@ -183,6 +190,7 @@ public enum MainMessage: Equatable, Sendable {
             p.u64(rounds)
             p.u64(discarded)
         case .pageRequest(let r): Self.encode(r, into: &p)
+        case .postcopyDiscarded(let pages): p.u64(pages)
         case .ramLayout(let blocks):
             p.u32(UInt32(blocks.count))
             for b in blocks {
@@ -247,7 +255,8 @@ public enum MainMessage: Equatable, Sendable {
         let type = try r.u16("type")
         guard Tag(rawValue: type) != nil else {
             throw WireError(
-                message: "main message", field: "type", value: "\(type)", reason: "no such message type (1...\(Tag.pageRequest.rawValue))")
+                message: "main message", field: "type", value: "\(type)",
+                reason: "no such message type (1...\(Tag.postcopyDiscarded.rawValue))")
         }
         _ = try r.u16("reserved")
         let length = try r.u32("length")
@@ -287,6 +296,7 @@ public enum MainMessage: Equatable, Sendable {
             message = .postcopyDiscard(ranges)
         case .postcopyStart:
             message = .postcopyStart(rounds: try r.u64("rounds"), discardedPages: try r.u64("discarded-pages"))
+        case .postcopyDiscarded: message = .postcopyDiscarded(pages: try r.u64("pages"))
         case .pageRequest:
             message = .pageRequest(try decodeRange(&r, what, "range", maxCount: Self.maxRequestPages))
         case .ramLayout:

@@ -214,6 +214,21 @@ public final class IncomingGuest: Sendable {
     /// Whether this guest holds its RAM file's writer lock now.
     public var holdsRAMLock: Bool { ramClaim.lock.withLock { $0 != nil } }
 
+    /// Waits, in 50 ms slices, until the receiver let go of the RAM and this
+    /// guest took its writer lock (`claimRAMWhenFree`), or `stop()`. A guest
+    /// whose workload ended during postcopy calls it before exiting: its
+    /// process owns the userfaultfd, and exiting would fail the receiver's
+    /// placing of the pages still on their way. Returns whether it holds
+    /// the lock.
+    public func awaitReceiverDone() -> Bool {
+        while !holdsRAMLock {
+            if stopRequested { return false }
+            var ts = timespec(tv_sec: 0, tv_nsec: 50_000_000)
+            nanosleep(&ts, nil)
+        }
+        return true
+    }
+
     /// Stops the hand-off server (removing its socket file), clears the
     /// socket path from the control file and stops claiming the RAM lock.
     /// Call it when the guest exits or gives up. The userfaultfd stays

@@ -185,6 +185,15 @@ struct StressCommand: ParsableCommand {
         // The hand-off server keeps running while the guest runs: a
         // receiver may attach again (postcopy recovery).
         let outcome = withExtendedLifetime(guest) { stress.run() }
+        // A workload that ended by its duration while the receiver still
+        // places pages (postcopy) waits for it: this process owns the
+        // userfaultfd, and leaving now would fail the migration.
+        if outcome.end == .duration, !guest.holdsRAMLock {
+            FileHandleStderr.write("stress: duration reached; waiting for the receiver to finish placing pages before exiting\n")
+            if guest.awaitReceiverDone(), IncompleteMark.isSet(on: FilePath(ram)) {
+                FileHandleStderr.write("stress: the migration into this guest did not complete; its RAM lacks pages\n")
+            }
+        }
         signals.end()
         report(outcome, rate: options.rate)
     }

@@ -71,6 +71,8 @@ struct MainMessageTests {
         .postcopyStart(rounds: 2, discardedPages: 0),
         .postcopyStart(rounds: .max, discardedPages: 1 << 33),
         .postcopyReady,
+        .postcopyDiscarded(pages: 0),
+        .postcopyDiscarded(pages: .max),
         .pageRequest(PageRange(block: 0, first: 12345, count: 1)),
         .pageRequest(PageRange(block: 1, first: .max - 1024, count: UInt64(MainMessage.maxRequestPages))),
     ]
@@ -108,12 +110,12 @@ struct MainMessageTests {
     @Test func namesOfFrameTypes() {
         let names = [
             "hello-accepted", "ram-layout", "layout-accepted", "end-of-round", "guest-state", "complete", "completed", "error", "commit",
-            "committed", "postcopy-discard", "postcopy-start", "postcopy-ready", "page-request",
+            "committed", "postcopy-discard", "postcopy-start", "postcopy-ready", "page-request", "postcopy-discarded",
         ]
         for (i, name) in names.enumerated() { #expect(MainMessage.name(type: UInt16(i + 1)) == name) }
         // A type no message has is named by its number (for error texts).
         #expect(MainMessage.name(type: 0) == "type 0")
-        #expect(MainMessage.name(type: 15) == "type 15")
+        #expect(MainMessage.name(type: 16) == "type 16")
         #expect(MainMessage.name(type: 0x1234) == "type 4660")
     }
 
@@ -204,7 +206,7 @@ struct MainMessageTests {
 
     @Test func rejectsUnknownType() {
         expectWireError(field: "type", value: "4660") { _ = try Self.decodeHeader(Self.header(type: 0x1234, length: 0)) }
-        expectWireError(field: "type", value: "15") { _ = try Self.decodeHeader(Self.header(type: 15, length: 0)) }
+        expectWireError(field: "type", value: "16") { _ = try Self.decodeHeader(Self.header(type: 16, length: 0)) }
         expectWireError(field: "type", value: "0") { _ = try Self.decodeHeader(Self.header(type: 0, length: 0)) }
         // decode checks on its own too.
         expectWireError(field: "type", value: "4660") { _ = try Self.decodePayload(type: 0x1234, []) }
