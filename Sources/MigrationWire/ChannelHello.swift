@@ -80,7 +80,12 @@ public struct ChannelHello: Equatable, Sendable {
         /// guest attached, RAM not on tmpfs or hugetlbfs) refuses the hello
         /// with the reason, before any page moves.
         public static let postcopy = Flags(rawValue: 1 << 3)
-        public static let known: Flags = [.guestState, .authenticated, .encrypted, .postcopy]
+        /// Main channel, with `postcopy`: this connection recovers a
+        /// postcopy migration whose connections broke (docs/PROTOCOL.md
+        /// §8.6). Only a destination in *postcopy-paused* takes it, and only
+        /// a recovering source sends it.
+        public static let recover = Flags(rawValue: 1 << 4)
+        public static let known: Flags = [.guestState, .authenticated, .encrypted, .postcopy, .recover]
     }
 
     public var session: SessionID
@@ -169,6 +174,11 @@ public struct ChannelHello: Equatable, Sendable {
             throw WireError(
                 message: what, field: "flags", value: hex(flags.rawValue),
                 reason: "ENCRYPTED needs AUTHENTICATED: encryption keys come from the pre-shared key")
+        }
+        if flags.contains(.recover), kind != .main || !flags.contains(.postcopy) {
+            throw WireError(
+                message: what, field: "flags", value: hex(flags.rawValue),
+                reason: "RECOVER goes on a main channel with POSTCOPY: only a postcopy migration recovers")
         }
         let nonce = try r.raw(Self.nonceSize, "nonce")
         // Checked last so a peer learns of a bad magic or version first.

@@ -114,6 +114,14 @@ public enum MainMessage: Equatable, Sendable {
     /// destination's catching up and dropping happen while the source
     /// guest still runs, not in the downtime.
     case postcopyDiscarded(pages: UInt64)
+    /// Source → destination, first on the main channel of a recovery
+    /// (hello flag `recover`; docs/PROTOCOL.md §8.6): the session of the
+    /// migration to resume and the rounds it had ended before postcopy.
+    case postcopyRecover(session: SessionID, rounds: UInt64)
+    /// Destination → source, the answer to `postcopyRecover`: which pages
+    /// the destination holds (one bit per page, set = arrived; 64 pages per
+    /// word, page 0 in bit 0 of word 0). The source sends the others.
+    case postcopyReceived(pageCount: UInt64, words: [UInt64])
 
     public static let frameHeaderSize = 8
     /// Bytes of the tag after every frame's payload.
@@ -126,10 +134,13 @@ public enum MainMessage: Equatable, Sendable {
     public static let maxDiscardRanges = 65536
     /// Most pages one `pageRequest` asks for.
     public static let maxRequestPages: UInt64 = 1024
+    /// The most pages a `postcopy-received` bitmap covers: just under 2^29 (2 TiB of
+    /// 4 KiB pages, a 64 MiB frame).
+    public static let maxReceivedPages: UInt64 = (UInt64(maxPayload) - 8) * 8
 
     enum Tag: UInt16 {
         case helloAccepted = 1, ramLayout, layoutAccepted, endOfRound, guestState, complete, completed, error, commit, committed
-        case postcopyDiscard, postcopyStart, postcopyReady, pageRequest, postcopyDiscarded
+        case postcopyDiscard, postcopyStart, postcopyReady, pageRequest, postcopyDiscarded, postcopyRecover, postcopyReceived
     }
 
     var tag: Tag {
@@ -149,6 +160,8 @@ public enum MainMessage: Equatable, Sendable {
         case .postcopyReady: .postcopyReady
         case .pageRequest: .pageRequest
         case .postcopyDiscarded: .postcopyDiscarded
+        case .postcopyRecover: .postcopyRecover
+        case .postcopyReceived: .postcopyReceived
         }
     }
 
@@ -175,6 +188,8 @@ public enum MainMessage: Equatable, Sendable {
         case .postcopyReady: "postcopy-ready"
         case .pageRequest: "page-request"
         case .postcopyDiscarded: "postcopy-discarded"
+        case .postcopyRecover: "postcopy-recover"
+        case .postcopyReceived: "postcopy-received"
         }
     }
 
@@ -191,6 +206,13 @@ public enum MainMessage: Equatable, Sendable {
             p.u64(discarded)
         case .pageRequest(let r): Self.encode(r, into: &p)
         case .postcopyDiscarded(let pages): p.u64(pages)
+        case .postcopyRecover(let session, let rounds):
+            p.u64(session.high)
+            p.u64(session.low)
+            p.u64(rounds)
+        case .postcopyReceived(let pageCount, let words):
+            p.u64(pageCount)
+            for w in words { p.u64(w) }
         case .ramLayout(let blocks):
             p.u32(UInt32(blocks.count))
             for b in blocks {
@@ -256,7 +278,7 @@ public enum MainMessage: Equatable, Sendable {
         guard Tag(rawValue: type) != nil else {
             throw WireError(
                 message: "main message", field: "type", value: "\(type)",
-                reason: "no such message type (1...\(Tag.postcopyDiscarded.rawValue))")
+                reason: "no such message type (1...\(Tag.postcopyReceived.rawValue))")
         }
         _ = try r.u16("reserved")
         let length = try r.u32("length")
@@ -297,6 +319,27 @@ public enum MainMessage: Equatable, Sendable {
         case .postcopyStart:
             message = .postcopyStart(rounds: try r.u64("rounds"), discardedPages: try r.u64("discarded-pages"))
         case .postcopyDiscarded: message = .postcopyDiscarded(pages: try r.u64("pages"))
+        case .postcopyRecover:
+            let session = SessionID(high: try r.u64("session.high"), low: try r.u64("session.low"))
+            message = .postcopyRecover(session: session, rounds: try r.u64("rounds"))
+        case .postcopyReceived:
+            let pageCount = try r.u64("page-count")
+            let wordCount = (pageCount + 63) / 64
+            guard pageCount >= 1, pageCount <= Self.maxReceivedPages, UInt64(r.remaining) == wordCount * 8 else {
+                throw WireError(
+                    message: what, field: "page-count", value: "\(pageCount)",
+                    reason: "must be 1...\(Self.maxReceivedPages) and match the \(r.remaining) bytes of bitmap that follow (8 per 64 pages)")
+            }
+            var words: [UInt64] = []
+            words.reserveCapacity(Int(wordCount))
+            for i in 0..<Int(wordCount) { words.append(try r.u64("words[\(i)]")) }
+            let tail = pageCount % 64
+            if tail != 0, words[words.count - 1] >> tail != 0 {
+                throw WireError(
+                    message: what, field: "words[\(words.count - 1)]", value: "0x\(String(words[words.count - 1], radix: 16))",
+                    reason: "bits past page \(pageCount - 1) must be 0")
+            }
+            message = .postcopyReceived(pageCount: pageCount, words: words)
         case .pageRequest:
             message = .pageRequest(try decodeRange(&r, what, "range", maxCount: Self.maxRequestPages))
         case .ramLayout:

@@ -46,7 +46,8 @@ struct ChannelHelloTests {
         #expect(ChannelHello.Flags.authenticated.rawValue == 1 << 1)
         #expect(ChannelHello.Flags.encrypted.rawValue == 1 << 2)
         #expect(ChannelHello.Flags.postcopy.rawValue == 1 << 3)
-        #expect(ChannelHello.Flags.known.rawValue == 0b1111)
+        #expect(ChannelHello.Flags.recover.rawValue == 1 << 4)
+        #expect(ChannelHello.Flags.known.rawValue == 0b1_1111)
         // The default nonce is 32 zero bytes, at the end of the hello.
         let plain = ChannelHello(session: Self.session, kind: .main, channelID: 0, channelCount: 1, flags: .guestState)
         #expect(Array(plain.encoded()[30..<32]) == [0, 1])
@@ -78,7 +79,7 @@ struct ChannelHelloTests {
 
     @Test func randomSessionsAndNoncesRoundTrip() throws {
         var g = SplitMix64(seed: 0x4E0C_E001)
-        let flagSets: [ChannelHello.Flags] = [[], .guestState, .authenticated, [.authenticated, .encrypted], .known]
+        let flagSets: [ChannelHello.Flags] = [[], .guestState, .authenticated, [.authenticated, .encrypted], .known.subtracting(.recover)]
         for i in 0..<64 {
             let nonce = (0..<32).map { _ in UInt8(truncatingIfNeeded: g.next()) }
             let hello = ChannelHello(
@@ -119,8 +120,18 @@ struct ChannelHelloTests {
         #expect(error?.reason.contains("speaks version 2") == true)
     }
 
+    @Test func rejectsRecoverWithoutPostcopy() {
+        // RECOVER alone (0x10), and RECOVER + POSTCOPY on a multifd channel.
+        let bytes = Self.valid(kind: .main, id: 0).settingU16(0x0010, at: 30)
+        let error = expectWireError(field: "flags", value: "0x10") { _ = try Self.decode(bytes) }
+        #expect(error?.reason.contains("POSTCOPY") == true)
+        expectWireError(field: "flags", value: "0x18") { _ = try Self.decode(Self.valid().settingU16(0x0018, at: 30)) }
+        let main = Self.valid(kind: .main, id: 0).settingU16(0x0018, at: 30)
+        #expect((try? Self.decode(main))?.flags == [.postcopy, .recover])
+    }
+
     @Test func rejectsUnknownFlagBits() {
-        for (raw, unknown) in [(UInt16(0x0010), "0x10"), (0x8000, "0x8000"), (0x001B, "0x10"), (0xFFFF, "0xfff0")] {
+        for (raw, unknown) in [(UInt16(0x0020), "0x20"), (0x8000, "0x8000"), (0x003B, "0x20"), (0xFFFF, "0xffe0")] {
             let bytes = Self.valid().settingU16(raw, at: 30)
             let error = expectWireError(field: "flags", value: "0x" + String(raw, radix: 16)) { _ = try Self.decode(bytes) }
             #expect(error?.reason.contains("unknown bits \(unknown)") == true, "\(String(describing: error))")

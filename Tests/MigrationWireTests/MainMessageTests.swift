@@ -75,6 +75,10 @@ struct MainMessageTests {
         .postcopyDiscarded(pages: .max),
         .pageRequest(PageRange(block: 0, first: 12345, count: 1)),
         .pageRequest(PageRange(block: 1, first: .max - 1024, count: UInt64(MainMessage.maxRequestPages))),
+        .postcopyRecover(session: SessionID(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210), rounds: 3),
+        .postcopyReceived(pageCount: 1, words: [1]),
+        .postcopyReceived(pageCount: 64, words: [.max]),
+        .postcopyReceived(pageCount: 130, words: [0x8000_0000_0000_0001, 0, 0b11]),
     ]
 
     // MARK: - round trips
@@ -110,12 +114,13 @@ struct MainMessageTests {
     @Test func namesOfFrameTypes() {
         let names = [
             "hello-accepted", "ram-layout", "layout-accepted", "end-of-round", "guest-state", "complete", "completed", "error", "commit",
-            "committed", "postcopy-discard", "postcopy-start", "postcopy-ready", "page-request", "postcopy-discarded",
+            "committed", "postcopy-discard", "postcopy-start", "postcopy-ready", "page-request", "postcopy-discarded", "postcopy-recover",
+            "postcopy-received",
         ]
         for (i, name) in names.enumerated() { #expect(MainMessage.name(type: UInt16(i + 1)) == name) }
         // A type no message has is named by its number (for error texts).
         #expect(MainMessage.name(type: 0) == "type 0")
-        #expect(MainMessage.name(type: 16) == "type 16")
+        #expect(MainMessage.name(type: 18) == "type 18")
         #expect(MainMessage.name(type: 0x1234) == "type 4660")
     }
 
@@ -204,9 +209,22 @@ struct MainMessageTests {
         #expect(throws: WireError.self) { _ = try Self.decodeFrame(frame) }
     }
 
+    @Test func rejectsBadReceivedBitmaps() {
+        // A page count the words do not match, no pages, a bit past the last page.
+        var frame = MainMessage.postcopyReceived(pageCount: 65, words: [0, 0]).encoded()
+        frame[MainMessage.frameHeaderSize + 7] = 129  // 129 pages need 3 words
+        expectWireError(field: "page-count", value: "129") { _ = try Self.decodeFrame(frame) }
+        expectWireError(field: "page-count", value: "0") {
+            _ = try Self.decodeFrame(MainMessage.postcopyReceived(pageCount: 0, words: []).encoded())
+        }
+        expectWireError(field: "words[1]", value: "0x2") {
+            _ = try Self.decodeFrame(MainMessage.postcopyReceived(pageCount: 65, words: [0, 2]).encoded())
+        }
+    }
+
     @Test func rejectsUnknownType() {
         expectWireError(field: "type", value: "4660") { _ = try Self.decodeHeader(Self.header(type: 0x1234, length: 0)) }
-        expectWireError(field: "type", value: "16") { _ = try Self.decodeHeader(Self.header(type: 16, length: 0)) }
+        expectWireError(field: "type", value: "18") { _ = try Self.decodeHeader(Self.header(type: 18, length: 0)) }
         expectWireError(field: "type", value: "0") { _ = try Self.decodeHeader(Self.header(type: 0, length: 0)) }
         // decode checks on its own too.
         expectWireError(field: "type", value: "4660") { _ = try Self.decodePayload(type: 0x1234, []) }
