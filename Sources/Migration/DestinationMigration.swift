@@ -40,6 +40,9 @@ public struct DestinationConfig: Sendable {
     /// Test hook: stop this process at a named point (`TestHook`):
     /// setup, prepared or committed.
     public var testStopAt: String?
+    /// After the postcopy commit, how long a broken migration waits for its
+    /// source to reconnect (`--recover-timeout`; 0: no recovery).
+    public var recoverTimeout = 60.0
 
     public init(address: SocketAddress, channels: Int, ramPath: FilePath) {
         self.address = address
@@ -57,34 +60,45 @@ public struct DestinationConfig: Sendable {
 public final class DestinationMigration: Sendable {
     public let config: DestinationConfig
     public let counters = TransferCounters()
-    public let latch = FailureLatch()
+    /// The failure latch of the connections in use: the first set's, then
+    /// each postcopy recovery's (`DestinationRecovery`), which starts from
+    /// a fresh one. Threads take the latch of their own connections.
+    public var latch: FailureLatch { latches.withLock { $0 } }
+    private let latches = Mutex(FailureLatch())
+    /// `cancel()` was called: no recovery starts, a waiting one ends.
+    let cancelled = Atomic<Bool>(false)
     /// Told of connections the listener ignored or dropped (a stranger, an
     /// idle port probe, a channel of another session): they never fail
     /// the migration, but the user should know.
-    private let notice: @Sendable (String) -> Void
+    let notice: @Sendable (String) -> Void
     /// Fails the migration when the source stops moving bytes.
     public let watchdog: ProgressWatchdog
-    private let listener: Listener
+    let listener: Listener
     private let ramFile = Mutex<RAMFile?>(nil)
     /// The RAM was mapped and pre-faulted before listening: receivers write
     /// into the mapping. Otherwise (created when the layout arrives) they
     /// pwrite into the file (`PacketReceiver.writeThrough`).
-    private let prefaulted: Bool
+    let prefaulted: Bool
     /// This process's claim on the RAM file (the writer byte), from before
     /// it writes anything until it exits: a running guest's RAM or another
     /// receiver's is refused (`OwnerLock`).
     private let ramLock = Mutex<OwnerLock?>(nil)
     /// Every access to the destination's control file (`--guest`); holds
     /// its receiver byte from `init`.
-    private let guest: DestinationGuest?
+    let guest: DestinationGuest?
     /// The preempt channel's totals (postcopy), apart from the multifd ones.
-    private let preemptCounters = TransferCounters()
+    let preemptCounters = TransferCounters()
     /// The multifd bytes that had arrived at the postcopy switch.
-    private let bytesAtSwitch = Atomic<UInt64>(0)
+    let bytesAtSwitch = Atomic<UInt64>(0)
     /// Where the migration stands, for the failure message: after the
     /// postcopy commit a failure leaves the guest running here without all
     /// of its pages (postcopy-paused).
-    private let phase = Atomic<PostcopyPhase>(.none)
+    let phase = Atomic<PostcopyPhase>(.none)
+    /// What a postcopy recovery resumes from: set up when the postcopy
+    /// migration's channels are, completed at `postcopy-start`.
+    let resumePoint = Mutex<PostcopyResumePoint?>(nil)
+    /// Recoveries that reached this side (counted when one completes).
+    let recoveries = Atomic<UInt64>(0)
     /// The listening socket's file (a Unix address), to remove at exit.
     private let socketFile: (path: String, device: UInt64, inode: UInt64)?
 
@@ -220,12 +234,35 @@ public final class DestinationMigration: Sendable {
     public var ram: RAMFile? { ramFile.withLock { $0 } }
 
     /// Stops from any thread.
-    public func cancel(_ reason: String) { latch.fail(MigrationError(.cancelled, reason)) }
+    public func cancel(_ reason: String) {
+        cancelled.store(true, ordering: .relaxed)
+        latch.fail(MigrationError(.cancelled, reason))
+        listener.shutdown()
+    }
+
+    /// Starts a recovery's connections on a fresh latch.
+    func freshLatch() -> FailureLatch {
+        let l = FailureLatch()
+        latches.withLock { $0 = l }
+        return l
+    }
 
     /// Whether a failure found the migration after the postcopy commit.
     public var postcopyPaused: Bool { latch.hasFailed && phase.load(ordering: .acquiring) == .postcopyActive }
 
+    /// Receives the migration: the first connections, then, when they
+    /// break after the postcopy commit, the source's recoveries
+    /// (`recoverPostcopy`, for up to `config.recoverTimeout`).
     public func run() throws(MigrationError) -> MigrationStats {
+        do {
+            return try receive()
+        } catch {
+            guard phase.load(ordering: .acquiring) == .postcopyActive else { throw error }
+            return try recoverPostcopy(after: error)
+        }
+    }
+
+    private func receive() throws(MigrationError) -> MigrationStats {
         var control: ControlChannel?
         var receivers: [PacketReceiver] = []
         var threads: [WorkerThread] = []
@@ -238,7 +275,13 @@ public final class DestinationMigration: Sendable {
             for t in threads { t.join() }
         }
         let listener = self.listener
-        latch.onFailure { listener.shutdown() }
+        // After the postcopy commit the listener stays open for the
+        // source's recovery (`recoverPostcopy`); `cancel` shuts it then.
+        latch.onFailure { [weak self] in
+            guard let self, config.recoverTimeout > 0, phase.load(ordering: .acquiring) == .postcopyActive else {
+                return listener.shutdown()
+            }
+        }
         do {
             let (ctl, hello) = try acceptMain()
             control = ctl
@@ -299,32 +342,23 @@ public final class DestinationMigration: Sendable {
                 let latch = self.latch
                 threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })
             }
+            if postcopy, let target {
+                resumePoint.withLock {
+                    $0 = PostcopyResumePoint(
+                        session: session, ram: ram, arrived: arrived, roundSeen: roundSeen, table: table, target: target, start: start,
+                        setupTime: setupTime)
+                }
+            }
             let rounds = try serveControl(
                 ctl, barrier: barrier, arrived: arrived, roundSeen: roundSeen, table: table, ram: ram, first: early,
                 postcopy: postcopy ? faultThread.map { ($0, target!) } : nil)
-            var s = MigrationStats(status: .completed)
-            s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
-            s.setupTime = UInt64(setupTime * 1000)
-            s.ram.dirtySyncCount = rounds
-            s.fillCompression(counters, method: hello.compression, level: nil, pageSize: ram.block.pageSize)
-            if postcopy, let target {
-                var p = target.faults.snapshot(at: Monotonic.now)
-                p.postcopyBytes =
-                    preemptCounters.read(preemptCounters.multifdBytes) + counters.read(counters.multifdBytes)
-                    - bytesAtSwitch.load(ordering: .relaxed)
-                s.postcopy = p
-            }
-            return s
+            return completedStats(
+                rounds: rounds, ram: ram, compression: hello.compression, start: start, setupTime: setupTime,
+                postcopy: postcopy ? target : nil)
         } catch {
             latch.fail(error)
-            if phase.load(ordering: .acquiring) == .postcopyActive {
-                throw MigrationError(
-                    (latch.error ?? error).kind,
-                    "postcopy-paused: \((latch.error ?? error).description). The guest runs here, but some of its pages never arrived: its "
-                        + "threads that touch them wait. Its complete copy (RAM and state as at the switch) stays on the source, stopped "
-                        + "(run state handed over). Recovery is not implemented: end this guest, then take the guest back on the source "
-                        + "with livemig stress --resume --reclaim")
-            }
+            // Postcopy-paused: `run` tries the recovery.
+            if phase.load(ordering: .acquiring) == .postcopyActive { throw latch.error ?? error }
             // A RAM file this process created holds a partial copy and
             // nothing else: remove it (a file that existed keeps its
             // incomplete mark). The lock is still ours, so nobody else
@@ -332,6 +366,25 @@ public final class DestinationMigration: Sendable {
             if createdRAM { unlink(config.ramPath.string) }
             throw latch.error ?? error
         }
+    }
+
+    /// The statistics of a completed migration.
+    func completedStats(
+        rounds: UInt64, ram: RAMFile, compression: CompressionMethod, start: Double, setupTime: Double, postcopy target: PostcopyTarget?
+    ) -> MigrationStats {
+        var s = MigrationStats(status: .completed)
+        s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
+        s.setupTime = UInt64(setupTime * 1000)
+        s.ram.dirtySyncCount = rounds
+        s.fillCompression(counters, method: compression, level: nil, pageSize: ram.block.pageSize)
+        if let target {
+            var p = target.faults.snapshot(at: Monotonic.now)
+            p.postcopyBytes =
+                preemptCounters.read(preemptCounters.multifdBytes) + counters.read(counters.multifdBytes)
+                - bytesAtSwitch.load(ordering: .relaxed)
+            s.postcopy = p
+        }
+        return s
     }
 
     // MARK: - setup
@@ -343,10 +396,10 @@ public final class DestinationMigration: Sendable {
     /// stranger cannot fail a migration. A livemig source whose hello or
     /// proof fails (another version, another key, no key) fails it: that is
     /// the user's source, and both sides must say why.
-    private func acceptMain() throws(MigrationError) -> (ControlChannel, ChannelHello) {
+    func acceptMain(deadline: Double? = nil) throws(MigrationError) -> (ControlChannel, ChannelHello) {
         var gate = HelloGate(listener: listener, helloTimeout: config.helloTimeout, notice: notice, latch: latch)
         while true {
-            guard let (s, hello, bytes) = try gate.next(deadline: nil, strict: true) else { continue }
+            guard let (s, hello, bytes) = try gate.next(deadline: deadline, strict: true) else { continue }
             s.setReceiveTimeout(config.helloTimeout)
             let keys = try ChannelHandshake.answer(
                 s, hello: hello, helloBytes: bytes, trust: TrustSetting(key: config.key), counters: counters)
@@ -356,7 +409,7 @@ public final class DestinationMigration: Sendable {
 
     /// Checks the main hello against this destination; the caller owns the
     /// channel by now, so a refusal reaches the source as an error message.
-    private func acceptHello(_ hello: ChannelHello, on ctl: ControlChannel) throws(MigrationError) {
+    func acceptHello(_ hello: ChannelHello, on ctl: ControlChannel) throws(MigrationError) {
         guard hello.kind == .main else {
             throw MigrationError(
                 .protocolViolation, "the first connection is multifd channel \(hello.channelID), expected the main channel")
@@ -495,7 +548,7 @@ public final class DestinationMigration: Sendable {
     /// progress. The connections may be accepted after the source already
     /// sent on main (a small first round fits in the socket buffers): such
     /// a message is returned for the control loop, unless it is an error.
-    private func acceptChannels(session: SessionID, main: ControlChannel, trust: TrustSetting, preempt: Bool) throws(MigrationError)
+    func acceptChannels(session: SessionID, main: ControlChannel, trust: TrustSetting, preempt: Bool) throws(MigrationError)
         -> ([(Socket, ChannelKeys?)], MainMessage?)
     {
         // With postcopy the preempt channel comes last, with id N.
@@ -557,19 +610,21 @@ public final class DestinationMigration: Sendable {
     /// `postcopy` (the fault thread and the guest's userfaultfd), the
     /// postcopy switch between them (docs/PROTOCOL.md §8). Returns the
     /// number of rounds.
-    private func serveControl(
+    func serveControl(
         _ ctl: ControlChannel, barrier: RoundBarrier, arrived: DirtyBitmap, roundSeen: DirtyBitmap, table: PageTable, ram: RAMFile,
-        first: MainMessage?, postcopy: (faults: PostcopyFaults, target: PostcopyTarget)?
+        first: MainMessage?, postcopy: (faults: PostcopyFaults, target: PostcopyTarget)?, resumed: Bool = false
     )
         throws(MigrationError)
         -> UInt64
     {
-        var rounds: UInt64 = 0
-        var guestState: [UInt8]?
+        // A recovery goes on in the postcopy phase from the resume point.
+        let point = resumed ? resumePoint.withLock { $0 } : nil
+        var rounds: UInt64 = point?.rounds ?? 0
+        var guestState: [UInt8]? = point?.guestState
         /// Pages the source said are stale (postcopy-discard), and whether
         /// the postcopy phase began (committed).
         var discarded: UInt64 = 0
-        var inPostcopy = false
+        var inPostcopy = resumed
         var pending = first
         while true {
             let m: MainMessage
@@ -603,6 +658,10 @@ public final class DestinationMigration: Sendable {
                     throw MigrationError(
                         .mismatch, "the source discarded \(count) pages before postcopy-start but \(discarded) discards arrived")
                 }
+                resumePoint.withLock { [guestState] in
+                    $0?.rounds = rounds
+                    $0?.guestState = guestState
+                }
                 try startPostcopy(ctl, postcopy: postcopy, guestState: guestState, arrived: arrived, ram: ram)
                 inPostcopy = true
             case .endOfRound(let r):
@@ -620,7 +679,7 @@ public final class DestinationMigration: Sendable {
                 for s in barrier.resume { s.signal() }
             case .complete(let summary) where inPostcopy:
                 guard let postcopy else { fatalError("postcopy without its state") }
-                try checkCompletion(summary, rounds: rounds, arrived: arrived, table: table, ram: ram)
+                try checkCompletion(summary, rounds: rounds, arrived: arrived, table: table, ram: ram, totals: !resumed)
                 guard UInt64(guestState?.count ?? -1) == summary.guestStateBytes else {
                     throw MigrationError(
                         .mismatch,
@@ -785,7 +844,13 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    private func checkCompletion(_ s: CompletionSummary, rounds: UInt64, arrived: DirtyBitmap, table: PageTable, ram: RAMFile)
+    /// `totals`: compare the source's page and packet counts with ours. A
+    /// recovered postcopy cannot (what was in flight when the connections
+    /// broke was counted by the source only); every page's arrival and the
+    /// digest still prove the copy.
+    private func checkCompletion(
+        _ s: CompletionSummary, rounds: UInt64, arrived: DirtyBitmap, table: PageTable, ram: RAMFile, totals: Bool = true
+    )
         throws(MigrationError)
     {
         let normal = counters.read(counters.normalPages), zero = counters.read(counters.zeroPages)
@@ -793,7 +858,7 @@ public final class DestinationMigration: Sendable {
         guard s.rounds == rounds, rounds > 0 else {
             throw MigrationError(.mismatch, "the source completed after \(s.rounds) round(s) but \(rounds) arrived")
         }
-        guard s.normalPages == normal, s.zeroPages == zero, s.packets == packets else {
+        guard !totals || (s.normalPages == normal && s.zeroPages == zero && s.packets == packets) else {
             throw MigrationError(
                 .mismatch,
                 "the source sent \(s.normalPages) normal + \(s.zeroPages) zero pages in \(s.packets) packets, but \(normal) + \(zero) in \(packets) arrived"

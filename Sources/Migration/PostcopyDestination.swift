@@ -73,8 +73,11 @@ final class PostcopyFaults: Sendable {
 
     /// Starts the thread; `guestThreads` says how many threads the guest
     /// runs (read once per poll slice, for the blocktime).
-    func start(guestThreads: @escaping @Sendable () -> Int) {
-        let t = WorkerThread(name: "mig/faults") { [self] in run(guestThreads: guestThreads) }
+    /// A recovery passes `resend`: pages whose requests went out on the
+    /// broken connections and that have not arrived; the thread asks for
+    /// them again first.
+    func start(resend: [Int] = [], guestThreads: @escaping @Sendable () -> Int) {
+        let t = WorkerThread(name: "mig/faults") { [self] in run(resend: resend, guestThreads: guestThreads) }
         thread.withLock { $0 = t }
     }
 
@@ -89,10 +92,13 @@ final class PostcopyFaults: Sendable {
         }
     }
 
-    private func run(guestThreads: @Sendable () -> Int) {
+    private func run(resend: [Int], guestThreads: @Sendable () -> Int) {
         let pageSize = target.pageSize, base = target.guestBase
         let pages = UInt64(arrived.pageCount)
         do throws(MigrationError) {
+            for page in resend where !arrived.isDirty(page: page) {
+                try requests.send(.pageRequest(PageRange(block: 0, first: UInt64(page), count: 1)))
+            }
             while !stopping.load(ordering: .relaxed), !latch.hasFailed {
                 target.faults.setGuestThreads(guestThreads())
                 let faults: [Userfault.Fault]
@@ -145,4 +151,23 @@ enum PostcopyPhase: UInt8, AtomicRepresentable, Sendable {
     case postcopyActive
     /// Every page arrived.
     case completed
+}
+
+/// What a postcopy recovery resumes from (docs/PROTOCOL.md §8.6): the
+/// destination's state that outlives its connections. Set when the
+/// postcopy migration's channels are set up; `rounds` and `guestState`
+/// when `postcopy-start` arrives.
+struct PostcopyResumePoint: @unchecked Sendable {
+    // @unchecked: RAMFile, the bitmaps and the table are shared by design
+    // (their own atomics); the point itself lives under a Mutex.
+    let session: SessionID
+    let ram: RAMFile
+    let arrived: DirtyBitmap
+    let roundSeen: DirtyBitmap
+    let table: PageTable
+    let target: PostcopyTarget
+    let start: Double
+    let setupTime: Double
+    var rounds: UInt64 = 0
+    var guestState: [UInt8]?
 }

@@ -109,6 +109,13 @@ public final class PostcopyFaultLog: Sendable {
         }
     }
 
+    /// The pages with a request outstanding (a wait recorded, the page not
+    /// placed yet), in order. A recovery asks for them again: their requests
+    /// may have been lost with the connection.
+    public func outstandingPages() -> [Int] {
+        state.withLock { $0.pages.keys.sorted() }
+    }
+
     /// True while some wait is open: receivers check this before `placed`.
     /// Sequentially consistent; pairs with the increment in `fault`.
     public var hasWaits: Bool { openWaits.load(ordering: .sequentiallyConsistent) > 0 }
@@ -269,6 +276,9 @@ public struct PostcopyStats: Encodable, Sendable, Equatable {
     public var latencyP50Us: UInt64 = 0
     public var latencyP99Us: UInt64 = 0
     public var latencyMaxUs: UInt64 = 0
+    /// Times the connections broke after the commit and the migration
+    /// recovered (docs/PROTOCOL.md §8.6).
+    public var recoveries: UInt64 = 0
 
     public init() {}
 
@@ -283,5 +293,6 @@ public struct PostcopyStats: Encodable, Sendable, Equatable {
         case latencyP50Us = "postcopy-latency-p50-us"
         case latencyP99Us = "postcopy-latency-p99-us"
         case latencyMaxUs = "postcopy-latency-max-us"
+        case recoveries = "postcopy-recoveries"
     }
 }

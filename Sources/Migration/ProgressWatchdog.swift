@@ -63,8 +63,8 @@ public final class ProgressWatchdog: Sendable {
     }
 
     /// Starts watching `progress` (any figure that grows while bytes move)
-    /// on a thread of its own; a failure trips `latch`. Call once, when the
-    /// data phase begins: the handshake has deadlines of its own. `fault`,
+    /// on a thread of its own; a failure trips `latch`. Call it when the
+    /// data phase begins (again only after `stop()`): the handshake has deadlines of its own. `fault`,
     /// checked on every tick, ends the migration with the error it returns
     /// (the source's guest died).
     public func start(
@@ -72,6 +72,9 @@ public final class ProgressWatchdog: Sendable {
         waitingLocally: @escaping @Sendable () -> Bool = { false }, progress: @escaping @Sendable () -> UInt64
     ) {
         self.deadline.withLock { $0 = deadline }
+        // Again after `stop()` (a postcopy recovery watches its new
+        // connections): that joined the old thread.
+        stopping.store(false, ordering: .relaxed)
         let t = WorkerThread(name: "mig/watchdog") { [self] in
             watch(latch: latch, fault: fault, waitingLocally: waitingLocally, progress: progress)
         }

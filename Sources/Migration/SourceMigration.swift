@@ -31,6 +31,11 @@ public struct SourceConfig: Sendable {
     public var handshakeTimeout = 60.0
     /// How long the guest may take to acknowledge a pause.
     public var pauseTimeout = 5.0
+    /// After the postcopy commit, how long a broken migration keeps trying
+    /// to reconnect (`--recover-timeout`; 0: no recovery).
+    public var recoverTimeout = 60.0
+    /// Told of a recovery's progress (paused, reconnecting, recovered).
+    public var onNotice: (@Sendable (String) -> Void)?
     /// How long a switchover may take from the pause to the destination's
     /// `completed` (nil: 2 × the downtime limit, at least 1 s). Past it the
     /// source resumes its guest and fails (docs/PROTOCOL.md §7).
@@ -98,26 +103,36 @@ public final class SourceMigration: Sendable {
     public let config: SourceConfig
     public let counters = TransferCounters()
     public let progress = LiveProgress()
-    public let latch: FailureLatch
+    /// The failure latch of the connections in use: the first set's, then
+    /// each postcopy recovery attempt's (`SourceRecovery`), which starts
+    /// from a fresh one. Threads take the latch of their own connections.
+    public var latch: FailureLatch { latches.withLock { $0 } }
+    private let latches: Mutex<FailureLatch>
+    /// `cancel()` was called: no recovery attempt starts.
+    let cancelled = Atomic<Bool>(false)
     /// Fails the migration when the destination stops moving bytes, or a
     /// live precopy overruns `policy.timeout` mid-round. Whoever begins
     /// switchover calls `watchdog.disarmDeadline()` first.
     public let watchdog: ProgressWatchdog
     /// Messages for the user (fallbacks taken), read after `run()`.
     public let warnings = Mutex<[String]>([])
-    private let onRound: (@Sendable (RoundRecord) -> Void)?
+    let onRound: (@Sendable (RoundRecord) -> Void)?
     /// Set by the main-channel reader when the destination committed.
     private let confirmed = Atomic<Bool>(false)
     /// The point of no return (live migration).
     private let switchover: Switchover
     /// Every access to the guest's control file (live migration).
-    private let sourceGuest: SourceGuest?
+    let sourceGuest: SourceGuest?
     /// `startPostcopy()` was called (SIGUSR1).
     private let postcopyRequested = Atomic<Bool>(false)
     /// After the postcopy commit a failure is *postcopy-paused*.
-    private let phase = Atomic<PostcopyPhase>(.none)
+    let phase = Atomic<PostcopyPhase>(.none)
+    /// The session of the first connections (a recovery names it).
+    let firstSession = Mutex<SessionID?>(nil)
+    /// What a postcopy recovery resumes from, set at the postcopy commit.
+    let resumePoint = Mutex<SourceResumePoint?>(nil)
     /// The preempt channel's totals, apart from the multifd ones.
-    private let preemptCounters = TransferCounters()
+    let preemptCounters = TransferCounters()
 
     public init(ram: RAMFile, config: SourceConfig, guest: GuestControl? = nil, onRound: (@Sendable (RoundRecord) -> Void)? = nil) {
         self.ram = ram
@@ -127,7 +142,7 @@ public final class SourceMigration: Sendable {
         watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
         let switchover = Switchover(), latch = FailureLatch()
         self.switchover = switchover
-        self.latch = latch
+        latches = Mutex(latch)
         sourceGuest = guest.map {
             SourceGuest(control: $0, switchover: switchover, latch: latch, pauseTimeout: config.pauseTimeout)
         }
@@ -135,7 +150,15 @@ public final class SourceMigration: Sendable {
 
     /// Stops the migration from any thread (a signal handler's queue).
     public func cancel(_ reason: String) {
+        cancelled.store(true, ordering: .relaxed)
         latch.fail(MigrationError(.cancelled, reason))
+    }
+
+    /// Starts a recovery attempt's connections on a fresh latch.
+    func freshLatch() -> FailureLatch {
+        let l = FailureLatch()
+        latches.withLock { $0 = l }
+        return l
     }
 
     /// Switches to postcopy at the end of the round in progress (QEMU's
@@ -149,6 +172,15 @@ public final class SourceMigration: Sendable {
     /// thread; every thread has ended by the time this returns or throws.
     public func run() throws(MigrationError) -> MigrationStats {
         let start = Monotonic.now
+        do {
+            return try migrate(start: start)
+        } catch {
+            guard phase.load(ordering: .acquiring) == .postcopyActive else { throw error }
+            return try recoverPostcopy(after: error, start: start)
+        }
+    }
+
+    private func migrate(start: Double) throws(MigrationError) -> MigrationStats {
         var control: ControlChannel?
         var sockets: [Socket] = []
         var pool: MultiFDSend?
@@ -166,6 +198,7 @@ public final class SourceMigration: Sendable {
         do throws(MigrationError) {
             try sourceGuest?.claim(for: ram)
             let session = SessionID.random()
+            firstSession.withLock { $0 = session }
             let main = try connect()
             let mainKeys = try openChannel(main, kind: .main, id: 0, session: session)
             let ctl = ControlChannel(socket: main, counters: counters, keys: mainKeys, isSource: true)
@@ -243,15 +276,8 @@ public final class SourceMigration: Sendable {
             // Lifts the pause and throttle of a guest it claimed, unless it
             // was handed over: the destination may run it then.
             sourceGuest?.restoreAfterFailure()
-            let e = latch.error ?? error
-            if phase.load(ordering: .acquiring) == .postcopyActive {
-                throw MigrationError(
-                    e.kind,
-                    "postcopy-paused: \(e.description). The guest runs on the destination, which lacks some of its pages; this side "
-                        + "keeps the complete guest as it was at the switch (RAM and state, run state handed over, not running). "
-                        + "Recovery is not implemented: do not resume it here while the destination's guest runs")
-            }
-            throw e
+            // Postcopy-paused: `run` tries the recovery.
+            throw latch.error ?? error
         }
     }
 
@@ -265,7 +291,7 @@ public final class SourceMigration: Sendable {
     /// after the error-frame waker (registered before the handshake), so
     /// the frame is queued first, and it releases a main-channel write
     /// blocked on a peer that stopped reading.
-    private func startWatchdog(main: Socket) {
+    func startWatchdog(main: Socket) {
         latch.onFailure { main.shutdown() }
         let counters = counters, progress = progress
         var deadline: ProgressWatchdog.Deadline?
@@ -464,11 +490,21 @@ public final class SourceMigration: Sendable {
         try ctl.send(.commit)
         TestHook.stop(at: "commit", ifRequested: config.testStopAt)
         try awaitCommitted(replies)
-        // Release: pairs with the failure path's acquire load.
-        phase.store(.postcopyActive, ordering: .releasing)
         let downtime = Monotonic.now - pauseStart
         let switchBytes = counters.read(counters.multifdBytes)
         let postcopyStart = Monotonic.now
+        stats.downtime = UInt64(downtime * 1000)
+        stats.expectedDowntime = expected.isFinite ? UInt64(expected * 1000) : nil
+        stats.cpuThrottlePercentage = Int(g.throttlePercent)
+        stats.ram.dirtySyncCount = UInt64(round + 1)
+        stats.ram.precopyBytes = precopyBytes
+        resumePoint.withLock {
+            $0 = SourceResumePoint(
+                guest: g, round: round, stateBytes: UInt64(state.count), table: table, stats: stats, switchBytes: switchBytes,
+                precopyStart: precopyStart, postcopyStart: postcopyStart, lacking: lacking, sources: [preempt.source])
+        }
+        // Release: pairs with the failure path's acquire load.
+        phase.store(.postcopyActive, ordering: .releasing)
         progress.postcopy.store(true, ordering: .relaxed)
         onRound?(
             RoundRecord(
@@ -483,25 +519,28 @@ public final class SourceMigration: Sendable {
         try ctl.send(.endOfRound(round: UInt64(round + 1)))
         try ctl.send(.complete(summary(rounds: UInt64(round + 1), guestStateBytes: UInt64(state.count), table: table)))
         try awaitReply(replies.prepared)
+        stats = completePostcopy(resumePoint.withLock { $0 }!)
+    }
+
+    /// After the destination's `completed` in the postcopy phase: the
+    /// migration is done, the source guest stops for good; the statistics.
+    func completePostcopy(_ point: SourceResumePoint) -> MigrationStats {
         phase.store(.completed, ordering: .releasing)
-        g.markMigrated()
-        let pushed = counters.read(counters.multifdBytes) - switchBytes + preemptCounters.read(preemptCounters.multifdBytes)
+        point.guest.markMigrated()
+        let pushed = counters.read(counters.multifdBytes) - point.switchBytes + preemptCounters.read(preemptCounters.multifdBytes)
         onRound?(
             RoundRecord(
-                round: round + 1, start: postcopyStart - precopyStart, duration: Monotonic.now - postcopyStart, bytes: pushed,
-                pages: lacking, remaining: 0, bandwidth: 0, dirtyPagesRate: 0, expectedDowntime: -1, throttle: g.throttlePercent,
-                decision: "postcopy-completed"))
-
-        stats.downtime = UInt64(downtime * 1000)
-        stats.expectedDowntime = expected.isFinite ? UInt64(expected * 1000) : nil
-        stats.cpuThrottlePercentage = Int(g.throttlePercent)
-        stats.ram.dirtySyncCount = UInt64(round + 1)
-        stats.ram.precopyBytes = precopyBytes
+                round: point.round + 1, start: point.postcopyStart - point.precopyStart, duration: Monotonic.now - point.postcopyStart,
+                bytes: pushed, pages: point.lacking, remaining: 0, bandwidth: 0, dirtyPagesRate: 0, expectedDowntime: -1,
+                throttle: point.guest.throttlePercent, decision: "postcopy-completed"))
+        var stats = point.stats
+        stats.status = .completed
         var p = PostcopyStats()
-        p.requests = preempt.source.served.load(ordering: .relaxed)
-        p.postcopyBytes =
-            counters.read(counters.multifdBytes) - switchBytes + preemptCounters.read(preemptCounters.multifdBytes)
+        p.requests = point.sources.reduce(0) { $0 + $1.served.load(ordering: .relaxed) }
+        p.postcopyBytes = pushed
+        p.recoveries = UInt64(point.sources.count - 1)
         stats.postcopy = p
+        return stats
     }
 
     /// Sends `postcopy-discard` for every page marked in `bitmap` (read
@@ -533,7 +572,7 @@ public final class SourceMigration: Sendable {
     /// channels, walking the bitmap from where the last page request
     /// pointed (wrapping around), until no page is left. With requests
     /// queued for it (`--no-preempt`) it sends those first.
-    private func pushUnsent(_ unsent: DirtyBitmap, through multifd: MultiFDSend, source: PostcopySource) throws(MigrationError) {
+    func pushUnsent(_ unsent: DirtyBitmap, through multifd: MultiFDSend, source: PostcopySource) throws(MigrationError) {
         var pages = MultiFDPages()
         let pageSize = ram.block.pageSize
         let limiter = config.policy.maxBandwidth.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
@@ -604,7 +643,7 @@ public final class SourceMigration: Sendable {
 
     /// What `complete` states. Called after the last round's SYNC barrier,
     /// which orders every sender's table entries before the digest.
-    private func summary(rounds: UInt64, guestStateBytes: UInt64, table: PageTable) -> CompletionSummary {
+    func summary(rounds: UInt64, guestStateBytes: UInt64, table: PageTable) -> CompletionSummary {
         CompletionSummary(
             rounds: rounds, normalPages: counters.read(counters.normalPages), zeroPages: counters.read(counters.zeroPages),
             packets: counters.read(counters.packets), guestStateBytes: guestStateBytes, pageDigest: table.digest())
@@ -612,7 +651,7 @@ public final class SourceMigration: Sendable {
 
     /// Waits for a reply of the destination: the reader posts it when the
     /// reply arrives, and a failure posts it too (then the latch says why).
-    private func awaitReply(_ reply: DispatchSemaphore) throws(MigrationError) {
+    func awaitReply(_ reply: DispatchSemaphore) throws(MigrationError) {
         reply.wait()
         try latch.check()
     }
@@ -629,7 +668,7 @@ public final class SourceMigration: Sendable {
 
     // MARK: - setup
 
-    private func connect() throws(MigrationError) -> Socket {
+    func connect() throws(MigrationError) -> Socket {
         do {
             let s = try Socket.connect(to: config.address, timeout: config.connectTimeout)
             try s.setPeerTimeout(config.peerTimeout)
@@ -641,12 +680,13 @@ public final class SourceMigration: Sendable {
 
     /// The hello exchange of one channel (`ChannelHandshake`), under the
     /// handshake deadline. Returns the channel's keys (nil without a key).
-    private func openChannel(_ socket: Socket, kind: ChannelHello.Kind, id: Int, session: SessionID) throws(MigrationError)
-        -> ChannelKeys?
+    func openChannel(_ socket: Socket, kind: ChannelHello.Kind, id: Int, session: SessionID, recover: Bool = false)
+        throws(MigrationError) -> ChannelKeys?
     {
         var flags: ChannelHello.Flags = []
         if kind == .main, guest != nil { flags.insert(.guestState) }
         if kind == .main, guest != nil, config.postcopy { flags.insert(.postcopy) }
+        if kind == .main, recover { flags.insert(.recover) }
         if config.trust.key != nil { flags.insert(.authenticated) }
         if config.trust.encrypt { flags.insert(.encrypted) }
         let hello = ChannelHello(
@@ -661,7 +701,7 @@ public final class SourceMigration: Sendable {
     /// builds the request server on it: its own sender (one batch per
     /// job, plain sendmsg: a request is small and wants no ring's
     /// batching), its own counters, the shared page table.
-    private func openPreempt(session: SessionID, table: PageTable) throws(MigrationError) -> PreemptChannel {
+    func openPreempt(session: SessionID, table: PageTable) throws(MigrationError) -> PreemptChannel {
         let s = try connect()
         latch.onFailure { [s] in s.shutdown() }
         let keys = try openChannel(s, kind: .preempt, id: config.channels, session: session)
@@ -687,7 +727,7 @@ public final class SourceMigration: Sendable {
         ctl.socket.setReceiveTimeout(nil)
     }
 
-    private func expect(_ wanted: MainMessage, on ctl: ControlChannel, while what: String) throws(MigrationError) {
+    func expect(_ wanted: MainMessage, on ctl: ControlChannel, while what: String) throws(MigrationError) {
         let m = try ctl.receive(what)
         if m == wanted { return }
         if case .error(let text) = m { throw MigrationError(.peer, "destination refused: \(text)") }
@@ -698,7 +738,7 @@ public final class SourceMigration: Sendable {
     /// `PacketSender` sizes its buffers (prefixes, staging slots, frames) for.
     static let batchesPerJob = MultiFDJob.defaultCapacity
 
-    private func makeTransports(_ sockets: [Socket], sealers: [PacketSealer?], table: PageTable) throws(MigrationError) -> [PacketSender] {
+    func makeTransports(_ sockets: [Socket], sealers: [PacketSealer?], table: PageTable) throws(MigrationError) -> [PacketSender] {
         var transports: [PacketSender] = []
         for (id, s) in sockets.enumerated() {
             let (writer, warning) = makeStreamWriter(for: s, useRing: config.useRing, zeroCopy: config.zeroCopy)
@@ -714,9 +754,11 @@ public final class SourceMigration: Sendable {
     /// The main channel's reader thread: the only replies after the
     /// handshake are `completed` (prepared), then `committed`, and `error`;
     /// with postcopy `postcopy-ready`, `committed`, then `completed`.
-    private func readDestination(_ ctl: ControlChannel, replies: DestinationReplies) {
+    /// A recovery's reader (`resumed`) starts past `committed`: only
+    /// `completed` comes.
+    func readDestination(_ ctl: ControlChannel, replies: DestinationReplies, resumed: Bool = false) {
         do {
-            var prepared = false, ready = false, committed = false
+            var prepared = false, ready = resumed, committed = resumed
             while true {
                 let m = try ctl.receive(prepared ? "waiting for the destination to commit" : "waiting for the destination")
                 switch m {
@@ -753,7 +795,7 @@ public final class SourceMigration: Sendable {
         }
     }
 
-    private func finishStats(_ s: inout MigrationStats, start: Double) {
+    func finishStats(_ s: inout MigrationStats, start: Double) {
         s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
         s.ram.remaining = 0
     }

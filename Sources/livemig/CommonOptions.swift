@@ -22,6 +22,13 @@ struct ChannelOptions: ParsableArguments {
             """)
     var peerTimeout: String = "10s"
 
+    @Option(
+        help: """
+            Postcopy: when the connections break after the switch, how long to wait for the other side to \
+            recover (send reconnects by itself; receive keeps listening), e.g. 60s; 0s turns recovery off.
+            """)
+    var recoverTimeout: String = "60s"
+
     func validate() throws {
         guard (1...64).contains(channels) else {
             throw ValidationError("--channels must be from 1 to 64, got \(channels)")
@@ -29,7 +36,13 @@ struct ChannelOptions: ParsableArguments {
         guard let t = parseDuration(peerTimeout), t >= 1 else {
             throw ValidationError("--peer-timeout: '\(peerTimeout)' is not a duration of at least 1s (e.g. 10s)")
         }
+        guard parseDuration(recoverTimeout) != nil else {
+            throw ValidationError("--recover-timeout: '\(recoverTimeout)' is not a duration (e.g. 60s, or 0s for no recovery)")
+        }
     }
+
+    /// `--recover-timeout` in seconds (validated).
+    var recoverTimeoutSeconds: Double { parseDuration(recoverTimeout)! }
 
     /// `--peer-timeout` in seconds (validated).
     var peerTimeoutSeconds: Double { parseDuration(peerTimeout)! }

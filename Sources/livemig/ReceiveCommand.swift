@@ -59,6 +59,7 @@ struct ReceiveCommand: ParsableCommand {
         var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(ram))
         config.size = size.flatMap(parseSize)
         config.peerTimeout = common.peerTimeoutSeconds
+        config.recoverTimeout = common.recoverTimeoutSeconds
         config.guestControl = guest.map { FilePath($0) }
         config.key = try trust.loadKey()
         trust.warnIfExposed(address, role: "listening on")

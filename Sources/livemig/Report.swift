@@ -43,6 +43,9 @@ func printStats(_ s: MigrationStats, format: OutputFormat, role: String) {
                 "\(role): postcopy: \(p.requests) requests for \(p.faults) faults, \(formatBytes(p.postcopyBytes)), "
                     + "blocktime \(p.blocktime) ms, latency avg \(fixed(Double(p.latency) / 1000, 1)) µs "
                     + "p50 \(p.latencyP50Us) µs p99 \(p.latencyP99Us) µs max \(p.latencyMaxUs) µs")
+            if p.recoveries > 0 {
+                print("\(role): postcopy: recovered \(p.recoveries) time(s) after the connections broke")
+            }
             if !p.vcpuBlocktime.isEmpty {
                 print("\(role): postcopy: blocked per guest thread (ms): \(p.vcpuBlocktime.map(String.init).joined(separator: " "))")
             }

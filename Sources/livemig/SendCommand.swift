@@ -147,6 +147,8 @@ struct SendCommand: ParsableCommand {
         if let key = try trust.loadKey() { config.trust = TrustSetting(key: key, encrypt: encrypt) }
         trust.warnIfExposed(address, role: "sending to")
         config.peerTimeout = common.peerTimeoutSeconds
+        config.recoverTimeout = common.recoverTimeoutSeconds
+        config.onNotice = { FileHandleStderr.write("livemig: \($0)\n") }
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
         config.switchoverTimeout = switchoverTimeout.flatMap(parseDuration)
         config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import URing
 
 #if canImport(Glibc)
     import Glibc
@@ -53,9 +54,10 @@ struct PostcopyTests {
             incoming = g
         }
 
-        func startReceiver(env: [String: String] = [:]) throws {
+        func startReceiver(env: [String: String] = [:], extra: [String] = []) throws {
             let r = try LivemigProcess(
-                ["receive", "--ram", dst, "--listen", addr, "--guest", dstCtl, "--format", "json", "--peer-timeout", "3s"], env: env)
+                ["receive", "--ram", dst, "--listen", addr, "--guest", dstCtl, "--format", "json", "--peer-timeout", "3s"] + extra, env: env
+            )
             #expect(r.waitForStderr("listening"))
             receiver = r
         }
@@ -186,6 +188,55 @@ struct PostcopyTests {
         #expect(inc.stderr.contains("/dev/shm"), "\(inc.stderr)")
     }
 
+    @Test("the connections cut during postcopy (both processes alive): send reconnects, the migration completes and verifies")
+    func cutConnectionRecovers() throws {
+        let rig = try Rig()
+        try rig.startGuest()
+        try rig.startIncoming(duration: "2s")
+        try rig.startReceiver()
+        let proxy = try MiddleProxy(to: try SocketAddress(parsing: rig.addr))
+        defer { proxy.stop() }
+        // The pusher is held to 16 MiB/s: the cut lands while most pages
+        // are still missing and the destination guest waits on some.
+        let send = try LivemigProcess(
+            [
+                "send", "--ram", rig.src, "--to", proxy.address.description, "--guest", rig.srcCtl, "--format", "json",
+                "--peer-timeout", "3s", "--postcopy", "--downtime-limit", "1ms", "--max-bandwidth", "16MiB/s",
+            ], env: ["LIVEMIG_TEST_STOP_AT": "postcopy"])
+        #expect(send.waitForStderr("stopped at postcopy"), "send never reached the postcopy phase")
+        // The line comes just before raise(SIGSTOP): a SIGCONT sent in
+        // between would be lost.
+        #expect(waitStopped(send.pid), "send did not stop")
+        let opened = proxy.connections
+        kill(send.pid, SIGCONT)
+        usleep(800_000)
+        proxy.cutAll()
+        let sent = send.wait(timeout: 60)
+        let recv = rig.receiver!.wait(timeout: 30)
+        _ = rig.guest!.wait(timeout: 20)
+        let dg = rig.incoming!.wait(timeout: 30)
+        #expect(sent.status == 0, "\(sent.stderr)")
+        #expect(recv.status == 0, "\(recv.stderr)")
+        #expect(dg.status == 0, "\(dg.stdout) \(dg.stderr)")
+        // Both sides saw the break and the recovery; a second set of
+        // connections went through the proxy.
+        #expect(sent.stderr.contains("postcopy-paused") && sent.stderr.contains("postcopy recovering"), "\(sent.stderr)")
+        #expect(recv.stderr.contains("postcopy recovered"), "\(recv.stderr)")
+        #expect(proxy.connections > opened, "no new connection after the cut")
+        // The cut came mid-transfer: the destination held some pages, not all.
+        let held = sent.stderr.firstMatch(of: /holds (\d+) of (\d+) pages/).map { (Int($0.1)!, Int($0.2)!) }
+        #expect(held.map { $0.0 > 0 && $0.0 < $0.1 } == true, "\(sent.stderr)")
+        let s = try stats(sent.stdout), r = try stats(recv.stdout)
+        #expect(s["status"] as? String == "completed")
+        let sp = try #require(s["postcopy"] as? [String: Any]), rp = try #require(r["postcopy"] as? [String: Any])
+        #expect(sp["postcopy-recoveries"] as? Int ?? 0 >= 1, "\(sp)")
+        #expect(rp["postcopy-recoveries"] as? Int ?? 0 >= 1, "\(rp)")
+        // Every page's counter agrees with the state the destination guest
+        // saved: nothing lost or stale across the break.
+        let v = try livemig(["verify", "--ram", rig.dst, "--control", rig.dstCtl])
+        #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
+    }
+
     @Test("the destination killed during postcopy: send reports postcopy-paused and keeps the guest's RAM and state")
     func destinationKilledDuringPostcopy() throws {
         let rig = try Rig()
@@ -194,7 +245,7 @@ struct PostcopyTests {
         try rig.startReceiver()
         // A downtime limit no round can meet: precopy must not converge first.
         let send = try LivemigProcess(
-            rig.sendArgs(["--postcopy", "--downtime-limit", "1ms"]), env: ["LIVEMIG_TEST_STOP_AT": "postcopy"])
+            rig.sendArgs(["--postcopy", "--downtime-limit", "1ms", "--recover-timeout", "2s"]), env: ["LIVEMIG_TEST_STOP_AT": "postcopy"])
         #expect(send.waitForStderr("stopped at postcopy"), "send never reached the postcopy phase")
         // The source guest was handed over: it stopped, its RAM frozen.
         let g = rig.guest!.wait(timeout: 20)
@@ -202,10 +253,14 @@ struct PostcopyTests {
         let before = try Data(contentsOf: URL(fileURLWithPath: rig.src))
         kill(rig.receiver!.pid, SIGKILL)
         _ = rig.receiver!.wait(timeout: 10)
+        #expect(waitStopped(send.pid), "send did not stop")
         kill(send.pid, SIGCONT)
         let sent = send.wait(timeout: 30)
         #expect(sent.status == 1)
+        // It tried to reconnect for the recover timeout, then gave up.
         #expect(sent.stderr.contains("postcopy-paused"), "\(sent.stderr)")
+        #expect(sent.stderr.contains("reconnecting"), "\(sent.stderr)")
+        #expect(sent.stderr.contains("not recovered within --recover-timeout 2 s"), "\(sent.stderr)")
         let s = try stats(sent.stdout)
         #expect(s["status"] as? String == "postcopy-paused")
         #expect(try Data(contentsOf: URL(fileURLWithPath: rig.src)) == before, "the source RAM changed")
@@ -222,7 +277,7 @@ struct PostcopyTests {
         let rig = try Rig()
         try rig.startGuest()
         try rig.startIncoming(duration: "30s")
-        try rig.startReceiver()
+        try rig.startReceiver(extra: ["--recover-timeout", "2s"])
         let send = try LivemigProcess(
             rig.sendArgs(["--postcopy", "--downtime-limit", "1ms"]), env: ["LIVEMIG_TEST_STOP_AT": "postcopy"])
         #expect(send.waitForStderr("stopped at postcopy"), "send never reached the postcopy phase")
@@ -231,6 +286,7 @@ struct PostcopyTests {
         let recv = rig.receiver!.wait(timeout: 30)
         #expect(recv.status == 1)
         #expect(recv.stderr.contains("postcopy-paused"), "\(recv.stderr)")
+        #expect(recv.stderr.contains("no source recovered it within --recover-timeout 2 s"), "\(recv.stderr)")
         #expect(try stats(recv.stdout)["status"] as? String == "postcopy-paused")
         // The guest was started at the commit and is not ended by the
         // receiver's failure (its threads on missing pages wait).

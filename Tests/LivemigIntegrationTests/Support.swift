@@ -286,6 +286,12 @@ final class MiddleProxy: @unchecked Sendable {
     /// What the source wrote on connection `index` (up to the record limit).
     func sourceBytes(_ index: Int) -> [UInt8] { lock.withLock { index < streams.count ? streams[index] : [] } }
 
+    /// Cuts every connection forwarded so far (both ways), and goes on
+    /// accepting new ones: a broken link that comes back.
+    func cutAll() {
+        for s in lock.withLock({ sockets }) { s.shutdown() }
+    }
+
     /// Stops accepting and cuts every forwarded connection.
     func stop() {
         listener.shutdown()
