@@ -34,7 +34,7 @@ extension DestinationMigration {
             let point = resumePoint.withLock({ $0 })
         {
             notice(
-                "postcopy-paused: \(last.description); waiting up to \(formatSeconds(max(0, deadline - Monotonic.now))) s "
+                "postcopy-paused: \(last.description); waiting up to \(formatSeconds((max(0, deadline - Monotonic.now) * 10).rounded() / 10)) s "
                     + "for the source to reconnect (--recover-timeout)")
             var connected = false
             do throws(MigrationError) {

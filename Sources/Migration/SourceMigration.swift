@@ -131,6 +131,8 @@ public final class SourceMigration: Sendable {
     let firstSession = Mutex<SessionID?>(nil)
     /// What a postcopy recovery resumes from, set at the postcopy commit.
     let resumePoint = Mutex<SourceResumePoint?>(nil)
+    /// The postcopy `complete` was sent (on the last connection set).
+    let completeSent = Atomic<Bool>(false)
     /// The preempt channel's totals, apart from the multifd ones.
     let preemptCounters = TransferCounters()
 
@@ -518,6 +520,7 @@ public final class SourceMigration: Sendable {
         try preempt.source.finish()
         try ctl.send(.endOfRound(round: UInt64(round + 1)))
         try ctl.send(.complete(summary(rounds: UInt64(round + 1), guestStateBytes: UInt64(state.count), table: table)))
+        completeSent.store(true, ordering: .relaxed)
         try awaitReply(replies.prepared)
         stats = completePostcopy(resumePoint.withLock { $0 }!)
     }
@@ -680,7 +683,8 @@ public final class SourceMigration: Sendable {
 
     /// The hello exchange of one channel (`ChannelHandshake`), under the
     /// handshake deadline. Returns the channel's keys (nil without a key).
-    func openChannel(_ socket: Socket, kind: ChannelHello.Kind, id: Int, session: SessionID, recover: Bool = false)
+    /// `timeout` bounds the replies (default `config.handshakeTimeout`).
+    func openChannel(_ socket: Socket, kind: ChannelHello.Kind, id: Int, session: SessionID, recover: Bool = false, timeout: Double? = nil)
         throws(MigrationError) -> ChannelKeys?
     {
         var flags: ChannelHello.Flags = []
@@ -692,7 +696,7 @@ public final class SourceMigration: Sendable {
         let hello = ChannelHello(
             session: session, kind: kind, channelID: UInt16(id), channelCount: UInt16(config.channels), flags: flags,
             compression: kind == .main ? config.compression.method : .none, nonce: randomBytes(ChannelHello.nonceSize))
-        socket.setReceiveTimeout(config.handshakeTimeout)
+        socket.setReceiveTimeout(timeout ?? config.handshakeTimeout)
         defer { socket.setReceiveTimeout(nil) }
         return try ChannelHandshake.open(socket, hello: hello, trust: config.trust, counters: counters)
     }

@@ -54,11 +54,11 @@ extension SourceMigration {
             let session = firstSession.withLock({ $0 }), resumePoint.withLock({ $0 }) != nil
         {
             config.onNotice?(
-                "postcopy-paused: \(last.description); reconnecting (--recover-timeout, \(formatSeconds(max(0, deadline - Monotonic.now))) s left)"
+                "postcopy-paused: \(last.description); reconnecting (--recover-timeout, \(formatSeconds((max(0, deadline - Monotonic.now) * 10).rounded() / 10)) s left)"
             )
             var connected = false
             do throws(MigrationError) {
-                var stats = try recoveryAttempt(session: session, connected: &connected)
+                var stats = try recoveryAttempt(session: session, deadline: deadline, connected: &connected)
                 finishStats(&stats, start: start)
                 return stats
             } catch {
@@ -81,16 +81,28 @@ extension SourceMigration {
             : config.recoverTimeout > 0
                 ? "not recovered within --recover-timeout \(formatSeconds(config.recoverTimeout)) s"
                 : "recovery is off (--recover-timeout 0)"
+        // Every page and `complete` went out before the break: the
+        // destination may have read them all and completed without us
+        // hearing it (its `completed` was lost with the connection).
+        let maybeDone =
+            completeSent.load(ordering: .relaxed)
+            ? " Every page and the completion were sent before the break: if receive reported the migration completed, the "
+                + "guest is whole on the destination."
+            : ""
         throw MigrationError(
             last.kind,
             "postcopy-paused: \(last.description); \(why). The guest runs on the destination, which lacks some of its pages; this "
                 + "side keeps the complete guest as it was at the switch (RAM and state, run state handed over, not running). Do not "
-                + "resume it here while the destination's guest runs")
+                + "resume it here while the destination's guest runs.\(maybeDone)")
     }
 
     /// One reconnection, to completion or failure. `connected` turns true
     /// once the destination accepted the recovery.
-    private func recoveryAttempt(session first: SessionID, connected: inout Bool) throws(MigrationError) -> MigrationStats {
+    /// Its handshake replies must come before `deadline` (a stopped
+    /// destination must not hold the attempt past the recover timeout).
+    private func recoveryAttempt(session first: SessionID, deadline: Double, connected: inout Bool) throws(MigrationError)
+        -> MigrationStats
+    {
         let latch = freshLatch()
         guard let point = resumePoint.withLock({ $0 }) else { fatalError("recovery without a resume point") }
         var control: ControlChannel?
@@ -109,14 +121,15 @@ extension SourceMigration {
         do throws(MigrationError) {
             let session = SessionID.random()
             let main = try connect()
-            let mainKeys = try openChannel(main, kind: .main, id: 0, session: session, recover: true)
+            let replyTimeout = max(0.1, min(config.handshakeTimeout, deadline - Monotonic.now))
+            let mainKeys = try openChannel(main, kind: .main, id: 0, session: session, recover: true, timeout: replyTimeout)
             let ctl = ControlChannel(socket: main, counters: counters, keys: mainKeys, isSource: true)
             control = ctl
             latch.onFailure { [latch] in
                 if let e = latch.error, e.kind != .peer { ctl.sendErrorBestEffort(e) }
                 main.shutdownReceive()
             }
-            main.setReceiveTimeout(config.handshakeTimeout)
+            main.setReceiveTimeout(replyTimeout)
             try expect(.helloAccepted, on: ctl, while: "waiting for the destination to accept the recovery")
             try ctl.send(.postcopyRecover(session: first, rounds: UInt64(point.round)))
             let m = try ctl.receive("waiting for the destination's received pages")
@@ -165,6 +178,7 @@ extension SourceMigration {
             try ctl.send(.endOfRound(round: UInt64(point.round + 1)))
             try ctl.send(
                 .complete(summary(rounds: UInt64(point.round + 1), guestStateBytes: point.stateBytes, table: point.table)))
+            completeSent.store(true, ordering: .relaxed)
             try awaitReply(replies.prepared)
             return completePostcopy(resumePoint.withLock { $0 }!)
         } catch {

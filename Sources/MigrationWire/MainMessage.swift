@@ -328,7 +328,8 @@ public enum MainMessage: Equatable, Sendable {
             guard pageCount >= 1, pageCount <= Self.maxReceivedPages, UInt64(r.remaining) == wordCount * 8 else {
                 throw WireError(
                     message: what, field: "page-count", value: "\(pageCount)",
-                    reason: "must be 1...\(Self.maxReceivedPages) and match the \(r.remaining) bytes of bitmap that follow (8 per 64 pages)")
+                    reason: "must be 1...\(Self.maxReceivedPages) and match the \(r.remaining) bytes of bitmap that follow (8 per 64 pages)"
+                )
             }
             var words: [UInt64] = []
             words.reserveCapacity(Int(wordCount))
