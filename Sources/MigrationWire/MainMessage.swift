@@ -324,7 +324,9 @@ public enum MainMessage: Equatable, Sendable {
             message = .postcopyRecover(session: session, rounds: try r.u64("rounds"))
         case .postcopyReceived:
             let pageCount = try r.u64("page-count")
-            let wordCount = (pageCount + 63) / 64
+            // Rounded up without `pageCount + 63`, which overflows near
+            // UInt64.max (found by fuzz-main-message).
+            let wordCount = pageCount / 64 + (pageCount % 64 == 0 ? 0 : 1)
             guard pageCount >= 1, pageCount <= Self.maxReceivedPages, UInt64(r.remaining) == wordCount * 8 else {
                 throw WireError(
                     message: what, field: "page-count", value: "\(pageCount)",

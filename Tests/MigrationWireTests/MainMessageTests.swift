@@ -220,6 +220,13 @@ struct MainMessageTests {
         expectWireError(field: "words[1]", value: "0x2") {
             _ = try Self.decodeFrame(MainMessage.postcopyReceived(pageCount: 65, words: [0, 2]).encoded())
         }
+        // A page count near UInt64.max once overflowed the word count
+        // (fuzz-main-message); it is a plain error now.
+        for huge in [UInt64.max, UInt64.max - 62] {
+            var frame = MainMessage.postcopyReceived(pageCount: 1, words: [1]).encoded()
+            for i in 0..<8 { frame[MainMessage.frameHeaderSize + i] = UInt8(truncatingIfNeeded: huge >> (56 - 8 * i)) }
+            expectWireError(field: "page-count", value: "\(huge)") { _ = try Self.decodeFrame(frame) }
+        }
     }
 
     @Test func rejectsUnknownType() {
