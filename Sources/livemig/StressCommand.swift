@@ -51,12 +51,20 @@ struct StressCommand: ParsableCommand {
             "Start as an incoming guest: wait, with the RAM registered for missing-page faults, until a receiver migrates a guest in; then run it like --resume."
     ) var incoming = false
     @Option(help: "With --incoming: the hand-off socket's path (default: CONTROL.uffd).") var handoffSocket: String?
+    @Option(
+        help: ArgumentHelp(
+            "With --incoming: once started, read every page through the guest's mapping before running, and write what was read to PATH.",
+            discussion:
+                "A check for postcopy: pages that have not arrived fault and are fetched; PATH must equal the source's RAM at the switch.",
+            valueName: "PATH")
+    ) var readEveryPage: String?
 
     func validate() throws {
         guard (1...256).contains(threads) else { throw ValidationError("--threads must be from 1 to 256, got \(threads)") }
         if reclaim, !resume { throw ValidationError("--reclaim goes with --resume") }
         if incoming, resume { throw ValidationError("--incoming and --resume exclude each other (an incoming guest resumes by itself)") }
         if handoffSocket != nil, !incoming { throw ValidationError("--handoff-socket goes with --incoming") }
+        if readEveryPage != nil, !incoming { throw ValidationError("--read-every-page goes with --incoming") }
         if rate != "unlimited" {
             guard let r = parseRate(rate) else {
                 throw ValidationError("--rate: '\(rate)' is not a rate (examples: 200MiB/s, 1GiB/s, unlimited)")
@@ -161,6 +169,19 @@ struct StressCommand: ParsableCommand {
             signals.end()
             throw CommandFailure(
                 message: "the run state of \(control) became '\(state)' while the incoming guest waited for a receiver; not starting")
+        }
+        if let path = readEveryPage, !guest.stopRequested {
+            // Before any writer runs: what the guest reads now is what the
+            // source held at the switch.
+            do {
+                let read = try EveryPageReader.read(guest.ram, into: FilePath(path), threads: WorkerThread.parallelism)
+                FileHandleStderr.write(
+                    "stress: read every page (\(read.pages) pages) through the guest's mapping in \(fixed(read.seconds, 3)) s into \(path)\n"
+                )
+            } catch {
+                signals.end()
+                throw CommandFailure(message: "the incoming guest could not read its pages: \(error.description)")
+            }
         }
         var options = StressOptions()
         options.rate = rate == "unlimited" ? nil : parseRate(rate)
