@@ -200,8 +200,12 @@ final class MatrixRun {
             listen = "unix:" + scratch.path("s")
             to = listen
         }
+        // A killed source must be seen as a closed connection. Between its
+        // stop and the kill the receiver sees no bytes; on a loaded machine
+        // that can take longer than 2 s, and the watchdog would win.
+        let receiverPeerTimeout = fault == .killSource ? "10s" : "2s"
         let receiver = try start(
-            ["receive", "--ram", dst, "--guest", dstCtl, "--listen", listen, "--peer-timeout", "2s"],
+            ["receive", "--ram", dst, "--guest", dstCtl, "--listen", listen, "--peer-timeout", receiverPeerTimeout],
             env: state.destinationPoint.map { ["LIVEMIG_TEST_STOP_AT": $0] } ?? [:])
         try #require(receiver.waitForStderr("listening"), "\(tag): the receiver did not listen")
         let sender = try start(
