@@ -14,6 +14,7 @@
 #include <linux/seccomp.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <stddef.h>
@@ -227,6 +228,17 @@ void lm_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 int lm_set_thread_background_priority(void) {
     /* who = 0 is the calling thread: on Linux the nice value is per thread. */
     return setpriority(PRIO_PROCESS, 0, 19) == 0 ? 0 : -errno;
+}
+
+int lm_set_thread_realtime(int priority) {
+    /* pthread_setschedparam on pthread_self(): the policy is per thread. */
+    struct sched_param param = {.sched_priority = priority};
+    int rc = pthread_setschedparam(pthread_self(), SCHED_FIFO, &param);
+    return -rc;
+}
+
+int lm_set_thread_nice(int nice_value) {
+    return setpriority(PRIO_PROCESS, 0, nice_value) == 0 ? 0 : -errno;
 }
 
 /* ---- signals ----------------------------------------------------------- */

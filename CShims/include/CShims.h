@@ -246,6 +246,15 @@ void lm_set_thread_name(const char *name);
 /// Returns 0 or -errno.
 int lm_set_thread_background_priority(void);
 
+/// Makes the calling thread SCHED_FIFO at `priority` (1 is the lowest
+/// real-time level). Needs root, CAP_SYS_NICE or RLIMIT_RTPRIO. Only for
+/// threads that block between short pieces of work. Returns 0 or -errno.
+int lm_set_thread_realtime(int priority);
+
+/// Sets the calling thread's nice value (below 0 needs privilege too).
+/// Returns 0 or -errno.
+int lm_set_thread_nice(int nice_value);
+
 // ---- signals -----------------------------------------------------------
 
 /// Starts forwarding SIGINT and SIGTERM to a pipe: their handler writes the

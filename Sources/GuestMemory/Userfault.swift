@@ -219,6 +219,7 @@ public final class Userfault: @unchecked Sendable {
     ) throws(GuestMemoryError) -> Placement {
         var done: UInt64 = 0
         var present = false
+        var retries = 0
         while done < length {
             let r = call(address + done, done, length - done)
             if r > 0 {
@@ -236,8 +237,12 @@ public final class Userfault: @unchecked Sendable {
                 done += pageSize
             case .resourceTemporarilyUnavailable, .interrupted:
                 // The guest's mappings are changing (fork, mremap, an
-                // madvise in flight): nothing was done, try again.
-                sched_yield()
+                // madvise in flight): nothing was done, try again. A
+                // real-time caller (FaultPathPriority) must not spin on
+                // its CPU while the guest finishes the change: after a few
+                // yields it sleeps.
+                retries += 1
+                if retries <= 8 { sched_yield() } else { usleep(100) }
             default:
                 throw GuestMemoryError(
                     "cannot place \(Self.range(address + done, length - done)) in the guest (\(name)): \(Self.meaning(e))",

@@ -43,6 +43,9 @@ public struct DestinationConfig: Sendable {
     /// After the postcopy commit, how long a broken migration waits for its
     /// source to reconnect (`--recover-timeout`; 0: no recovery).
     public var recoverTimeout = 60.0
+    /// Scheduling of the fault thread and the preempt channel's receiver,
+    /// the destination's threads on a fault's path (`--fault-path-priority`).
+    public var faultPathPriority = FaultPathPriority.realtime
 
     public init(address: SocketAddress, channels: Int, ramPath: FilePath) {
         self.address = address
@@ -71,6 +74,8 @@ public final class DestinationMigration: Sendable {
     /// idle port probe, a channel of another session): they never fail
     /// the migration, but the user should know.
     let notice: @Sendable (String) -> Void
+    /// The fault path's threads (fault thread, preempt receiver) apply it.
+    var faultPathScheduling: FaultPathScheduling { FaultPathScheduling(config.faultPathPriority, notice: notice) }
     /// Fails the migration when the source stops moving bytes.
     public let watchdog: ProgressWatchdog
     let listener: Listener
@@ -326,7 +331,8 @@ public final class DestinationMigration: Sendable {
             }
             if postcopy, let target, let (s, keys) = channels.last {
                 faultThread = PostcopyFaults(
-                    target: target, arrived: arrived, requests: ControlChannel(socket: s, keys: keys, isSource: false), latch: latch)
+                    target: target, arrived: arrived, requests: ControlChannel(socket: s, keys: keys, isSource: false), latch: latch,
+                    priority: faultPathScheduling)
             }
             latch.onFailure { [receivers, barrier] in
                 for r in receivers { r.socket.shutdown() }
@@ -340,7 +346,13 @@ public final class DestinationMigration: Sendable {
             defer { watchdog.stop() }
             for r in receivers {
                 let latch = self.latch
-                threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })
+                // The preempt channel's receiver places requested pages.
+                let scheduling = r.id == config.channels ? faultPathScheduling : nil
+                threads.append(
+                    WorkerThread(name: "mig/recv/\(r.id)") {
+                        scheduling?.apply(to: "the preempt receiver")
+                        r.run(barrier: barrier, latch: latch)
+                    })
             }
             if postcopy, let target {
                 resumePoint.withLock {

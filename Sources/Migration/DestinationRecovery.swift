@@ -124,7 +124,8 @@ extension DestinationMigration {
             }
             guard let (s, keys) = channels.last else { fatalError("no preempt channel") }
             let faults = PostcopyFaults(
-                target: point.target, arrived: arrived, requests: ControlChannel(socket: s, keys: keys, isSource: false), latch: latch)
+                target: point.target, arrived: arrived, requests: ControlChannel(socket: s, keys: keys, isSource: false), latch: latch,
+                priority: faultPathScheduling)
             faultThread = faults
             let control = guest?.control()
             faults.start(resend: point.target.faults.outstandingPages()) { control.map { Int($0.guestThreads) } ?? 0 }
@@ -138,7 +139,12 @@ extension DestinationMigration {
             }
             defer { watchdog.stop() }
             for r in receivers {
-                threads.append(WorkerThread(name: "mig/recv/\(r.id)") { r.run(barrier: barrier, latch: latch) })
+                let scheduling = r.id == config.channels ? faultPathScheduling : nil
+                threads.append(
+                    WorkerThread(name: "mig/recv/\(r.id)") {
+                        scheduling?.apply(to: "the preempt receiver")
+                        r.run(barrier: barrier, latch: latch)
+                    })
             }
             notice("postcopy recovered: the source reconnected; \(arrived.dirtyCount()) of \(ram.block.pageCount) pages had arrived")
             let ended = try serveControl(

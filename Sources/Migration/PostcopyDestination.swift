@@ -64,7 +64,10 @@ final class PostcopyFaults: Sendable {
     /// Faults read, and faults outside the registered range (ignored).
     let faultsRead = Atomic<UInt64>(0)
 
-    init(target: PostcopyTarget, arrived: DirtyBitmap, requests: ControlChannel, latch: FailureLatch) {
+    private let priority: FaultPathScheduling
+
+    init(target: PostcopyTarget, arrived: DirtyBitmap, requests: ControlChannel, latch: FailureLatch, priority: FaultPathScheduling) {
+        self.priority = priority
         self.target = target
         self.arrived = arrived
         self.requests = requests
@@ -77,7 +80,10 @@ final class PostcopyFaults: Sendable {
     /// broken connections and that have not arrived; the thread asks for
     /// them again first.
     func start(resend: [Int] = [], guestThreads: @escaping @Sendable () -> Int) {
-        let t = WorkerThread(name: "mig/faults") { [self] in run(resend: resend, guestThreads: guestThreads) }
+        let t = WorkerThread(name: "mig/faults") { [self] in
+            priority.apply(to: "the fault thread")
+            run(resend: resend, guestThreads: guestThreads)
+        }
         thread.withLock { $0 = t }
     }
 

@@ -36,6 +36,7 @@ final class PostcopySource: Sendable {
     private let preempt: Mutex<Preempt>
     private let queue = Mutex<[PageRange]>([])
     private let thread = Mutex<WorkerThread?>(nil)
+    private let priority: FaultPathScheduling
     /// The page after the last requested range, or -1.
     let cursor = Atomic<Int>(-1)
     /// Page requests answered (QEMU's `postcopy-requests`).
@@ -51,8 +52,9 @@ final class PostcopySource: Sendable {
 
     init(
         unsent: DirtyBitmap, sender: PacketSender, requests: ControlChannel, latch: FailureLatch, answersOnPreempt: Bool,
-        pageSize: UInt64
+        pageSize: UInt64, priority: FaultPathScheduling
     ) {
+        self.priority = priority
         self.unsent = unsent
         self.requests = requests
         self.latch = latch
@@ -62,7 +64,10 @@ final class PostcopySource: Sendable {
     }
 
     func start() {
-        let t = WorkerThread(name: "mig/src/requests") { [self] in serve() }
+        let t = WorkerThread(name: "mig/src/requests") { [self] in
+            priority.apply(to: "the request server")
+            serve()
+        }
         thread.withLock { $0 = t }
     }
 

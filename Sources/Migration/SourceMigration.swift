@@ -56,6 +56,9 @@ public struct SourceConfig: Sendable {
     /// Answer page requests on the preempt channel (false: queue them
     /// into the multifd stream, for comparison).
     public var postcopyPreempt = true
+    /// Scheduling of the request server, the source's thread on a fault's
+    /// path (`--fault-path-priority`).
+    public var faultPathPriority = FaultPathPriority.realtime
     /// Test hook: hold the guest paused this long before the final round,
     /// so a test can kill the source while it holds the pause.
     public var testHoldPause: Double?
@@ -717,7 +720,8 @@ public final class SourceMigration: Sendable {
         let unsent = DirtyBitmap(pageCount: ram.block.pageCount)
         let source = PostcopySource(
             unsent: unsent, sender: sender, requests: ControlChannel(socket: s, keys: keys, isSource: true), latch: latch,
-            answersOnPreempt: config.postcopyPreempt, pageSize: ram.block.pageSize)
+            answersOnPreempt: config.postcopyPreempt, pageSize: ram.block.pageSize,
+            priority: FaultPathScheduling(config.faultPathPriority, notice: config.onNotice ?? { _ in }))
         return PreemptChannel(socket: s, unsent: unsent, source: source)
     }
 

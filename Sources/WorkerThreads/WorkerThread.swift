@@ -45,3 +45,38 @@ private func workerThreadEntry(_ raw: UnsafeMutableRawPointer?) -> UnsafeMutable
     WorkerThread.run(raw!)
     return nil
 }
+
+/// Scheduling for the threads on a postcopy fault's path (the destination's
+/// fault reader and preempt receiver, the source's request server).
+///
+/// Those threads block between short pieces of work, and each fault waits
+/// on three of their wake-ups in turn. On a machine whose CPUs are busy
+/// with the pusher, the receivers and the guest, an ordinary wake-up can
+/// wait a scheduler slice (milliseconds) for a CPU; a real-time one runs at
+/// once. Never give this to a thread that spins.
+public enum FaultPathPriority: String, Sendable, CaseIterable {
+    /// SCHED_FIFO at the lowest real-time level; nice -10 when the process
+    /// may not use real time.
+    case realtime
+    /// Left as started.
+    case normal
+
+    /// What `apply()` did to the calling thread.
+    public enum Outcome: Sendable, Equatable {
+        case realtime
+        /// Real time was refused (with this errno); the thread got nice -10.
+        case nice(refused: Int32)
+        /// Neither worked (the real-time attempt's errno); unchanged.
+        case unchanged(refused: Int32)
+        /// `.normal` asked for nothing.
+        case asStarted
+    }
+
+    /// Applies the priority to the calling thread.
+    public func apply() -> Outcome {
+        guard self == .realtime else { return .asStarted }
+        let r = lm_set_thread_realtime(1)
+        if r == 0 { return .realtime }
+        return lm_set_thread_nice(-10) == 0 ? .nice(refused: -r) : .unchanged(refused: -r)
+    }
+}

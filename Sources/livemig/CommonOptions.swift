@@ -1,5 +1,6 @@
 import ArgumentParser
 import URing
+import WorkerThreads
 
 /// How results are printed.
 enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
@@ -29,6 +30,14 @@ struct ChannelOptions: ParsableArguments {
             """)
     var recoverTimeout: String = "60s"
 
+    @Option(
+        help: """
+            Postcopy: scheduling of the threads a page fault waits on (destination fault thread and preempt \
+            receiver, source request server): 'realtime' (SCHED_FIFO, lowest level; nice -10 without the \
+            privilege) or 'normal'.
+            """)
+    var faultPathPriority: FaultPathPriority = .realtime
+
     func validate() throws {
         guard (1...64).contains(channels) else {
             throw ValidationError("--channels must be from 1 to 64, got \(channels)")
@@ -47,6 +56,8 @@ struct ChannelOptions: ParsableArguments {
     /// `--peer-timeout` in seconds (validated).
     var peerTimeoutSeconds: Double { parseDuration(peerTimeout)! }
 }
+
+extension FaultPathPriority: ExpressibleByArgument {}
 
 /// Parses an address option, as a usage error when it is malformed.
 func parseAddress(_ text: String, option: String) throws -> SocketAddress {

@@ -60,6 +60,7 @@ struct ReceiveCommand: ParsableCommand {
         config.size = size.flatMap(parseSize)
         config.peerTimeout = common.peerTimeoutSeconds
         config.recoverTimeout = common.recoverTimeoutSeconds
+        config.faultPathPriority = common.faultPathPriority
         config.guestControl = guest.map { FilePath($0) }
         config.key = try trust.loadKey()
         trust.warnIfExposed(address, role: "listening on")

@@ -148,6 +148,7 @@ struct SendCommand: ParsableCommand {
         trust.warnIfExposed(address, role: "sending to")
         config.peerTimeout = common.peerTimeoutSeconds
         config.recoverTimeout = common.recoverTimeoutSeconds
+        config.faultPathPriority = common.faultPathPriority
         config.onNotice = { FileHandleStderr.write("livemig: \($0)\n") }
         config.policy.downtimeLimit = parseDuration(downtimeLimit)!
         config.switchoverTimeout = switchoverTimeout.flatMap(parseDuration)
