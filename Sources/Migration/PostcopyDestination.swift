@@ -63,11 +63,18 @@ final class PostcopyFaults: Sendable {
     private let thread = Mutex<WorkerThread?>(nil)
     /// Faults read, and faults outside the registered range (ignored).
     let faultsRead = Atomic<UInt64>(0)
+    /// Pages asked for on this connection set (only this thread touches
+    /// it). A request is answered whole, so a fault on a page set here
+    /// waits for it without asking again. A new attempt after a break
+    /// starts empty: what was asked on the broken connections is asked
+    /// again (`start(resend:)`) or pushed.
+    private let requested: DirtyBitmap
 
     private let priority: FaultPathScheduling
 
     init(target: PostcopyTarget, arrived: DirtyBitmap, requests: ControlChannel, latch: FailureLatch, priority: FaultPathScheduling) {
         self.priority = priority
+        requested = DirtyBitmap(pageCount: arrived.pageCount)
         self.target = target
         self.arrived = arrived
         self.requests = requests
@@ -104,6 +111,7 @@ final class PostcopyFaults: Sendable {
         do throws(MigrationError) {
             for page in resend where !arrived.isDirty(page: page) {
                 try requests.send(.pageRequest(PageRange(block: 0, first: UInt64(page), count: 1)))
+                target.faults.requestSent()
             }
             while !stopping.load(ordering: .relaxed), !latch.hasFailed {
                 target.faults.setGuestThreads(guestThreads())
@@ -122,8 +130,13 @@ final class PostcopyFaults: Sendable {
                         try wake(page)
                         continue
                     }
-                    if target.faults.fault(page: page, thread: f.threadID, at: now) {
-                        try requests.send(.pageRequest(PageRange(block: 0, first: UInt64(page), count: 1)))
+                    // The first wait on a page asks for it, unless an earlier
+                    // request's window holds it: then it is on its way.
+                    if target.faults.fault(page: page, thread: f.threadID, at: now), !requested.isDirty(page: page) {
+                        let r = window(from: page, pages: Int(pages))
+                        for p in Int(r.first)..<Int(r.first + r.count) { requested.mark(page: p) }
+                        try requests.send(.pageRequest(r))
+                        target.faults.requestSent()
                     }
                     // Placed between the check and the wait's record: the
                     // placement woke the thread, but may not have seen the
@@ -137,6 +150,30 @@ final class PostcopyFaults: Sendable {
         } catch {
             latch.fail(error)
         }
+    }
+
+    /// Pages asked for with one fault: the faulting page and the ones after
+    /// it that have neither arrived nor been asked for, up to this many.
+    ///
+    /// A guest thread that walks its memory (a copy, a scan, a zeroing)
+    /// then finds the next pages placed, or on their way, instead of asking
+    /// for each. The source sends the faulting page in a packet of its own
+    /// first (its latency is that of one page), then the rest; they would
+    /// have been pushed anyway (the source takes them out of its unsent
+    /// set), only later.
+    static let requestWindow = 16
+
+    /// The request for a fault on `page`: it and the adjacent pages after
+    /// it that have not arrived and were not asked for, at most
+    /// `requestWindow`.
+    private func window(from page: Int, pages: Int) -> PageRange {
+        var count = 1
+        while count < Self.requestWindow, page + count < pages, !arrived.isDirty(page: page + count),
+            !requested.isDirty(page: page + count)
+        {
+            count += 1
+        }
+        return PageRange(block: 0, first: UInt64(page), count: UInt64(count))
     }
 
     private func wake(_ page: Int) throws(MigrationError) {

@@ -67,9 +67,10 @@ public final class PostcopyFaultLog: Sendable {
     }
 
     /// Records that `thread` (0: the kernel did not say) waits on `page`
-    /// since `now`. Returns true when the page needs a page request, that
-    /// is when none is outstanding for it yet; those are counted as
-    /// `postcopy-requests`. Every call counts as one of `postcopy-faults`.
+    /// since `now`. Returns true when this is the first wait on the page,
+    /// which then needs a page request unless one is on its way already
+    /// (the caller knows; it counts what it sends with `requestSent`).
+    /// Every call counts as one of `postcopy-faults`.
     public func fault(page: Int, thread: UInt32, at now: Double) -> Bool {
         precondition(page >= 0 && page < pageCount, "page \(page) is outside the guest's \(pageCount) pages")
         let t = Self.nanoseconds(now)
@@ -85,9 +86,13 @@ public final class PostcopyFaultLog: Sendable {
                 return false
             }
             s.pages[page] = PageWaits(waits: [Wait(thread: thread, since: t)])
-            s.requests += 1
             return true
         }
+    }
+
+    /// Counts a page request sent (`postcopy-requests`).
+    public func requestSent() {
+        state.withLock { $0.requests += 1 }
     }
 
     /// Ends every wait on `page` at `now`: one latency sample per wait, the

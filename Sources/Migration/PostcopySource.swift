@@ -32,6 +32,7 @@ final class PostcopySource: Sendable {
     private let requests: ControlChannel
     private let latch: FailureLatch
     private let answersOnPreempt: Bool
+    private let wholeWindows: Bool
     private let pageSize: UInt64
     private let preempt: Mutex<Preempt>
     private let queue = Mutex<[PageRange]>([])
@@ -52,8 +53,9 @@ final class PostcopySource: Sendable {
 
     init(
         unsent: DirtyBitmap, sender: PacketSender, requests: ControlChannel, latch: FailureLatch, answersOnPreempt: Bool,
-        pageSize: UInt64, priority: FaultPathScheduling
+        pageSize: UInt64, priority: FaultPathScheduling, wholeWindows: Bool
     ) {
+        self.wholeWindows = wholeWindows
         self.priority = priority
         self.unsent = unsent
         self.requests = requests
@@ -112,15 +114,21 @@ final class PostcopySource: Sendable {
         do throws(MigrationError) {
             while true {
                 let m = try requests.receive("waiting for page requests on the preempt channel")
-                guard case .pageRequest(let r) = m else {
+                guard case .pageRequest(let asked) = m else {
                     if case .error(let text) = m { throw MigrationError(.peer, "destination failed: \(text)") }
                     throw MigrationError(.protocolViolation, "'\(m.name)' on the preempt channel; only page requests come there")
                 }
-                guard r.block == 0, r.count > 0, r.first < pages, r.count <= pages - r.first else {
+                guard asked.block == 0, asked.count > 0, asked.first < pages, asked.count <= pages - asked.first else {
                     throw MigrationError(
-                        .protocolViolation, "page request for pages \(r.first)..+\(r.count) of block \(r.block); the RAM has \(pages) pages"
+                        .protocolViolation,
+                        "page request for pages \(asked.first)..+\(asked.count) of block \(asked.block); the RAM has \(pages) pages"
                     )
                 }
+                // A request names the faulting page and a window after it
+                // (`PostcopyFaults.requestWindow`). Under --max-bandwidth
+                // only the faulting page bypasses the limit; the rest stays
+                // with the limited pusher, whose cursor moves right there.
+                let r = wholeWindows ? asked : PageRange(block: asked.block, first: asked.first, count: 1)
                 served.add(1, ordering: .relaxed)
                 for p in r.first..<(r.first + r.count) { _ = unsent.take(page: Int(p)) }
                 cursor.store(Int(r.first + r.count), ordering: .relaxed)
@@ -137,7 +145,9 @@ final class PostcopySource: Sendable {
         }
     }
 
-    /// Sends the pages of `r` on the preempt channel, 128 per packet.
+    /// Sends the pages of `r` on the preempt channel: the first page (the
+    /// one a guest thread waits on) in a packet of its own, then the rest,
+    /// 128 per packet.
     private func send(_ r: PageRange) throws(MigrationError) {
         let pageSize = self.pageSize
         let error: MigrationError? = preempt.withLock { p in
@@ -146,7 +156,8 @@ final class PostcopySource: Sendable {
             let end = r.first + r.count
             do throws(MigrationError) {
                 while page < end {
-                    while page < end, !p.pages.isFull {
+                    let batchEnd = page == r.first ? page + 1 : end
+                    while page < batchEnd, !p.pages.isFull {
                         p.pages.append(offset: page * pageSize, block: 0)
                         page += 1
                     }

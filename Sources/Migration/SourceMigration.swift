@@ -257,7 +257,7 @@ public final class SourceMigration: Sendable {
             } else {
                 let bitmap = DirtyBitmap(pageCount: ram.block.pageCount)
                 bitmap.markAll()
-                _ = try sendRound(bitmap, through: multifd, limit: nil)
+                try sendRound(bitmap, through: multifd, limit: nil)
                 try ctl.send(.endOfRound(round: 1))
                 try ctl.send(.complete(summary(rounds: 1, guestStateBytes: 0, table: table)))
                 try awaitReply(replies.prepared)
@@ -340,8 +340,18 @@ public final class SourceMigration: Sendable {
             let t0 = Monotonic.now
             let bytes0 = counters.read(counters.multifdBytes)
             if round == 2 { TestHook.stop(at: "round2", ifRequested: config.testStopAt) }
-            let pages = try sendRound(
-                g.bitmap, through: multifd, limit: policy.maxBandwidth, stopAfterFirstJob: round == 1 ? "round1" : nil)
+            // With postcopy, the switch cuts the round in progress: at
+            // once on SIGUSR1 (QEMU's migrate-start-postcopy), and before
+            // round 1's first page with --postcopy-after-rounds 0.
+            let switchNow: (() -> Bool)? =
+                preempt == nil
+                ? nil
+                : { [self] in
+                    postcopyRequested.load(ordering: .relaxed) || config.postcopyAfterRounds == 0
+                }
+            let (pages, cut) = try sendRound(
+                g.bitmap, through: multifd, limit: policy.maxBandwidth, stopAfterFirstJob: round == 1 ? "round1" : nil,
+                cutWhen: switchNow)
             try ctl.send(.endOfRound(round: UInt64(round)))
             let seconds = Monotonic.now - t0
             let bytes = counters.read(counters.multifdBytes) - bytes0
@@ -363,8 +373,8 @@ public final class SourceMigration: Sendable {
             progress.dirtyPagesRate.store(UInt64(record.dirtyPagesRate), ordering: .relaxed)
             progress.throttle.store(g.throttlePercent, ordering: .relaxed)
             stats.ram.dirtyPagesRate = UInt64(record.dirtyPagesRate)
-            if let preempt, verdict.decision != .switchover,
-                round >= config.postcopyAfterRounds || postcopyRequested.load(ordering: .relaxed)
+            if let preempt, cut || verdict.decision != .switchover,
+                cut || round >= config.postcopyAfterRounds || postcopyRequested.load(ordering: .relaxed)
             {
                 record.decision = "postcopy"
                 onRound?(record)
@@ -398,7 +408,7 @@ public final class SourceMigration: Sendable {
         let pauseStart = try beginSwitchover(g)
         TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
         round += 1
-        _ = try sendRound(g.bitmap, through: multifd, limit: nil)
+        try sendRound(g.bitmap, through: multifd, limit: nil)
         try ctl.send(.endOfRound(round: UInt64(round)))
         let state = try g.pausedState()
         try ctl.send(.guestState(state))
@@ -618,18 +628,34 @@ public final class SourceMigration: Sendable {
 
     /// One round: harvest every dirty word, batch the pages, hand the
     /// batches out (at most `limit` bytes/s), then the SYNC barrier.
-    /// Returns the pages harvested. `stopAfterFirstJob` names a test
+    /// Returns the pages harvested and whether the round was cut.
+    /// `stopAfterFirstJob` names a test
     /// point (`TestHook`) reached once the first job was handed out.
-    func sendRound(_ bitmap: DirtyBitmap, through multifd: MultiFDSend, limit: Double?, stopAfterFirstJob: String? = nil)
-        throws(MigrationError) -> Int
-    {
+    ///
+    /// `cutWhen` ends the round early (the postcopy switch, QEMU's
+    /// migrate-start-postcopy): asked before the first page and before each
+    /// full batch goes out. A cut round sends what it batched and the SYNC
+    /// barrier as usual; the pages it did not harvest keep their bits, so
+    /// the bitmap still names every page the destination lacks or holds
+    /// stale.
+    @discardableResult
+    func sendRound(
+        _ bitmap: DirtyBitmap, through multifd: MultiFDSend, limit: Double?, stopAfterFirstJob: String? = nil,
+        cutWhen: (() -> Bool)? = nil
+    ) throws(MigrationError) -> (pages: Int, cut: Bool) {
+        struct RoundCut: Error {}
         var pages = MultiFDPages()
         let pageSize = ram.block.pageSize
         let limiter = limit.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
         var count = 0
+        var cut = false
         do {
+            if let cutWhen, cutWhen() { throw RoundCut() }
             try bitmap.harvestAll { page in
                 if pages.isFull {
+                    // The page in hand goes back to the bitmap with the
+                    // rest of its word (harvestAll restores them).
+                    if let cutWhen, cutWhen() { throw RoundCut() }
                     limiter?.wait()
                     try multifd.send(&pages)
                     if count == MultiFDPages.capacity * Self.batchesPerJob, let point = stopAfterFirstJob {
@@ -639,12 +665,14 @@ public final class SourceMigration: Sendable {
                 pages.append(offset: UInt64(page) &* pageSize, block: 0)
                 count += 1
             }
+        } catch is RoundCut {
+            cut = true
         } catch {
             throw MigrationError(converting: error)
         }
         if !pages.isEmpty { try multifd.send(&pages) }
         try multifd.sync()
-        return count
+        return (count, cut)
     }
 
     /// What `complete` states. Called after the last round's SYNC barrier,
@@ -721,7 +749,8 @@ public final class SourceMigration: Sendable {
         let source = PostcopySource(
             unsent: unsent, sender: sender, requests: ControlChannel(socket: s, keys: keys, isSource: true), latch: latch,
             answersOnPreempt: config.postcopyPreempt, pageSize: ram.block.pageSize,
-            priority: FaultPathScheduling(config.faultPathPriority, notice: config.onNotice ?? { _ in }))
+            priority: FaultPathScheduling(config.faultPathPriority, notice: config.onNotice ?? { _ in }),
+            wholeWindows: config.policy.maxBandwidth == nil)
         return PreemptChannel(socket: s, unsent: unsent, source: source)
     }
 

@@ -76,11 +76,16 @@ struct SendCommand: ParsableCommand {
 
     @Flag(
         help: ArgumentHelp(
-            "Switch to postcopy after --postcopy-after-rounds precopy rounds, or at once on SIGUSR1, unless precopy converges first; "
+            "Switch to postcopy after --postcopy-after-rounds precopy rounds, or at once on SIGUSR1 (cutting the round in progress), "
+                + "unless precopy converges first; "
                 + "the destination needs an incoming guest (livemig stress --incoming) with its RAM on tmpfs."))
     var postcopy = false
 
-    @Option(parsing: .unconditional, help: "With --postcopy: precopy rounds before the switch (default 1).")
+    @Option(
+        parsing: .unconditional,
+        help:
+            "With --postcopy: precopy rounds before the switch (default 1; 0: switch before the first page, every page moves by postcopy)."
+    )
     var postcopyAfterRounds: Int?
 
     @Flag(help: .hidden) var noPreempt = false
@@ -117,7 +122,7 @@ struct SendCommand: ParsableCommand {
             throw ValidationError("--throttle-increment must be from 1 to 99 (percent), got \(throttleIncrement)")
         }
         if let n = postcopyAfterRounds {
-            guard n >= 1 else { throw ValidationError("--postcopy-after-rounds must be at least 1, got \(n)") }
+            guard n >= 0 else { throw ValidationError("--postcopy-after-rounds must be 0 or more, got \(n)") }
             if !postcopy { throw ValidationError("--postcopy-after-rounds goes with --postcopy") }
         }
         if postcopy, guest == nil {
