@@ -390,6 +390,45 @@ int lm_uffd_create(int *dev_err) {
     return r >= 0 ? r : sys_err;
 }
 
+/* struct pm_scan_arg of linux/fs.h (6.7), 96 bytes. */
+struct lm_pm_scan_arg {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t start;
+    uint64_t end;
+    uint64_t walk_end;
+    uint64_t vec;
+    uint64_t vec_len;
+    uint64_t max_pages;
+    uint64_t category_inverted;
+    uint64_t category_mask;
+    uint64_t category_anyof_mask;
+    uint64_t return_mask;
+};
+_Static_assert(sizeof(struct lm_pm_scan_arg) == 96, "pm_scan_arg is 96 bytes");
+_Static_assert(sizeof(lm_page_region) == 24, "page_region is 24 bytes");
+
+int64_t lm_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, lm_page_region *vec, uint64_t vec_len,
+                                uint64_t *walk_end) {
+    struct lm_pm_scan_arg arg = {
+        .size = sizeof(arg),
+        .flags = LM_PM_SCAN_WP_MATCHING | LM_PM_SCAN_CHECK_WPASYNC,
+        .start = start,
+        .end = end,
+        .vec = (uint64_t)(uintptr_t)vec,
+        .vec_len = vec_len,
+        .category_mask = LM_PAGE_IS_WRITTEN,
+        .return_mask = LM_PAGE_IS_WRITTEN,
+    };
+    long r;
+    do {
+        r = ioctl(pagemap_fd, LM_PAGEMAP_SCAN, &arg);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) return -errno;
+    *walk_end = arg.walk_end;
+    return r;
+}
+
 int lm_uffd_api(int fd, uint64_t features, uint64_t *granted) {
     struct lm_uffdio_api api = {.api = LM_UFFD_API, .features = features, .ioctls = 0};
     if (ioctl(fd, LM_UFFDIO_API, &api) != 0) return -errno;

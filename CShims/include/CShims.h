@@ -341,6 +341,37 @@ int64_t lm_uffd_zeropage(int fd, uint64_t start, uint64_t len, bool dont_wake);
 /// into `out`. Returns how many, or -errno (-EAGAIN: none pending).
 int lm_uffd_read(int fd, lm_uffd_fault *out, int max);
 
+// ---- kernel write tracking (uffd-WP async + PAGEMAP_SCAN) --------------
+// Linux 6.7+ uapi that Debian 12's headers lack (linux/userfaultfd.h,
+// linux/fs.h); DESIGN.md §9.
+
+#define LM_UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1ULL << 12)
+#define LM_UFFD_FEATURE_WP_UNPOPULATED (1ULL << 13)
+#define LM_UFFD_FEATURE_WP_ASYNC (1ULL << 15)
+
+#define LM_PAGEMAP_SCAN 0xC0606610UL
+#define LM_PM_SCAN_WP_MATCHING (1ULL << 0)
+#define LM_PM_SCAN_CHECK_WPASYNC (1ULL << 1)
+#define LM_PAGE_IS_WRITTEN (1ULL << 1)
+
+/// One `struct page_region`: pages [start, end) share `categories`.
+typedef struct lm_page_region {
+    uint64_t start;
+    uint64_t end;
+    uint64_t categories;
+} lm_page_region;
+
+/// PAGEMAP_SCAN on `pagemap_fd` (/proc/PID/pagemap) over [start, end):
+/// reports the pages written since they were last write-protected
+/// (category PAGE_IS_WRITTEN) into `vec` (at most `vec_len` regions) and
+/// write-protects them again in the same step (PM_SCAN_WP_MATCHING; with
+/// PM_SCAN_CHECK_WPASYNC the kernel refuses a range not registered for
+/// asynchronous write-protect). *walk_end gets the address where the walk
+/// stopped: `end` when it covered the range, less when `vec` filled up.
+/// Returns the regions filled, or -errno.
+int64_t lm_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, lm_page_region *vec, uint64_t vec_len,
+                                uint64_t *walk_end);
+
 // ---- descriptor passing and peers (Unix stream sockets) -----------------
 
 /// sendmsg(2) of `len` payload bytes with `fd` attached (SCM_RIGHTS) on the

@@ -84,6 +84,33 @@ public final class Userfault: @unchecked Sendable {
         self.pageSize = pageSize
     }
 
+    /// Creates a userfaultfd in this process for kernel write tracking
+    /// (DESIGN.md §9): asynchronous write-protect (`UFFD_FEATURE_WP_ASYNC`:
+    /// a write to a protected page is not reported as a fault; the kernel
+    /// lifts the protection and the page counts as written), on shared
+    /// memory (`WP_HUGETLBFS_SHMEM`) and on pages not yet mapped
+    /// (`WP_UNPOPULATED`). A kernel without one of them is refused with
+    /// what it lacks.
+    public init(writeTrackingPageSize pageSize: UInt64) throws(GuestMemoryError) {
+        self.pageSize = pageSize
+        let wanted =
+            UInt64(LM_UFFD_FEATURE_WP_ASYNC) | UInt64(LM_UFFD_FEATURE_WP_HUGETLBFS_SHMEM) | UInt64(LM_UFFD_FEATURE_WP_UNPOPULATED)
+        let fd = try Self.create()
+        var granted: UInt64 = 0
+        let r = lm_uffd_api(fd, wanted, &granted)
+        guard r == 0, granted == wanted else {
+            close(fd)
+            let e = r == 0 ? nil : SystemCall.error(negated: r)
+            throw GuestMemoryError(
+                "this kernel cannot track writes for us: the userfaultfd API handshake "
+                    + (e.map { "failed (\($0))" } ?? "lacks features 0x\(String(wanted & ~granted, radix: 16))")
+                    + " (asynchronous write-protect of shared memory needs Linux 6.7 or later); use --tracking bitmap",
+                errno: e)
+        }
+        self.fd = fd
+        self.features = granted
+    }
+
     deinit { close(fd) }
 
     /// Whether faults name the faulting thread (`UFFD_FEATURE_THREAD_ID`
@@ -133,6 +160,29 @@ public final class Userfault: @unchecked Sendable {
             )
         }
         rangeIoctls.store(ioctls, ordering: .relaxed)
+    }
+
+    /// Registers `length` bytes at `address` (page-aligned) for write
+    /// protection (`UFFDIO_REGISTER`, mode WP) on a descriptor made with
+    /// `init(writeTrackingPageSize:)`. Nothing is protected yet: the first
+    /// `WrittenPageScan` reports every page as written and protects it.
+    public func registerWriteProtect(address: UInt64, length: UInt64) throws(GuestMemoryError) {
+        try checkRange(address, length, "register")
+        var ioctls: UInt64 = 0
+        let r = lm_uffd_register(fd, address, length, UInt64(LM_UFFDIO_REGISTER_MODE_WP), &ioctls)
+        guard r == 0 else {
+            let e = SystemCall.error(negated: r)
+            let why =
+                switch e {
+                case .invalidArgument:
+                    "the range is not all mapped by memory that takes write protection (anonymous, tmpfs, memfd or hugetlbfs: "
+                        + "a RAM file on /dev/shm), or is registered already"
+                case .noMemory: "no mapping covers the whole range"
+                default: "\(e)"
+                }
+            throw GuestMemoryError(
+                "cannot register \(Self.range(address, length)) for write tracking (UFFDIO_REGISTER, mode WP): \(why)", errno: e)
+        }
     }
 
     /// Unregisters `length` bytes at `address` (`UFFDIO_UNREGISTER`). The

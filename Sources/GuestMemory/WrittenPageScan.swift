@@ -1,0 +1,125 @@
+import CShims
+import OSCall
+import SystemPackage
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// How a guest's writes are found (docs/GUEST-CONTROL.md §6, §12).
+public enum DirtyTracking: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    /// The guest marks every page it writes in the control file's bitmap.
+    case bitmap = 0
+    /// The kernel tracks the writes: the guest's RAM mapping is registered
+    /// with a userfaultfd for asynchronous write-protect, and the source
+    /// asks the kernel for the written pages (`WrittenPageScan`).
+    case kernel = 1
+
+    public var description: String {
+        switch self {
+        case .bitmap: "bitmap"
+        case .kernel: "kernel"
+        }
+    }
+}
+
+/// The source's side of kernel write tracking (DESIGN.md §9): asks the
+/// kernel, through `PAGEMAP_SCAN` on the guest's `/proc/PID/pagemap`, which
+/// pages of the guest's RAM mapping were written since the last scan, and
+/// write-protects them again in the same step.
+///
+/// **The ordering contract.** Report and re-protect are one atomic step per
+/// page table, so a write that lands after a page was reported faults (the
+/// kernel lifts the protection and marks the page written again) and shows
+/// in the next scan. The caller reads a page's bytes only after the scan
+/// that reported it: the same guarantee as the bitmap's exchange-then-read
+/// (GUEST-CONTROL.md §6).
+///
+/// **What it cannot see**: writes through `write(2)` or another mapping of
+/// the file, by other processes, by DMA or through pinned pages, and writes
+/// by a forked child. An error (the guest exited, its mapping changed)
+/// leaves the tracking state unknown: the caller must fail the migration.
+///
+/// Used by one thread at a time (the migration thread).
+public final class WrittenPageScan: @unchecked Sendable {
+    // @unchecked: `regions` is used only by `collect`, which one thread
+    // calls at a time; the rest never changes after init.
+    private let pagemap: Int32
+    private let pid: Int32
+    /// The guest's mapping of its RAM, in the guest's address space.
+    public let base: UInt64
+    public let pageSize: UInt64
+    public let pageCount: Int
+    private let regions: UnsafeMutablePointer<lm_page_region>
+    private static let regionCapacity = 4096
+
+    /// Opens `/proc/PID/pagemap` of the guest `pid`, whose RAM of
+    /// `pageCount` pages is mapped at `base`.
+    public init(pid: Int32, base: UInt64, pageSize: UInt64, pageCount: Int) throws(GuestMemoryError) {
+        guard base != 0, base % pageSize == 0 else {
+            throw GuestMemoryError(
+                "the guest (pid \(pid)) uses kernel write tracking but its control file names no page-aligned RAM mapping "
+                    + "(0x\(String(base, radix: 16))); restart the guest")
+        }
+        let path = "/proc/\(pid)/pagemap"
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            let e = Errno(rawValue: errno)
+            let hint =
+                e == .noSuchFileOrDirectory
+                ? "the guest process has exited" : "reading another process's page tables needs root or the same user with ptrace access"
+            throw GuestMemoryError("cannot open \(path) to track the guest's writes: \(e) (\(hint))", errno: e)
+        }
+        pagemap = fd
+        self.pid = pid
+        self.base = base
+        self.pageSize = pageSize
+        self.pageCount = pageCount
+        regions = .allocate(capacity: Self.regionCapacity)
+    }
+
+    deinit {
+        close(pagemap)
+        regions.deallocate()
+    }
+
+    /// Reports every page written since the last scan to `written` (page
+    /// index within the RAM) and write-protects it again. Returns how many
+    /// pages were reported.
+    @discardableResult
+    public func collect(_ written: (Int) -> Void) throws(GuestMemoryError) -> Int {
+        let end = base + UInt64(pageCount) * pageSize
+        var start = base
+        var found = 0
+        while start < end {
+            var walkEnd: UInt64 = 0
+            let n = lm_pagemap_scan_written(pagemap, start, end, regions, UInt64(Self.regionCapacity), &walkEnd)
+            guard n >= 0 else {
+                let e = SystemCall.error(negated: Int32(truncatingIfNeeded: n))
+                let why =
+                    switch e {
+                    case .noSuchProcess: "the guest process has exited"
+                    case .notPermitted:
+                        "some of the range is not registered for asynchronous write-protect (did the guest unmap or remap its RAM?)"
+                    default: "\(e)"
+                    }
+                throw GuestMemoryError(
+                    "cannot scan the guest's (pid \(pid)) written pages (PAGEMAP_SCAN of 0x\(String(start, radix: 16))-0x\(String(end, radix: 16))): \(why)",
+                    errno: e)
+            }
+            for i in 0..<Int(n) {
+                let r = regions[i]
+                var a = max(r.start, base)
+                while a < min(r.end, end) {
+                    written(Int((a - base) / pageSize))
+                    found += 1
+                    a += pageSize
+                }
+            }
+            // The walk stops early only when the regions filled up.
+            guard walkEnd > start else { break }
+            start = walkEnd
+        }
+        return found
+    }
+}
