@@ -284,6 +284,22 @@ public final class GuestControl: @unchecked Sendable {
         set { lm_atomic_store_release_u32(word32(80), UInt32(bitPattern: newValue)) }
     }
 
+    /// How the guest's writes are tracked (offset 104), set by the guest
+    /// before it runs; nil for a value no livemig knows (refuse the guest).
+    public var tracking: DirtyTracking? { DirtyTracking(rawValue: lm_atomic_load_acquire_u32(word32(104))) }
+
+    /// Records the guest's tracking: `.kernel` with the address of its RAM
+    /// mapping in its own address space (offset 112; stored first, then the
+    /// mode with release order, so a source that sees `.kernel` sees the
+    /// address), `.bitmap` with 0.
+    public func setTracking(_ mode: DirtyTracking, mappingAddress: UInt64) {
+        lm_atomic_store_release_u64(word64(112), mode == .kernel ? mappingAddress : 0)
+        lm_atomic_store_release_u32(word32(104), mode.rawValue)
+    }
+
+    /// The guest's RAM mapping address, for kernel tracking (acquire).
+    public var trackedMappingAddress: UInt64 { lm_atomic_load_acquire_u64(word64(112)) }
+
     public var sourcePID: Int32 {
         get { Int32(bitPattern: lm_atomic_load_acquire_u32(word32(84))) }
         set { lm_atomic_store_release_u32(word32(84), UInt32(bitPattern: newValue)) }

@@ -174,9 +174,7 @@ public final class Userfault: @unchecked Sendable {
             let e = SystemCall.error(negated: r)
             let why =
                 switch e {
-                case .invalidArgument:
-                    "the range is not all mapped by memory that takes write protection (anonymous, tmpfs, memfd or hugetlbfs: "
-                        + "a RAM file on /dev/shm), or is registered already"
+                case .invalidArgument: "the range is not all one mapping the kernel can write-protect, or is registered already"
                 case .noMemory: "no mapping covers the whole range"
                 default: "\(e)"
                 }

@@ -21,6 +21,12 @@ public enum DirtyTracking: UInt32, Sendable, CaseIterable, CustomStringConvertib
         case .kernel: "kernel"
         }
     }
+
+    /// The mode named `name` ("bitmap", "kernel").
+    public init?(name: String) {
+        guard let m = Self.allCases.first(where: { $0.description == name }) else { return nil }
+        self = m
+    }
 }
 
 /// The source's side of kernel write tracking (DESIGN.md §9): asks the

@@ -107,10 +107,53 @@ final class SourceGuest: Sendable {
                 throw MigrationError(.mismatch, "the guest in \(g.path) is paused by another migration (source pid \(g.sourcePID))")
             }
         }
-        g.sourcePID = getpid()
         let pid = g.guestPID
-        ranAtClaim.store(pid > 0 && g.guestThreads > 0 && SystemCall.processExists(pid), ordering: .relaxed)
+        let running = pid > 0 && g.guestThreads > 0 && SystemCall.processExists(pid)
+        switch g.tracking {
+        case .bitmap: break
+        case .kernel:
+            guard running else {
+                throw MigrationError(
+                    .mismatch,
+                    "the guest in \(g.path) tracks its writes with the kernel (--tracking kernel), but its process (pid \(pid)) is not running: "
+                        + "only a running guest's page tables say what it wrote; resume it first")
+            }
+            do {
+                kernelScan = try WrittenPageScan(
+                    pid: pid, base: g.trackedMappingAddress, pageSize: ram.block.pageSize, pageCount: ram.block.pageCount)
+            } catch {
+                throw MigrationError(error)
+            }
+        case nil:
+            throw MigrationError(
+                .mismatch, "the control file \(g.path) names a dirty-tracking mode this livemig does not know; restart the guest")
+        }
+        g.sourcePID = getpid()
+        ranAtClaim.store(running, ordering: .relaxed)
         claimed.store(true, ordering: .relaxed)
+    }
+
+    /// With kernel tracking (`--tracking kernel`): the scanner of the
+    /// guest's page tables, set once by `claim` (nil with the bitmap).
+    /// Used by the migration thread only.
+    nonisolated(unsafe) private(set) var kernelScan: WrittenPageScan?
+
+    /// QEMU's bitmap sync: with kernel tracking, moves the pages the guest
+    /// wrote since the last sync from its page tables into `bitmap` (and
+    /// write-protects them again); with the bitmap, nothing (the guest marks
+    /// it itself). Call before a harvest of `bitmap` that must see every
+    /// write made so far: before each round's dirty count, and after the
+    /// pause before the final harvest. Pages are read only after the sync
+    /// that reported them. Returns the pages reported.
+    @discardableResult
+    func syncDirtyLog() throws(MigrationError) -> Int {
+        guard let scan = kernelScan else { return 0 }
+        let bitmap = self.bitmap
+        do {
+            return try scan.collect { bitmap.mark(page: $0) }
+        } catch {
+            throw MigrationError(.local, "kernel dirty tracking failed: \(error.description)")
+        }
     }
 
     /// Sets an auto-converge step. The lease also bounds the throttle: a

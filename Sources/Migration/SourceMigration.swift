@@ -332,8 +332,11 @@ public final class SourceMigration: Sendable {
         var round = 0
         var expected = 0.0
         // Round 1 sends all of RAM: every page starts dirty (the bits the
-        // guest set before we attached are included).
+        // guest set before we attached are included). With kernel tracking
+        // the first sync write-protects every page, so that the writes made
+        // from here on show in the next one.
         g.bitmap.markAll()
+        try g.syncDirtyLog()
         while true {
             round += 1
             progress.round.store(UInt64(round), ordering: .relaxed)
@@ -355,6 +358,7 @@ public final class SourceMigration: Sendable {
             try ctl.send(.endOfRound(round: UInt64(round)))
             let seconds = Monotonic.now - t0
             let bytes = counters.read(counters.multifdBytes) - bytes0
+            try g.syncDirtyLog()
             let dirty = UInt64(g.bitmap.dirtyCount())
             let remaining = dirty * pageSize
             let verdict = judge.decide(
@@ -407,6 +411,8 @@ public final class SourceMigration: Sendable {
         let precopyBytes = counters.read(counters.multifdBytes) + counters.read(counters.mainBytes)
         let pauseStart = try beginSwitchover(g)
         TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
+        // Paused: every write is in the page tables; the last sync.
+        try g.syncDirtyLog()
         round += 1
         try sendRound(g.bitmap, through: multifd, limit: nil)
         try ctl.send(.endOfRound(round: UInt64(round)))
@@ -480,6 +486,7 @@ public final class SourceMigration: Sendable {
         // it drops them now, outside the downtime (dropping a page costs
         // about as much as copying it). Their bits stay set: the final
         // harvest takes them again, and dropping a hole is cheap.
+        try g.syncDirtyLog()
         var discarded = try sendDiscards(of: g.bitmap, ctl: ctl)
         try replies.awaitDiscarded(discarded, latch: latch)
         let pauseStart = try beginSwitchover(g)
@@ -487,6 +494,7 @@ public final class SourceMigration: Sendable {
         // The guest is paused (every thread acknowledged, acquire): its
         // bitmap is final. Whatever is dirty is stale at the destination.
         let unsent = preempt.unsent
+        try g.syncDirtyLog()
         g.bitmap.harvestAll { unsent.mark(page: $0) }
         let lacking = UInt64(unsent.dirtyCount())
         discarded += try sendDiscards(of: unsent, ctl: ctl)

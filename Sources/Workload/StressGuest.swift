@@ -23,6 +23,10 @@ public struct StressOptions: Sendable {
     /// that the destination does not run it.
     public var reclaim = false
     public var seed: UInt64 = 0x5EED
+    /// How the source learns which pages were written: the guest marks the
+    /// bitmap, or the kernel tracks the writes (the guest never touches the
+    /// bitmap).
+    public var tracking = DirtyTracking.bitmap
 
     public init() {}
 }
@@ -58,6 +62,10 @@ public final class StressGuest: Sendable {
     private let state: StressState
     private let stopFlag = Atomic<Bool>(false)
     private let selfResumes = Atomic<Int>(0)
+    /// With kernel tracking: the userfaultfd with the RAM mapping registered
+    /// for asynchronous write-protect. Open for the guest's whole life: if
+    /// it closed, the kernel would drop the registration and stop tracking.
+    private let writeTracking: Userfault?
 
     /// Prepares a fresh workload, or loads the stored one with `resume`.
     public init(ram: RAMFile, control: GuestControl, options: StressOptions) throws(GuestMemoryError) {
@@ -133,6 +141,13 @@ public final class StressGuest: Sendable {
             try control.writeState(s.encoded())
             state = s
         }
+        if options.tracking == .kernel {
+            let uffd = try Userfault(writeTrackingPageSize: ram.block.pageSize)
+            try uffd.registerWriteProtect(address: UInt64(UInt(bitPattern: ram.base)), length: ram.block.size)
+            writeTracking = uffd
+        } else {
+            writeTracking = nil
+        }
         self.options = options
     }
 
@@ -149,6 +164,7 @@ public final class StressGuest: Sendable {
         control.resetPauseAcknowledgements()
         control.guestPID = getpid()
         control.guestThreads = UInt32(options.threads)
+        control.setTracking(options.tracking, mappingAddress: UInt64(UInt(bitPattern: ram.base)))
         control.setRunState(.running)
         let start = monotonicNanoseconds()
         let ends = Mutex<[StressEnd]>([])
@@ -193,6 +209,7 @@ public final class StressGuest: Sendable {
         var rng = UInt64(littleEndian: slot.load(fromByteOffset: 16, as: UInt64.self))
         var written = UInt64(littleEndian: slot.load(fromByteOffset: 24, as: UInt64.self))
         let pageSize = ram.block.pageSize
+        let kernelTracked = options.tracking == .kernel
         let perThreadRate = options.rate.map { Double($0) / Double(options.threads) / Double(pageSize) }
         // Times are compared as Double nanoseconds: no conversion of a
         // duration or a rate to an integer can trap, however large or small.
@@ -264,7 +281,8 @@ public final class StressGuest: Sendable {
                     p.storeBytes(of: rng, toByteOffset: Int(rng >> 55) * 8, as: UInt64.self)
                 }
                 // Data first, then the bit (release): docs/GUEST-CONTROL.md.
-                control.bitmap.mark(page: page)
+                // With kernel tracking the store itself is what is tracked.
+                if !kernelTracked { control.bitmap.mark(page: page) }
                 written &+= 1
                 if options.pattern == .counter || options.pattern == .sequential {
                     pos += 1

@@ -11,6 +11,11 @@ import Workload
     import Glibc
 #endif
 
+extension DirtyTracking: ExpressibleByArgument {
+    public init?(argument: String) { self.init(name: argument) }
+    public static var allValueStrings: [String] { allCases.map(\.description) }
+}
+
 /// `livemig stress`: the guest — a process that keeps writing its RAM.
 struct StressCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -53,6 +58,13 @@ struct StressCommand: ParsableCommand {
     @Option(help: "With --incoming: the hand-off socket's path (default: CONTROL.uffd).") var handoffSocket: String?
     @Option(
         help: ArgumentHelp(
+            "How the source finds the pages written: 'bitmap' (the guest marks each page in the control file) or 'kernel'.",
+            discussion:
+                "kernel: the guest never touches the bitmap; its RAM mapping is registered with a userfaultfd for asynchronous "
+                + "write-protect and the source asks the kernel (PAGEMAP_SCAN) each round. Needs Linux 6.7 or later."
+        )) var tracking: DirtyTracking = .bitmap
+    @Option(
+        help: ArgumentHelp(
             "With --incoming: once started, read every page through the guest's mapping before running, and write what was read to PATH.",
             discussion:
                 "A check for postcopy: pages that have not arrived fault and are fetched; PATH must equal the source's RAM at the switch.",
@@ -65,6 +77,11 @@ struct StressCommand: ParsableCommand {
         if incoming, resume { throw ValidationError("--incoming and --resume exclude each other (an incoming guest resumes by itself)") }
         if handoffSocket != nil, !incoming { throw ValidationError("--handoff-socket goes with --incoming") }
         if readEveryPage != nil, !incoming { throw ValidationError("--read-every-page goes with --incoming") }
+        if tracking == .kernel, incoming {
+            throw ValidationError(
+                "--tracking kernel does not go with --incoming: an incoming guest's RAM is registered for missing pages and tracked with the bitmap"
+            )
+        }
         if rate != "unlimited" {
             guard let r = parseRate(rate) else {
                 throw ValidationError("--rate: '\(rate)' is not a rate (examples: 200MiB/s, 1GiB/s, unlimited)")
@@ -124,6 +141,7 @@ struct StressCommand: ParsableCommand {
         options.duration = duration.flatMap(parseDuration)
         options.resume = resume
         options.reclaim = reclaim
+        options.tracking = tracking
         let guest: StressGuest
         do {
             guest = try StressGuest(ram: ramFile, control: controlFile, options: options)
@@ -133,6 +151,7 @@ struct StressCommand: ParsableCommand {
         let signals = SignalWatch { _ in guest.stop() }
         FileHandleStderr.write(
             "stress: guest \(resume ? "resumed" : "started"): pattern \(guest.options.pattern), \(guest.options.threads) thread(s), "
+                + "tracking \(tracking), "
                 + "target \(options.rate.map { formatBytes($0) + "/s" } ?? "unlimited"), pid \(getpid())\n")
         let outcome = withExtendedLifetime((ramLock, guestLock)) { guest.run() }
         signals.end()
