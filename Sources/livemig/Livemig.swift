@@ -16,7 +16,9 @@ struct Livemig: ParsableCommand {
             'listening on ADDR' on stderr when the source may connect.
             Exit status: 0 success, 1 the migration failed, 2 bad usage.
             """,
-        subcommands: [SendCommand.self, ReceiveCommand.self, StressCommand.self, VerifyCommand.self, KeygenCommand.self]
+        subcommands: [
+            SendCommand.self, ReceiveCommand.self, StressCommand.self, VerifyCommand.self, DirtyrateCommand.self, KeygenCommand.self,
+        ]
     )
 }
 
