@@ -10,7 +10,7 @@ import Testing
 /// shorter than a pass, the pages dirtied per second are its write rate.
 /// The guest reports the rate it achieved; each mode must agree with it.
 /// The bound is loose (±35 %) because both figures come from a shared
-/// machine; tools/bench-dirtyrate.py checks the 10 % / 25 % at
+/// machine; tools/bench-tracking.py checks the 10 % / 25 % at
 /// 1 GiB.
 @Suite("dirtyrate", .serialized)
 struct DirtyRateTests {
