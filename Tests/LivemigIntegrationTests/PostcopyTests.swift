@@ -66,6 +66,22 @@ struct PostcopyTests {
         func sendArgs(_ extra: [String]) -> [String] {
             ["send", "--ram", src, "--to", addr, "--guest", srcCtl, "--format", "json", "--peer-timeout", "3s"] + extra
         }
+
+        typealias Output = (status: Int32, stdout: String, stderr: String, seconds: Double)
+
+        /// Runs `send` with `extra`, waits for receive and both guests, and
+        /// expects every one to end well: the source guest migrated away.
+        func migrate(_ extra: [String]) throws -> (sent: Output, recv: Output, incoming: Output) {
+            let sent = try livemig(sendArgs(extra), timeout: 60)
+            let recv = receiver!.wait(timeout: 30)
+            let g = guest!.wait(timeout: 20)
+            let dg = incoming!.wait(timeout: 30)
+            #expect(sent.status == 0, "\(sent.stderr)")
+            #expect(recv.status == 0, "\(recv.stderr)")
+            #expect(g.status == 0 && g.stdout.contains("migrated"), "\(g.stdout) \(g.stderr)")
+            #expect(dg.status == 0, "\(dg.stdout) \(dg.stderr)")
+            return (sent, recv, dg)
+        }
     }
 
     @Test("a counter guest at unlimited rate migrates with --postcopy; the destination guest runs during postcopy and verifies")
@@ -77,14 +93,7 @@ struct PostcopyTests {
         // The pusher is held to 32 MiB/s, so the running destination guest
         // must fault on pages that have not arrived.
         let events = rig.scratch.path("events.jsonl")
-        let sent = try livemig(rig.sendArgs(["--postcopy", "--max-bandwidth", "32MiB/s", "--events", events]), timeout: 60)
-        let recv = rig.receiver!.wait(timeout: 30)
-        let g = rig.guest!.wait(timeout: 20)
-        let dg = rig.incoming!.wait(timeout: 30)
-        #expect(sent.status == 0, "\(sent.stderr)")
-        #expect(recv.status == 0, "\(recv.stderr)")
-        #expect(g.status == 0 && g.stdout.contains("migrated"), "\(g.stdout) \(g.stderr)")
-        #expect(dg.status == 0, "\(dg.stdout) \(dg.stderr)")
+        let (sent, recv, _) = try rig.migrate(["--postcopy", "--max-bandwidth", "32MiB/s", "--events", events])
         let s = try stats(sent.stdout), r = try stats(recv.stdout)
         #expect(s["status"] as? String == "completed")
         let sp = try #require(s["postcopy"] as? [String: Any]), rp = try #require(r["postcopy"] as? [String: Any])
@@ -115,14 +124,8 @@ struct PostcopyTests {
         try rig.startReceiver()
         // At 32 MiB/s most pages are still on their way when the guest
         // starts reading: its loads fault and are served on demand.
-        let sent = try livemig(rig.sendArgs(["--postcopy", "--max-bandwidth", "32MiB/s"]), timeout: 60)
-        let recv = rig.receiver!.wait(timeout: 30)
-        let g = rig.guest!.wait(timeout: 20)
-        let dg = rig.incoming!.wait(timeout: 30)
-        #expect(sent.status == 0, "\(sent.stderr)")
-        #expect(recv.status == 0, "\(recv.stderr)")
-        #expect(g.status == 0 && g.stdout.contains("migrated"), "\(g.stdout) \(g.stderr)")
-        #expect(dg.status == 0 && dg.stderr.contains("read every page"), "\(dg.stdout) \(dg.stderr)")
+        let (_, recv, dg) = try rig.migrate(["--postcopy", "--max-bandwidth", "32MiB/s"])
+        #expect(dg.stderr.contains("read every page"), "\(dg.stderr)")
         let rp = try #require(try stats(recv.stdout)["postcopy"] as? [String: Any])
         #expect(rp["postcopy-faults"] as? Int ?? 0 > 0, "the reads never faulted: every page had arrived before them")
         // The source guest stopped at the pause and its RAM has not changed
@@ -187,14 +190,7 @@ struct PostcopyTests {
         try rig.startGuest()
         try rig.startIncoming(duration: "1s")
         try rig.startReceiver()
-        let sent = try livemig(rig.sendArgs(["--postcopy", "--postcopy-after-rounds", "0"]), timeout: 60)
-        let recv = rig.receiver!.wait(timeout: 30)
-        let g = rig.guest!.wait(timeout: 20)
-        let dg = rig.incoming!.wait(timeout: 30)
-        #expect(sent.status == 0, "\(sent.stderr)")
-        #expect(recv.status == 0, "\(recv.stderr)")
-        #expect(g.status == 0 && g.stdout.contains("migrated"), "\(g.stdout) \(g.stderr)")
-        #expect(dg.status == 0, "\(dg.stdout) \(dg.stderr)")
+        let (sent, _, _) = try rig.migrate(["--postcopy", "--postcopy-after-rounds", "0"])
         let s = try stats(sent.stdout)
         let ram = try #require(s["ram"] as? [String: Any]), sp = try #require(s["postcopy"] as? [String: Any])
         // Before the switch only the handshake and control messages moved.
