@@ -10,6 +10,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "livemig", targets: ["livemig"]),
+        // Loaded into an unmodified program by `livemig run` (LD_PRELOAD).
+        .library(name: "LivemigPreload", type: .dynamic, targets: ["LivemigPreload"]),
         // For the nested Benchmarks/ package (a path dependency sees products only).
         .library(
             name: "LivemigCore",
@@ -31,6 +33,10 @@ let package = Package(
             path: "CShims",
             linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("zstd"), .linkedLibrary("xxhash")]
         ),
+        // `livemig run`'s preload library: registers the program's mapping
+        // of its RAM file for kernel write tracking. Plain C, no Swift
+        // runtime in the program.
+        .target(name: "LivemigPreload", path: "Preload"),
         // The system-call conventions in one place: EINTR retried, errno
         // captured as an Errno, the monotonic clock, process liveness.
         .target(

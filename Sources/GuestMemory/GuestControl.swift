@@ -300,6 +300,47 @@ public final class GuestControl: @unchecked Sendable {
     /// The guest's RAM mapping address, for kernel tracking (acquire).
     public var trackedMappingAddress: UInt64 { lm_atomic_load_acquire_u64(word64(112)) }
 
+    /// What runs the guest (offset 108).
+    public enum GuestKind: UInt32, Sendable {
+        /// A program that follows this protocol itself (`livemig stress`).
+        case cooperative = 0
+        /// An unmodified program under `livemig run`: the launcher pauses
+        /// it from outside (SIGSTOP) and acknowledges for it, its writes are
+        /// tracked by the kernel, and it has no guest state.
+        case external = 1
+    }
+
+    /// What runs the guest; nil for a value no livemig knows.
+    public var guestKind: GuestKind? { GuestKind(rawValue: lm_atomic_load_acquire_u32(word32(108))) }
+
+    public func setGuestKind(_ kind: GuestKind) { lm_atomic_store_release_u32(word32(108), kind.rawValue) }
+
+    /// Why kernel tracking of an external guest went blind (offset 120):
+    /// bits the preload library sets (`Blindness`); 0 while it sees all.
+    public var trackingBlindness: Blindness { Blindness(rawValue: lm_atomic_load_acquire_u32(word32(120))) }
+
+    /// Clears the blindness word (a new program starts).
+    public func clearTrackingBlindness() { lm_atomic_store_release_u32(word32(120), 0) }
+
+    public struct Blindness: OptionSet, Sendable, CustomStringConvertible {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        /// The program forked: the child's writes are not tracked.
+        public static let forked = Blindness(rawValue: 1)
+        /// The program unmapped or remapped its RAM.
+        public static let remapped = Blindness(rawValue: 2)
+        /// The program mapped the RAM file a second time.
+        public static let mappedTwice = Blindness(rawValue: 4)
+
+        public var description: String {
+            var why: [String] = []
+            if contains(.forked) { why.append("the program forked (its child's writes are in page tables nobody tracks)") }
+            if contains(.remapped) { why.append("the program unmapped or remapped its RAM") }
+            if contains(.mappedTwice) { why.append("the program mapped the RAM file a second time (writes there are not tracked)") }
+            return why.isEmpty ? "none" : why.joined(separator: "; ")
+        }
+    }
+
     public var sourcePID: Int32 {
         get { Int32(bitPattern: lm_atomic_load_acquire_u32(word32(84))) }
         set { lm_atomic_store_release_u32(word32(84), UInt32(bitPattern: newValue)) }

@@ -109,6 +109,18 @@ final class SourceGuest: Sendable {
         }
         let pid = g.guestPID
         let running = pid > 0 && g.guestThreads > 0 && SystemCall.processExists(pid)
+        switch g.guestKind {
+        case .cooperative: break
+        case .external:
+            guard g.tracking == .kernel else {
+                throw MigrationError(
+                    .mismatch,
+                    "the program under livemig run (pid \(pid)) has not mapped its RAM file for tracking (yet); wait for run's "
+                        + "'writes tracked' line, or check that the program maps the file with MAP_SHARED")
+            }
+        case nil:
+            throw MigrationError(.mismatch, "the control file \(g.path) names a kind of guest this livemig does not know")
+        }
         switch g.tracking {
         case .bitmap: break
         case .kernel:
@@ -149,11 +161,19 @@ final class SourceGuest: Sendable {
     func syncDirtyLog() throws(MigrationError) -> Int {
         guard let scan = kernelScan else { return 0 }
         let bitmap = self.bitmap
+        let found: Int
         do {
-            return try scan.collect { bitmap.mark(page: $0) }
+            found = try scan.collect { bitmap.mark(page: $0) }
         } catch {
             throw MigrationError(.local, "kernel dirty tracking failed: \(error.description)")
         }
+        // Checked after the scan: whatever blinded it happened before the
+        // next one could miss a write.
+        let blind = control.trackingBlindness
+        guard blind.isEmpty else {
+            throw MigrationError(.local, "kernel dirty tracking can no longer see every write: \(blind)")
+        }
+        return found
     }
 
     /// Sets an auto-converge step. The lease also bounds the throttle: a

@@ -164,6 +164,8 @@ public final class StressGuest: Sendable {
         control.resetPauseAcknowledgements()
         control.guestPID = getpid()
         control.guestThreads = UInt32(options.threads)
+        control.setGuestKind(.cooperative)
+        control.clearTrackingBlindness()
         control.setTracking(options.tracking, mappingAddress: UInt64(UInt(bitPattern: ram.base)))
         control.setRunState(.running)
         let start = monotonicNanoseconds()

@@ -17,7 +17,8 @@ struct Livemig: ParsableCommand {
             Exit status: 0 success, 1 the migration failed, 2 bad usage.
             """,
         subcommands: [
-            SendCommand.self, ReceiveCommand.self, StressCommand.self, VerifyCommand.self, DirtyrateCommand.self, KeygenCommand.self,
+            SendCommand.self, ReceiveCommand.self, StressCommand.self, VerifyCommand.self, RunCommand.self, DirtyrateCommand.self,
+            KeygenCommand.self,
         ]
     )
 }
