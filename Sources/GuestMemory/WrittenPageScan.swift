@@ -89,6 +89,46 @@ public final class WrittenPageScan: @unchecked Sendable {
         regions.deallocate()
     }
 
+    /// Re-reads the guest's mappings (`/proc/PID/maps`): the tracked range
+    /// must still be mapped, whole and in order, from the file with inode
+    /// `inode`. A program that unmapped, remapped or replaced its RAM
+    /// mapping is an error (its writes there are no longer tracked).
+    public func checkMapping(inode: UInt64) throws(GuestMemoryError) {
+        let end = base + UInt64(pageCount) * pageSize
+        let fd = open("/proc/\(pid)/maps", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            let e = Errno(rawValue: errno)
+            throw GuestMemoryError("cannot read the guest's (pid \(pid)) mappings: \(e) (has it exited?)", errno: e)
+        }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &chunk, chunk.count)
+            if n <= 0 { break }
+            bytes += chunk[0..<n]
+        }
+        // "start-end perms offset dev inode path": the lines of our file
+        // must cover [base, end) without a gap, at matching file offsets.
+        var covered = base
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count >= 5, let dash = f[0].firstIndex(of: "-"),
+                let lo = UInt64(f[0][..<dash], radix: 16), let hi = UInt64(f[0][f[0].index(after: dash)...], radix: 16),
+                let offset = UInt64(f[2], radix: 16), let ino = UInt64(f[4])
+            else { continue }
+            guard hi > covered, lo <= covered, covered < end else { continue }
+            // The file offset at `covered` must be its distance from base.
+            guard ino == inode, offset + (covered - lo) == covered - base else { break }
+            covered = min(hi, end)
+        }
+        guard covered >= end else {
+            throw GuestMemoryError(
+                "the guest's (pid \(pid)) RAM mapping at 0x\(String(base, radix: 16)) is no longer the whole RAM file from 0x\(String(covered, radix: 16)) on: "
+                    + "it unmapped or remapped it, so its writes there are not tracked")
+        }
+    }
+
     /// Reports every page written since the last scan to `written` (page
     /// index within the RAM) and write-protects it again. Returns how many
     /// pages were reported.

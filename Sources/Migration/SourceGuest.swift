@@ -133,8 +133,18 @@ final class SourceGuest: Sendable {
             do {
                 kernelScan = try WrittenPageScan(
                     pid: pid, base: g.trackedMappingAddress, pageSize: ram.block.pageSize, pageCount: ram.block.pageCount)
+                var st = stat()
+                guard stat(ram.path.string, &st) == 0 else {
+                    throw MigrationError(.local, "cannot stat \(ram.path): \(SystemCall.lastError)")
+                }
+                ramInode = UInt64(st.st_ino)
+                try kernelScan!.checkMapping(inode: ramInode)
+            } catch let e as MigrationError {
+                throw e
+            } catch let e as GuestMemoryError {
+                throw MigrationError(e)
             } catch {
-                throw MigrationError(error)
+                throw MigrationError(.local, "\(error)")
             }
         case nil:
             throw MigrationError(
@@ -149,6 +159,8 @@ final class SourceGuest: Sendable {
     /// guest's page tables, set once by `claim` (nil with the bitmap).
     /// Used by the migration thread only.
     nonisolated(unsafe) private(set) var kernelScan: WrittenPageScan?
+    /// The RAM file's inode, which the guest's tracked mapping must map.
+    nonisolated(unsafe) private var ramInode: UInt64 = 0
 
     /// QEMU's bitmap sync: with kernel tracking, moves the pages the guest
     /// wrote since the last sync from its page tables into `bitmap` (and
@@ -163,6 +175,9 @@ final class SourceGuest: Sendable {
         let bitmap = self.bitmap
         let found: Int
         do {
+            // The mappings first (re-read every sync): a scan of a range
+            // that is no longer the RAM file would report the wrong pages.
+            try scan.checkMapping(inode: ramInode)
             found = try scan.collect { bitmap.mark(page: $0) }
         } catch {
             throw MigrationError(.local, "kernel dirty tracking failed: \(error.description)")

@@ -108,6 +108,20 @@ struct WrittenPageScanTests {
         #expect(try t.scanned().isEmpty)
     }
 
+    @Test("the mapping check passes for the tracked file and fails for another inode or once part of the RAM is unmapped")
+    func mappingCheck() throws {
+        let t = try TrackedRAM(pages: 64)
+        var st = stat()
+        #expect(stat(t.path, &st) == 0)
+        try t.scan.checkMapping(inode: UInt64(st.st_ino))
+        #expect(throws: GuestMemoryError.self) { try t.scan.checkMapping(inode: UInt64(st.st_ino) + 1) }
+        // The last 4 pages go away (RAMFile's own munmap later finds them
+        // gone, which is no error).
+        #expect(munmap(t.ram.base + 60 * 4096, 4 * 4096) == 0)
+        let error = #expect(throws: GuestMemoryError.self) { try t.scan.checkMapping(inode: UInt64(st.st_ino)) }
+        #expect(error?.description.contains("unmapped or remapped") == true, "\(String(describing: error))")
+    }
+
     @Test("a process that is gone is a clear error")
     func goneProcess() throws {
         let pid = fork()
