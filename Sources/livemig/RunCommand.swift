@@ -105,7 +105,9 @@ struct RunCommand: ParsableCommand {
         env["LIVEMIG_CONTROL"] = Self.absolute(self.control)
         let pid = try Self.spawn(program, command, env: env)
         control.guestPID = pid
-        let supervisor = Supervisor(pid: pid, control: control)
+        let freezer = CgroupFreezer(holding: pid)
+        defer { freezer?.remove() }  // the program has exited and was reaped by then
+        let supervisor = Supervisor(pid: pid, control: control, freezer: freezer)
         let signals = SignalWatch { _ in supervisor.forward(SIGTERM) }
         defer { signals.end() }
 
@@ -128,7 +130,10 @@ struct RunCommand: ParsableCommand {
         }
         FileHandleStderr.write(
             "run: \(command[0]) (pid \(pid)) maps \(ram) at 0x\(String(control.trackedMappingAddress, radix: 16)); "
-                + "its writes are tracked by the kernel; control \(self.control)\n")
+                + "its writes are tracked by the kernel; control \(self.control); "
+                + (freezer.map { "frozen with the cgroup v2 freezer (\($0.directory))" }
+                    ?? "frozen with SIGSTOP (no cgroup v2 freezer here)")
+                + "\n")
         let end = withExtendedLifetime((ramFile, locks)) { supervisor.supervise() }
         switch end {
         case .migrated:
@@ -228,18 +233,23 @@ private final class Supervisor: Sendable {
 
     let pid: pid_t
     let control: GuestControl
+    let freezer: CgroupFreezer?
     /// The program is stopped by us (pause or throttle).
     private let stopped = Atomic<Bool>(false)
 
-    init(pid: pid_t, control: GuestControl) {
+    init(pid: pid_t, control: GuestControl, freezer: CgroupFreezer?) {
         self.pid = pid
         self.control = control
+        self.freezer = freezer
     }
 
     /// Sends `signal` to the program (and SIGCONT, so a stopped one acts).
     func forward(_ signal: Int32) {
         kill(pid, signal)
-        if signal != SIGKILL { kill(pid, SIGCONT) }
+        if signal != SIGKILL {
+            freezer?.thaw()
+            kill(pid, SIGCONT)
+        }
     }
 
     /// The program's end as text, if it has exited (reaped).
@@ -261,6 +271,13 @@ private final class Supervisor: Sendable {
 
     private func stop() -> String? {
         guard !stopped.exchange(true, ordering: .relaxed) else { return nil }
+        // The cgroup freezer stops every task of the program without a
+        // signal it could see; `freeze` returns once the kernel says all
+        // are frozen. Without it, SIGSTOP.
+        if let freezer {
+            if freezer.freeze() { return nil }
+            if let end = reapIfExited() { return end }
+        }
         kill(pid, SIGSTOP)
         // The group stop is complete (every thread stopped) when waitpid
         // reports the child stopped.
@@ -274,6 +291,7 @@ private final class Supervisor: Sendable {
 
     private func resume() {
         guard stopped.exchange(false, ordering: .relaxed) else { return }
+        freezer?.thaw()
         kill(pid, SIGCONT)
     }
 
@@ -330,5 +348,77 @@ private final class Supervisor: Sendable {
     private static func describe(_ status: Int32) -> String {
         if status & 0x7f == 0 { return "status \((status >> 8) & 0xff)" }
         return "signal \(status & 0x7f)"
+    }
+}
+
+/// A cgroup v2 of its own for the program, used as its freezer
+/// (`cgroup.freeze`): the launcher's own cgroup in the unified hierarchy
+/// gets a child `livemig-run-PID` and the program is moved into it right
+/// after it starts (its later threads and children follow it). nil where
+/// there is no writable cgroup v2 hierarchy: SIGSTOP is used then.
+final class CgroupFreezer: Sendable {
+    let directory: String
+
+    init?(holding pid: pid_t) {
+        guard let root = Self.unifiedMount(), let mine = Self.ownCgroup() else { return nil }
+        let parent = root + (mine == "/" ? "" : mine)
+        // Earlier runs' cgroups that children of their programs kept busy
+        // then: remove the ones that are empty now (rmdir refuses others).
+        for old in (try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? [] where old.hasPrefix("livemig-run-") {
+            rmdir(parent + "/" + old)
+        }
+        let dir = parent + "/livemig-run-\(pid)"
+        guard mkdir(dir, 0o755) == 0 || errno == EEXIST else { return nil }
+        guard Self.write("\(pid)", to: dir + "/cgroup.procs"), access(dir + "/cgroup.freeze", W_OK) == 0 else {
+            rmdir(dir)
+            return nil
+        }
+        directory = dir
+    }
+
+    /// Freezes the program; true once `cgroup.events` says frozen (at most 5 s).
+    func freeze() -> Bool {
+        guard Self.write("1", to: directory + "/cgroup.freeze") else { return false }
+        let deadline = Monotonic.now + 5
+        while Monotonic.now < deadline {
+            if let events = try? String(contentsOfFile: directory + "/cgroup.events", encoding: .utf8),
+                events.contains("frozen 1")
+            {
+                return true
+            }
+            usleep(200)
+        }
+        _ = Self.write("0", to: directory + "/cgroup.freeze")
+        return false
+    }
+
+    func thaw() { _ = Self.write("0", to: directory + "/cgroup.freeze") }
+
+    /// Removes the cgroup (once the program has exited).
+    func remove() { rmdir(directory) }
+
+    private static func write(_ text: String, to path: String) -> Bool {
+        let fd = open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return text.withCString { Glibc.write(fd, $0, strlen($0)) } == text.utf8.count
+    }
+
+    /// Where the unified (cgroup2) hierarchy is mounted, from mountinfo.
+    private static func unifiedMount() -> String? {
+        guard let info = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        for line in info.split(separator: "\n") {
+            let parts = line.split(separator: " - ", maxSplits: 1)
+            guard parts.count == 2, parts[1].hasPrefix("cgroup2 ") else { continue }
+            let fields = parts[0].split(separator: " ")
+            if fields.count >= 5 { return String(fields[4]) }
+        }
+        return nil
+    }
+
+    /// This process's cgroup in the unified hierarchy ("0::PATH").
+    private static func ownCgroup() -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8) else { return nil }
+        return text.split(separator: "\n").first { $0.hasPrefix("0::") }.map { String($0.dropFirst(3)) }
     }
 }

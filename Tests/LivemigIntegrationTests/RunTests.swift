@@ -87,6 +87,12 @@ struct RunTests {
         #expect(sent.status == 0, "\(sent.stderr)")
         #expect(recv.status == 0, "\(recv.stderr)")
         #expect(ran.status == 0 && ran.stdout.contains("ended while frozen"), "\(ran.stdout) \(ran.stderr)")
+        // Frozen by the cgroup v2 freezer where a unified hierarchy is
+        // mounted writable (as here), else by SIGSTOP; it says which.
+        #expect(ran.stderr.contains("frozen with"), "\(ran.stderr)")
+        if FileManager.default.isWritableFile(atPath: "/sys/fs/cgroup/unified") {
+            #expect(ran.stderr.contains("cgroup v2 freezer"), "\(ran.stderr)")
+        }
         // The program was ended while frozen: its RAM file is the content at
         // the freeze, which the destination must hold exactly.
         let source = try Data(contentsOf: URL(fileURLWithPath: rig.src))
