@@ -17,7 +17,7 @@ struct DirtyRateTests {
     static func guest(_ s: Scratch, tracking: String, rate: String = "64MiB/s") throws -> LivemigProcess {
         let g = try LivemigProcess([
             "stress", "--ram", s.path("g.ram"), "--control", s.path("g.ctl"), "--size", "256MiB", "--pattern", "sequential",
-            "--threads", "1", "--rate", rate, "--duration", "5s", "--tracking", tracking,
+            "--threads", "1", "--rate", rate, "--duration", "60s", "--tracking", tracking,
         ])
         #expect(g.waitForStderr("guest started"))
         usleep(300_000)
@@ -42,6 +42,9 @@ struct DirtyRateTests {
         let bitmap = try Self.measure(s, ["--guest", s.path("g.ctl"), "--mode", "bitmap"])
         // 2048 per GiB: 512 pages of the 256 MiB.
         let sampled = try Self.measure(s, ["--sample-pages", "2048"])
+        // The guest runs until told: both windows fall in its run however
+        // slow the machine is (a 256 MiB pass takes 4 s, longer than a window).
+        kill(g.pid, SIGINT)
         let out = g.wait(timeout: 30)
         let rate = try #require(Self.achieved(out.stdout), "\(out.stdout)")
         for (name, m) in [("bitmap", bitmap), ("page-sampling", sampled)] {
@@ -57,6 +60,7 @@ struct DirtyRateTests {
         let s = try Scratch(under: "/dev/shm/")
         let g = try Self.guest(s, tracking: "kernel")
         let kernel = try Self.measure(s, ["--guest", s.path("g.ctl"), "--mode", "kernel"])
+        kill(g.pid, SIGINT)
         let out = g.wait(timeout: 30)
         let rate = try #require(Self.achieved(out.stdout), "\(out.stdout)")
         let got = try #require(kernel["dirty-rate"] as? Double)
