@@ -137,22 +137,11 @@ public final class Userfault: @unchecked Sendable {
     /// fault is read from this descriptor. The range must be mapped and of
     /// a kind that allows it (anonymous, tmpfs, memfd, hugetlbfs).
     public func registerMissing(address: UInt64, length: UInt64) throws(GuestMemoryError) {
-        try checkRange(address, length, "register")
-        var ioctls: UInt64 = 0
-        let r = lm_uffd_register(fd, address, length, UInt64(LM_UFFDIO_REGISTER_MODE_MISSING), &ioctls)
-        guard r == 0 else {
-            let e = SystemCall.error(negated: r)
-            let why =
-                switch e {
-                case .invalidArgument:
-                    "the range is not all mapped by memory that takes MISSING faults (anonymous, tmpfs, memfd or hugetlbfs), or is registered already"
-                case .noMemory: "no mapping covers the whole range"
-                case .permissionDenied, .notPermitted: "the mapping is not writable or the kernel refused it"
-                default: "\(e)"
-                }
-            throw GuestMemoryError(
-                "cannot register \(Self.range(address, length)) for MISSING faults (UFFDIO_REGISTER): \(why)", errno: e)
-        }
+        let ioctls = try register(
+            address, length, mode: UInt64(LM_UFFDIO_REGISTER_MODE_MISSING), purpose: "MISSING faults (UFFDIO_REGISTER)",
+            invalid:
+                "the range is not all mapped by memory that takes MISSING faults (anonymous, tmpfs, memfd or hugetlbfs), or is registered already"
+        )
         guard ioctls & UInt64(LM_UFFD_IOCTL_COPY) != 0 else {
             _ = lm_uffd_unregister(fd, address, length)
             throw GuestMemoryError(
@@ -167,20 +156,31 @@ public final class Userfault: @unchecked Sendable {
     /// `init(writeTrackingPageSize:)`. Nothing is protected yet: the first
     /// `WrittenPageScan` reports every page as written and protects it.
     public func registerWriteProtect(address: UInt64, length: UInt64) throws(GuestMemoryError) {
+        _ = try register(
+            address, length, mode: UInt64(LM_UFFDIO_REGISTER_MODE_WP), purpose: "write tracking (UFFDIO_REGISTER, mode WP)",
+            invalid: "the range is not all one mapping the kernel can write-protect, or is registered already")
+    }
+
+    /// `UFFDIO_REGISTER` of the range in `mode`; returns the range ioctls
+    /// the kernel allows there. `invalid` explains EINVAL for this mode.
+    private func register(_ address: UInt64, _ length: UInt64, mode: UInt64, purpose: String, invalid: String)
+        throws(GuestMemoryError) -> UInt64
+    {
         try checkRange(address, length, "register")
         var ioctls: UInt64 = 0
-        let r = lm_uffd_register(fd, address, length, UInt64(LM_UFFDIO_REGISTER_MODE_WP), &ioctls)
+        let r = lm_uffd_register(fd, address, length, mode, &ioctls)
         guard r == 0 else {
             let e = SystemCall.error(negated: r)
             let why =
                 switch e {
-                case .invalidArgument: "the range is not all one mapping the kernel can write-protect, or is registered already"
+                case .invalidArgument: invalid
                 case .noMemory: "no mapping covers the whole range"
+                case .permissionDenied, .notPermitted: "the mapping is not writable or the kernel refused it"
                 default: "\(e)"
                 }
-            throw GuestMemoryError(
-                "cannot register \(Self.range(address, length)) for write tracking (UFFDIO_REGISTER, mode WP): \(why)", errno: e)
+            throw GuestMemoryError("cannot register \(Self.range(address, length)) for \(purpose): \(why)", errno: e)
         }
+        return ioctls
     }
 
     /// Unregisters `length` bytes at `address` (`UFFDIO_UNREGISTER`). The

@@ -84,9 +84,44 @@ public final class WrittenPageScan: @unchecked Sendable {
         regions = .allocate(capacity: Self.regionCapacity)
     }
 
+    /// The scan of the guest whose control file is `control` and whose RAM
+    /// file is `ramPath` (`pageCount` pages of `pageSize`): its pid and
+    /// mapping address from the control file, the RAM file's inode for
+    /// `sync`'s mapping check, which runs once here too.
+    public convenience init(guest control: GuestControl, ramPath: FilePath, pageSize: UInt64, pageCount: Int)
+        throws(GuestMemoryError)
+    {
+        var st = stat()
+        guard stat(ramPath.string, &st) == 0 else {
+            let e = Errno(rawValue: errno)
+            throw GuestMemoryError("cannot stat \(ramPath): \(e)", errno: e)
+        }
+        try self.init(pid: control.guestPID, base: control.trackedMappingAddress, pageSize: pageSize, pageCount: pageCount)
+        guest = (control, UInt64(st.st_ino))
+        try checkMapping(inode: UInt64(st.st_ino))
+    }
+
+    /// With `init(guest:…)`: the control file and the RAM file's inode.
+    private var guest: (control: GuestControl, inode: UInt64)?
+
     deinit {
         close(pagemap)
         regions.deallocate()
+    }
+
+    /// One sync of a guest opened with `init(guest:…)`: re-reads its
+    /// mappings (a range that is no longer the RAM file would report the
+    /// wrong pages), collects the written pages, then checks the control
+    /// file's blindness word (set by `livemig run`'s preload library): a
+    /// fork or remap before this scan may hide writes from every later one.
+    @discardableResult
+    public func sync(_ written: (Int) -> Void) throws(GuestMemoryError) -> Int {
+        if let guest { try checkMapping(inode: guest.inode) }
+        let found = try collect(written)
+        if let blind = guest?.control.trackingBlindness, !blind.isEmpty {
+            throw GuestMemoryError("it can no longer see every write: \(blind)")
+        }
+        return found
     }
 
     /// Re-reads the guest's mappings (`/proc/PID/maps`): the tracked range

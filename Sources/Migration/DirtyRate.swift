@@ -115,8 +115,7 @@ public struct DirtyRate: Sendable {
                             + "so the kernel mode has nothing to read; use --mode bitmap or page-sampling")
                 }
                 do {
-                    scan = try WrittenPageScan(
-                        pid: control.guestPID, base: control.trackedMappingAddress, pageSize: block.pageSize, pageCount: block.pageCount)
+                    scan = try WrittenPageScan(guest: control, ramPath: ram.path, pageSize: block.pageSize, pageCount: block.pageCount)
                 } catch {
                     throw MigrationError(error)
                 }
@@ -127,7 +126,7 @@ public struct DirtyRate: Sendable {
             }
             // Start the window: forget what was marked (or written) before.
             do {
-                if let scan { try scan.collect { _ in } } else { bitmap.harvestAll { _ in } }
+                if let scan { try scan.sync { _ in } } else { bitmap.harvestAll { _ in } }
                 let t0 = Monotonic.now
                 Self.sleep(calcTime)
                 let h0 = Monotonic.now
@@ -135,7 +134,7 @@ public struct DirtyRate: Sendable {
                     // What a round does: the sync marks the bitmap, then
                     // the round harvests it.
                     let marks = DirtyBitmap(pageCount: block.pageCount)
-                    dirty = UInt64(try scan.collect { marks.mark(page: $0) })
+                    dirty = UInt64(try scan.sync { marks.mark(page: $0) })
                     marks.harvestAll { _ in }
                 } else {
                     bitmap.harvestAll { _ in dirty += 1 }

@@ -116,7 +116,7 @@ final class SourceGuest: Sendable {
                 throw MigrationError(
                     .mismatch,
                     "the program under livemig run (pid \(pid)) has not mapped its RAM file for tracking (yet); wait for run's "
-                        + "'writes tracked' line, or check that the program maps the file with MAP_SHARED")
+                        + "'its writes are tracked' line, or check that the program maps the file with MAP_SHARED")
             }
         case nil:
             throw MigrationError(.mismatch, "the control file \(g.path) names a kind of guest this livemig does not know")
@@ -132,19 +132,9 @@ final class SourceGuest: Sendable {
             }
             do {
                 kernelScan = try WrittenPageScan(
-                    pid: pid, base: g.trackedMappingAddress, pageSize: ram.block.pageSize, pageCount: ram.block.pageCount)
-                var st = stat()
-                guard stat(ram.path.string, &st) == 0 else {
-                    throw MigrationError(.local, "cannot stat \(ram.path): \(SystemCall.lastError)")
-                }
-                ramInode = UInt64(st.st_ino)
-                try kernelScan!.checkMapping(inode: ramInode)
-            } catch let e as MigrationError {
-                throw e
-            } catch let e as GuestMemoryError {
-                throw MigrationError(e)
+                    guest: g, ramPath: ram.path, pageSize: ram.block.pageSize, pageCount: ram.block.pageCount)
             } catch {
-                throw MigrationError(.local, "\(error)")
+                throw MigrationError(error)
             }
         case nil:
             throw MigrationError(
@@ -159,8 +149,6 @@ final class SourceGuest: Sendable {
     /// guest's page tables, set once by `claim` (nil with the bitmap).
     /// Used by the migration thread only.
     nonisolated(unsafe) private(set) var kernelScan: WrittenPageScan?
-    /// The RAM file's inode, which the guest's tracked mapping must map.
-    nonisolated(unsafe) private var ramInode: UInt64 = 0
 
     /// QEMU's bitmap sync: with kernel tracking, moves the pages the guest
     /// wrote since the last sync from its page tables into `bitmap` (and
@@ -173,22 +161,11 @@ final class SourceGuest: Sendable {
     func syncDirtyLog() throws(MigrationError) -> Int {
         guard let scan = kernelScan else { return 0 }
         let bitmap = self.bitmap
-        let found: Int
         do {
-            // The mappings first (re-read every sync): a scan of a range
-            // that is no longer the RAM file would report the wrong pages.
-            try scan.checkMapping(inode: ramInode)
-            found = try scan.collect { bitmap.mark(page: $0) }
+            return try scan.sync { bitmap.mark(page: $0) }
         } catch {
             throw MigrationError(.local, "kernel dirty tracking failed: \(error.description)")
         }
-        // Checked after the scan: whatever blinded it happened before the
-        // next one could miss a write.
-        let blind = control.trackingBlindness
-        guard blind.isEmpty else {
-            throw MigrationError(.local, "kernel dirty tracking can no longer see every write: \(blind)")
-        }
-        return found
     }
 
     /// Sets an auto-converge step. The lease also bounds the throttle: a

@@ -377,9 +377,12 @@ public final class SourceMigration: Sendable {
             progress.dirtyPagesRate.store(UInt64(record.dirtyPagesRate), ordering: .relaxed)
             progress.throttle.store(g.throttlePercent, ordering: .relaxed)
             stats.ram.dirtyPagesRate = UInt64(record.dirtyPagesRate)
-            if let preempt, cut || verdict.decision != .switchover,
-                cut || round >= config.postcopyAfterRounds || postcopyRequested.load(ordering: .relaxed)
-            {
+            // A cut round switches; a whole one unless precopy converged.
+            let switchToPostcopy =
+                cut
+                || (verdict.decision != .switchover
+                    && (round >= config.postcopyAfterRounds || postcopyRequested.load(ordering: .relaxed)))
+            if let preempt, switchToPostcopy {
                 record.decision = "postcopy"
                 onRound?(record)
                 return try migratePostcopy(
@@ -485,8 +488,8 @@ public final class SourceMigration: Sendable {
         // since their last copy are stale at the destination already, so
         // it drops them now, outside the downtime (dropping a page costs
         // about as much as copying it). Their bits stay set: the final
-        // harvest takes them again, and dropping a hole is cheap.
-        try g.syncDirtyLog()
+        // harvest takes them again, and dropping a hole is cheap. (The
+        // round that just ended synced the dirty log.)
         var discarded = try sendDiscards(of: g.bitmap, ctl: ctl)
         try replies.awaitDiscarded(discarded, latch: latch)
         let pauseStart = try beginSwitchover(g)
