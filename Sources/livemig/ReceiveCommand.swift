@@ -17,8 +17,11 @@ struct ReceiveCommand: ParsableCommand {
             """
     )
 
-    @Option(help: "The destination RAM file (created when absent).")
-    var ram: String
+    @Option(
+        help: ArgumentHelp(
+            "The destination RAM file (created when absent); for a guest of several RAM blocks, NAME=PATH once per block (matched by name).",
+            valueName: "PATH|NAME=PATH"))
+    var ram: [String]
 
     @Option(help: "Address to listen on: tcp:HOST:PORT or unix:PATH.")
     var listen: String
@@ -40,6 +43,10 @@ struct ReceiveCommand: ParsableCommand {
     var guest: String?
 
     func validate() throws {
+        let blocks = try RAMArgument.parse(ram)
+        if blocks.count > 1 || blocks[0].name != nil {
+            if size != nil { throw ValidationError("--size goes with --ram PATH; named blocks are created with the source's sizes") }
+        }
         _ = try parseAddress(listen, option: "--listen")
         if let size {
             guard let n = parseSize(size) else {
@@ -56,7 +63,9 @@ struct ReceiveCommand: ParsableCommand {
 
     func run() throws {
         let address = try parseAddress(listen, option: "--listen")
-        var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(ram))
+        let blocks = try RAMArgument.parse(ram)
+        var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(blocks[0].path))
+        if blocks[0].name != nil { config.ramBlocks = blocks.map { RAMBlockPath(name: $0.name!, path: FilePath($0.path)) } }
         config.size = size.flatMap(parseSize)
         config.peerTimeout = common.peerTimeoutSeconds
         config.recoverTimeout = common.recoverTimeoutSeconds
