@@ -192,7 +192,8 @@ public final class RAMFile: @unchecked Sendable {
         var at = offset, left = length
         while left > 0 {
             let (p, inFile) = part(at: at)
-            let n = min(left, p.block.size - inFile)
+            // Past the last block's end: the file's own call says why.
+            let n = inFile < p.block.size ? min(left, p.block.size - inFile) : left
             try body(p, inFile, n)
             at += n
             left -= n
