@@ -387,6 +387,7 @@ public final class DestinationMigration: Sendable {
                 let latch = self.latch
                 // The preempt channel's receiver places requested pages.
                 let scheduling = r.id == config.channels ? faultPathScheduling : nil
+                r.postcopyTransferPriority = config.faultPathPriority
                 threads.append(
                     WorkerThread(name: "mig/recv/\(r.id)") {
                         scheduling?.apply(to: "the preempt receiver")

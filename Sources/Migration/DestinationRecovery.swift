@@ -140,6 +140,7 @@ extension DestinationMigration {
             defer { watchdog.stop() }
             for r in receivers {
                 let scheduling = r.id == config.channels ? faultPathScheduling : nil
+                r.postcopyTransferPriority = config.faultPathPriority
                 threads.append(
                     WorkerThread(name: "mig/recv/\(r.id)") {
                         scheduling?.apply(to: "the preempt receiver")

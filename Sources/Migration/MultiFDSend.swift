@@ -61,6 +61,9 @@ public final class MultiFDSend: Sendable {
     private let staging: MultiFDJob
     private let channelsReady = DispatchSemaphore(value: 0)
     private let quitting = Atomic<Bool>(false)
+    /// Set once postcopy runs: each sender raises its own priority at its
+    /// next wake-up (`raiseForPostcopy`).
+    private let postcopyRaise = Atomic<Bool>(false)
     /// Round-robin start for the next search; migration thread only.
     private let nextChannel = Atomic<Int>(0)
     public let latch: FailureLatch
@@ -180,11 +183,23 @@ public final class MultiFDSend: Sendable {
     /// sender finds work waiting instead of sleeping on `sem` after every
     /// write. A channel's packets still leave in hand-off order: this one
     /// thread writes them one job after the other.
+    /// Postcopy runs: with `.realtime`, every sender thread takes the
+    /// transfer priority (`FaultPathPriority.applyToTransfer`) before its
+    /// next job.
+    public func raiseForPostcopy(_ priority: FaultPathPriority) {
+        if priority == .realtime { postcopyRaise.store(true, ordering: .relaxed) }
+    }
+
     func senderLoop(_ p: SendChannel, _ transport: any ChannelTransport) {
         channelsReady.signal()
+        var raised = false
         while true {
             p.sem.wait()
             if latch.hasFailed || quitting.load(ordering: .acquiring) { return }
+            if !raised, postcopyRaise.load(ordering: .relaxed) {
+                raised = true
+                FaultPathPriority.realtime.applyToTransfer()
+            }
             // Acquire: pairs with the store-release of `pendingJob = true` in
             // `handOff`, so the batches' offsets are visible here.
             if p.pendingJob.load(ordering: .acquiring) {

@@ -6,6 +6,7 @@ import OSCall
 import Synchronization
 import Trust
 import URing
+import WorkerThreads
 
 #if canImport(Glibc)
     import Glibc
@@ -53,6 +54,11 @@ final class PacketReceiver: @unchecked Sendable {
     /// file: a zero page is written even into a hole (a page marked arrived
     /// must never fault in the guest).
     private let postcopy: PostcopyTarget?
+    /// Applied to this receiver's thread when it first places a page by
+    /// postcopy (`FaultPathPriority.applyToTransfer`); the preempt
+    /// channel's receiver has the fault path's priority from its start.
+    var postcopyTransferPriority = FaultPathPriority.normal
+    private var transferRaised = false
 
     /// `writeThrough`: pwrite page data into the file instead of copying it
     /// into the mapping. For a destination that was not pre-faulted: a
@@ -219,6 +225,10 @@ final class PacketReceiver: @unchecked Sendable {
             )
         }
         if let postcopy, postcopy.active {
+            if !transferRaised {
+                transferRaised = true
+                postcopyTransferPriority.applyToTransfer()
+            }
             try placePostcopy(h, pages: pages, into: postcopy)
             return
         }

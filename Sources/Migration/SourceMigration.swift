@@ -608,6 +608,10 @@ public final class SourceMigration: Sendable {
     /// pointed (wrapping around), until no page is left. With requests
     /// queued for it (`--no-preempt`) it sends those first.
     func pushUnsent(_ unsent: DirtyBitmap, through multifd: MultiFDSend, source: PostcopySource) throws(MigrationError) {
+        // The destination guest waits for every page not moved yet: the
+        // pusher and the senders outrank other work on a busy host.
+        config.faultPathPriority.applyToTransfer()
+        multifd.raiseForPostcopy(config.faultPathPriority)
         var pages = MultiFDPages()
         let pageSize = ram.block.pageSize
         let limiter = config.policy.maxBandwidth.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
