@@ -73,6 +73,26 @@ final class DestinationGuest: Sendable {
         return socket
     }
 
+    /// Refuses, at the layout (before any page moves), an existing control
+    /// file made for other RAM: another size or page size, or other blocks
+    /// (`GuestControl.blockMismatch`). `store` would refuse it at the end.
+    func checkFits(_ ram: RAMFile) throws(MigrationError) {
+        guard access(path.string, F_OK) == 0 else { return }
+        do throws(GuestMemoryError) {
+            let c = try GuestControl(path: path)
+            guard c.ramSize == ram.block.size, c.pageSize == ram.block.pageSize else {
+                throw GuestMemoryError(
+                    "control file \(path) is for \(c.ramSize) bytes of RAM in \(c.pageSize)-byte pages, but the source sends \(ram.block.size) "
+                        + "in \(ram.block.pageSize)-byte pages; give receive another --guest path or remove that file")
+            }
+            if let why = c.blockMismatch(ram.blocks) {
+                throw GuestMemoryError("control file \(path): \(why); give receive another --guest path or remove that file")
+            }
+        } catch {
+            throw MigrationError(.mismatch, error.description)
+        }
+    }
+
     /// Marks an existing control file *incomplete* before the migration
     /// may overwrite it: until `commit`, no guest command takes it for a
     /// good guest.

@@ -504,6 +504,7 @@ public final class DestinationMigration: Sendable {
         }
         if !config.ramBlocks.isEmpty {
             let ram = try acceptBlocks(blocks)
+            try guest?.checkFits(ram)
             try markIncomplete()
             try ctl.send(.layoutAccepted)
             return ram
@@ -540,6 +541,7 @@ public final class DestinationMigration: Sendable {
             }
             ramFile.withLock { $0 = ram }
         }
+        try guest?.checkFits(ram)
         try markIncomplete()
         try ctl.send(.layoutAccepted)
         return ram

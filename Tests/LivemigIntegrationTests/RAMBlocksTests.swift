@@ -108,7 +108,7 @@ struct RAMBlocksTests {
     /// and the source guest runs on (and verifies once stopped).
     @Test(
         "a destination without a block, with a mis-sized one, or with one the source lacks is refused before any page moves",
-        arguments: ["missing", "mis-sized", "extra"])
+        arguments: ["missing", "mis-sized", "extra", "control"])
     func refusedLayouts(_ fault: String) throws {
         let rig = try Rig()
         defer { _ = rig.stopGuest() }
@@ -122,9 +122,16 @@ struct RAMBlocksTests {
         case "mis-sized":
             try writeFilled(rig.dst("vga.vram"), bytes: 8 << 20, value: 7)
             expected = "RAM size mismatch: the source's block 'vga.vram'"
-        default:
+        case "extra":
             ram += ["--ram", "nvram=\(rig.dst("nvram"))"]
             expected = "names a RAM block the source does not send"
+        default:
+            // The destination's control file belongs to a guest of one block.
+            let other = try livemig([
+                "stress", "--ram", rig.scratch.path("other.ram"), "--size", "64KiB", "--control", rig.dstCtl, "--duration", "100ms",
+            ])
+            #expect(other.status == 0, "\(other.stderr)")
+            expected = "give receive another --guest path"
         }
         let r = try rig.receiver(ram)
         let sent = try rig.send()
