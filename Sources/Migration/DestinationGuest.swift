@@ -73,6 +73,10 @@ final class DestinationGuest: Sendable {
         return socket
     }
 
+    /// The RAM blocks the control file lists (empty for one block, or when
+    /// it cannot be read).
+    var blocks: [RAMBlock] { (try? GuestControl(path: path))?.blocks ?? [] }
+
     /// Refuses, at the layout (before any page moves), an existing control
     /// file made for other RAM: another size or page size, or other blocks
     /// (`GuestControl.blockMismatch`). `store` would refuse it at the end.

@@ -140,13 +140,21 @@ public final class DestinationMigration: Sendable {
             // Several blocks: each file that exists is claimed and checked
             // now; the rest are created when the layout gives their sizes.
             // Received by pwrite, like a file created then.
-            guard guest?.incoming == nil else {
-                throw MigrationError(
-                    .mismatch, "an incoming guest has one RAM block; give receive its one RAM file as --ram PATH (postcopy moves one block)"
-                )
+            if let incoming = guest?.incoming, let guest {
+                // The incoming guest's blocks, in its order: its mapping is
+                // registered as one range, so this is the layout it takes.
+                let (ram, locks) = try Self.incomingBlocks(guest.blocks, given: config.ramBlocks)
+                ramLocks.withLock { $0 += locks }
+                try Self.checkIncoming(incoming, ram: ram, size: nil)
+                do {
+                    try ram.discard(offset: 0, length: ram.block.size)
+                } catch {
+                    throw MigrationError(error)
+                }
+                ramFile.withLock { $0 = ram }
             }
             var files: [String: RAMFile] = [:]
-            for b in config.ramBlocks where access(b.path.string, F_OK) == 0 {
+            for b in config.ramBlocks where guest?.incoming == nil && access(b.path.string, F_OK) == 0 {
                 let lock = try Self.claim(b.path, create: false)
                 ramLocks.withLock { $0.append(lock) }
                 files[b.name] = try Self.mapped(prefault: false) { () throws(GuestMemoryError) in
@@ -216,9 +224,43 @@ public final class DestinationMigration: Sendable {
         }
     }
 
-    /// Checks that the incoming guest mapped this very RAM file at the
-    /// address it registered (`/proc/PID/maps`): pages placed through its
-    /// userfaultfd and pages written into `--ram` must be the same memory.
+    /// An incoming guest of several RAM blocks: opens the `--ram NAME=PATH`
+    /// files in the order of the guest's block table (`listed`), claiming
+    /// each (returned, to hold), and maps them side by side as the guest
+    /// does. The names given must be the guest's.
+    private static func incomingBlocks(
+        _ listed: [RAMBlock], given: [RAMBlockPath]
+    ) throws(MigrationError) -> (RAMFile, [OwnerLock]) {
+        let guestNames = listed.map(\.name)
+        let givenNames = given.map(\.name)
+        guard listed.isEmpty ? given.count == 1 : Set(guestNames) == Set(givenNames) else {
+            throw MigrationError(
+                .mismatch,
+                "the incoming guest has the RAM blocks \(listed.isEmpty ? "(one block)" : guestNames.joined(separator: ", ")) but receive was given "
+                    + "\(givenNames.joined(separator: ", ")); give one --ram NAME=PATH per block of the guest")
+        }
+        var files: [RAMFile] = []
+        var locks: [OwnerLock] = []
+        for name in listed.isEmpty ? givenNames : guestNames {
+            let path = given.first { $0.name == name }!.path
+            locks.append(try claim(path, create: false))
+            do {
+                files.append(try RAMFile(path: path, access: .readWrite, blockName: name))
+            } catch {
+                throw MigrationError(error)
+            }
+        }
+        do {
+            return (try RAMFile.combining(files), locks)
+        } catch {
+            throw MigrationError(error)
+        }
+    }
+
+    /// Checks that the incoming guest mapped these very RAM files at the
+    /// address it registered, each block where it lies in the range
+    /// (`/proc/PID/maps`): pages placed through its userfaultfd and pages
+    /// written into `--ram` must be the same memory.
     private static func checkIncoming(_ incoming: IncomingAttachment, ram: RAMFile, size: UInt64?) throws(MigrationError) {
         guard ram.block.size == incoming.length else {
             throw MigrationError(
@@ -230,31 +272,31 @@ public final class DestinationMigration: Sendable {
             throw MigrationError(
                 .mismatch, "--size \(size) differs from the incoming guest's RAM of \(ram.block.size) bytes; leave --size out")
         }
-        var st = stat()
-        guard stat(ram.path.string, &st) == 0 else {
-            throw MigrationError(.local, "cannot stat RAM file \(ram.path): \(SystemCall.lastError)")
-        }
         let maps = String(decoding: SystemCall.readSmallFile("/proc/\(incoming.guestPID)/maps") ?? [], as: UTF8.self)
-        let start = String(incoming.guestBase, radix: 16)
-        let dev = UInt64(st.st_dev)
-        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))
-        let minor = (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff))
-        for line in maps.split(separator: "\n") {
-            let f = line.split(separator: " ", omittingEmptySubsequences: true)
-            guard f.count >= 5, f[0].hasPrefix(start + "-") else { continue }
-            let d = f[3].split(separator: ":")
-            if d.count == 2, UInt64(d[0], radix: 16) == major, UInt64(d[1], radix: 16) == minor, UInt64(f[4]) == UInt64(st.st_ino) {
-                return
+        for (path, offset) in zip(ram.paths, ram.blockStarts) {
+            var st = stat()
+            guard stat(path.string, &st) == 0 else {
+                throw MigrationError(.local, "cannot stat RAM file \(path): \(SystemCall.lastError)")
             }
-            throw MigrationError(
-                .mismatch,
-                "the incoming guest (pid \(incoming.guestPID)) maps another file than \(ram.path) as its RAM: give receive the --ram the guest was started with"
-            )
+            let start = String(incoming.guestBase + offset, radix: 16)
+            let dev = UInt64(st.st_dev)
+            let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))
+            let minor = (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff))
+            guard let line = maps.split(separator: "\n").first(where: { $0.hasPrefix(start + "-") }) else {
+                throw MigrationError(
+                    .mismatch,
+                    "cannot find the incoming guest's RAM mapping in /proc/\(incoming.guestPID)/maps (did it exit?); start it again with livemig stress --incoming"
+                )
+            }
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            let d = f.count >= 5 ? f[3].split(separator: ":") : []
+            guard d.count == 2, UInt64(d[0], radix: 16) == major, UInt64(d[1], radix: 16) == minor, UInt64(f[4]) == UInt64(st.st_ino) else {
+                throw MigrationError(
+                    .mismatch,
+                    "the incoming guest (pid \(incoming.guestPID)) maps another file than \(path) as its RAM: give receive the --ram the guest was started with"
+                )
+            }
         }
-        throw MigrationError(
-            .mismatch,
-            "cannot find the incoming guest's RAM mapping in /proc/\(incoming.guestPID)/maps (did it exit?); start it again with livemig stress --incoming"
-        )
     }
 
     /// Removes the listening socket's file, if it is still the one this
@@ -356,7 +398,7 @@ public final class DestinationMigration: Sendable {
             let arrived = DirtyBitmap(pageCount: ram.block.pageCount)
             let roundSeen = DirtyBitmap(pageCount: ram.block.pageCount)
             let table = PageTable(pages: ram.block.pageCount)
-            let target = guest?.incoming.map { PostcopyTarget($0, pageCount: ram.block.pageCount) }
+            let target = guest?.incoming.map { PostcopyTarget($0, numbering: PageNumbering(ram)) }
             let (channels, early) = try acceptChannels(session: session, main: ctl, trust: trust, preempt: postcopy)
             for (id, (s, keys)) in channels.enumerated() {
                 // The preempt channel (the last) counts apart: the source's
@@ -481,8 +523,10 @@ public final class DestinationMigration: Sendable {
             throw MigrationError(.mismatch, "receive has --guest but the source sends no guest (start send with --guest CONTROL)")
         }
         if hello.flags.contains(.postcopy) {
-            if let refusal = RAMFile.postcopyRefusal(for: config.ramPath) {
-                throw MigrationError(.mismatch, "this destination cannot take postcopy: \(refusal)")
+            for path in ramPaths {
+                if let refusal = RAMFile.postcopyRefusal(for: path) {
+                    throw MigrationError(.mismatch, "this destination cannot take postcopy: \(refusal)")
+                }
             }
             guard guest?.incoming != nil else {
                 throw MigrationError(
@@ -553,6 +597,23 @@ public final class DestinationMigration: Sendable {
     /// source's layout order (the page numbering both sides share).
     private func acceptBlocks(_ blocks: [RAMBlockLayout]) throws(MigrationError) -> RAMFile {
         let sent = blocks.map(\.name).joined(separator: ", ")
+        if guest?.incoming != nil, let ram = self.ram {
+            // An incoming guest fixed the order: the source's must be its.
+            let mine = ram.blocks.map { RAMBlockLayout(name: $0.name, size: $0.size, pageSize: $0.pageSize) }
+            guard blocks.map(\.name) == mine.map(\.name) || (mine.count == 1 && blocks.count == 1) else {
+                throw MigrationError(
+                    .mismatch,
+                    "the source sends the RAM blocks \(sent) but the incoming guest has \(mine.map(\.name).joined(separator: ", ")) in this order; "
+                        + "start the incoming guest with the source guest's blocks, in its order")
+            }
+            for (b, m) in zip(blocks, mine) where b.size != m.size || b.pageSize != m.pageSize {
+                throw MigrationError(
+                    .mismatch,
+                    "RAM size mismatch: the source's block '\(b.name)' is \(b.size) bytes but the incoming guest's is \(m.size); "
+                        + "start the incoming guest with the source's sizes")
+            }
+            return ram
+        }
         guard Set(blocks.map(\.name)).count == blocks.count else {
             throw MigrationError(.protocolViolation, "the source's RAM layout names a block twice (\(sent))")
         }
@@ -907,13 +968,11 @@ public final class DestinationMigration: Sendable {
     /// they lose their arrived mark and leave the file (a hole), so the
     /// guest faults on them. Returns the pages named.
     private func discard(_ ranges: [PageRange], arrived: DirtyBitmap, ram: RAMFile) throws(MigrationError) -> UInt64 {
-        let pages = UInt64(ram.block.pageCount), pageSize = ram.block.pageSize
+        let pageSize = ram.block.pageSize, numbering = PageNumbering(ram)
         var total: UInt64 = 0
-        for r in ranges {
-            guard r.block == 0, r.count > 0, r.first < pages, r.count <= pages - r.first else {
-                throw MigrationError(
-                    .protocolViolation,
-                    "postcopy-discard names pages \(r.first)..+\(r.count) of block \(r.block); the RAM has one block of \(pages) pages")
+        for wire in ranges {
+            guard let r = numbering.local(wire) else {
+                throw MigrationError(.protocolViolation, "postcopy-discard names \(numbering.describe(wire))")
             }
             for p in r.first..<(r.first + r.count) { arrived.clear(page: Int(p)) }
             do {

@@ -27,9 +27,13 @@ final class PostcopyTarget: Sendable {
     let pageSize: UInt64
     let guestPID: Int32
     let faults: PostcopyFaultLog
+    /// Pages across the RAM blocks, and how requests name them.
+    let numbering: PageNumbering
     private let on = Atomic<Bool>(false)
 
-    init(_ attachment: IncomingAttachment, pageCount: Int) {
+    init(_ attachment: IncomingAttachment, numbering: PageNumbering) {
+        self.numbering = numbering
+        let pageCount = numbering.pageCount
         userfault = attachment.userfault
         guestBase = attachment.guestBase
         pageSize = attachment.pageSize
@@ -110,7 +114,7 @@ final class PostcopyFaults: Sendable {
         let pages = UInt64(arrived.pageCount)
         do throws(MigrationError) {
             for page in resend where !arrived.isDirty(page: page) {
-                try requests.send(.pageRequest(PageRange(block: 0, first: UInt64(page), count: 1)))
+                try requests.send(.pageRequest(target.numbering.wire(first: page, count: 1)))
                 target.faults.requestSent()
             }
             while !stopping.load(ordering: .relaxed), !latch.hasFailed {
@@ -133,9 +137,9 @@ final class PostcopyFaults: Sendable {
                     // The first wait on a page asks for it, unless an earlier
                     // request's window holds it: then it is on its way.
                     if target.faults.fault(page: page, thread: f.threadID, at: now), !requested.isDirty(page: page) {
-                        let r = window(from: page, pages: Int(pages))
-                        for p in Int(r.first)..<Int(r.first + r.count) { requested.mark(page: p) }
-                        try requests.send(.pageRequest(r))
+                        let count = window(from: page)
+                        for p in page..<(page + count) { requested.mark(page: p) }
+                        try requests.send(.pageRequest(target.numbering.wire(first: page, count: count)))
                         target.faults.requestSent()
                     }
                     // Placed between the check and the wait's record: the
@@ -163,17 +167,18 @@ final class PostcopyFaults: Sendable {
     /// set), only later.
     static let requestWindow = 16
 
-    /// The request for a fault on `page`: it and the adjacent pages after
-    /// it that have not arrived and were not asked for, at most
-    /// `requestWindow`.
-    private func window(from page: Int, pages: Int) -> PageRange {
+    /// The pages a fault on `page` asks for: it and the adjacent pages after
+    /// it in its block that have not arrived and were not asked for, at
+    /// most `requestWindow`.
+    private func window(from page: Int) -> Int {
+        let end = target.numbering.block(of: page).pages.upperBound
         var count = 1
-        while count < Self.requestWindow, page + count < pages, !arrived.isDirty(page: page + count),
+        while count < Self.requestWindow, page + count < end, !arrived.isDirty(page: page + count),
             !requested.isDirty(page: page + count)
         {
             count += 1
         }
-        return PageRange(block: 0, first: UInt64(page), count: UInt64(count))
+        return count
     }
 
     private func wake(_ page: Int) throws(MigrationError) {

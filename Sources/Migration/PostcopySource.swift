@@ -38,6 +38,8 @@ final class PostcopySource: Sendable {
     private let queue = Mutex<[PageRange]>([])
     private let thread = Mutex<WorkerThread?>(nil)
     private let priority: FaultPathScheduling
+    /// How requests name pages (block id, page in the block).
+    private let numbering: PageNumbering
     /// The page after the last requested range, or -1.
     let cursor = Atomic<Int>(-1)
     /// Page requests answered (QEMU's `postcopy-requests`).
@@ -53,8 +55,9 @@ final class PostcopySource: Sendable {
 
     init(
         unsent: DirtyBitmap, sender: PacketSender, requests: ControlChannel, latch: FailureLatch, answersOnPreempt: Bool,
-        pageSize: UInt64, priority: FaultPathScheduling, wholeWindows: Bool
+        pageSize: UInt64, numbering: PageNumbering, priority: FaultPathScheduling, wholeWindows: Bool
     ) {
+        self.numbering = numbering
         self.wholeWindows = wholeWindows
         self.priority = priority
         self.unsent = unsent
@@ -110,7 +113,6 @@ final class PostcopySource: Sendable {
     private var isClosed: Bool { preempt.withLock { $0.closed } }
 
     private func serve() {
-        let pages = UInt64(unsent.pageCount)
         do throws(MigrationError) {
             while true {
                 let m = try requests.receive("waiting for page requests on the preempt channel")
@@ -118,17 +120,14 @@ final class PostcopySource: Sendable {
                     if case .error(let text) = m { throw MigrationError(.peer, "destination failed: \(text)") }
                     throw MigrationError(.protocolViolation, "'\(m.name)' on the preempt channel; only page requests come there")
                 }
-                guard asked.block == 0, asked.count > 0, asked.first < pages, asked.count <= pages - asked.first else {
-                    throw MigrationError(
-                        .protocolViolation,
-                        "page request for pages \(asked.first)..+\(asked.count) of block \(asked.block); the RAM has \(pages) pages"
-                    )
+                guard let local = numbering.local(asked) else {
+                    throw MigrationError(.protocolViolation, "page request for \(numbering.describe(asked))")
                 }
                 // A request names the faulting page and a window after it
                 // (`PostcopyFaults.requestWindow`). Under --max-bandwidth
                 // only the faulting page bypasses the limit; the rest stays
                 // with the limited pusher, whose cursor moves right there.
-                let r = wholeWindows ? asked : PageRange(block: asked.block, first: asked.first, count: 1)
+                let r = wholeWindows ? local : PageRange(block: local.block, first: local.first, count: 1)
                 served.add(1, ordering: .relaxed)
                 for p in r.first..<(r.first + r.count) { _ = unsent.take(page: Int(p)) }
                 cursor.store(Int(r.first + r.count), ordering: .relaxed)
@@ -158,7 +157,7 @@ final class PostcopySource: Sendable {
                 while page < end {
                     let batchEnd = page == r.first ? page + 1 : end
                     while page < batchEnd, !p.pages.isFull {
-                        p.pages.append(offset: page * pageSize, block: 0)
+                        p.pages.append(offset: page * pageSize, block: r.block)
                         page += 1
                     }
                     // The batch goes into the job's slot, an empty one comes back.

@@ -177,14 +177,6 @@ public final class SourceMigration: Sendable {
     /// thread; every thread has ended by the time this returns or throws.
     public func run() throws(MigrationError) -> MigrationStats {
         let start = Monotonic.now
-        if config.postcopy, ram.blocks.count > 1 {
-            // Requests, discards and the incoming guest's registration name
-            // one block today (docs/PROTOCOL.md §8).
-            throw MigrationError(
-                .mismatch,
-                "postcopy moves a guest of one RAM block; this one has \(ram.blocks.count) (\(ram.blocks.map(\.name).joined(separator: ", "))): migrate it without --postcopy"
-            )
-        }
         do {
             return try migrate(start: start)
         } catch {
@@ -580,8 +572,13 @@ public final class SourceMigration: Sendable {
 
     /// Sends `postcopy-discard` for every page marked in `bitmap` (read
     /// only), in ranges of adjacent pages. Returns the pages named.
+    /// Most ranges one run of adjacent pages splits into at block ends (the
+    /// layout holds at most 1024 blocks):
+    /// a message is sent before it could overflow.
+    static let maxBlocksCrossed = 1024
+
     private func sendDiscards(of bitmap: DirtyBitmap, ctl: ControlChannel) throws(MigrationError) -> UInt64 {
-        let pageCount = ram.block.pageCount
+        let pageCount = ram.block.pageCount, numbering = PageNumbering(ram)
         var ranges: [PageRange] = []
         var discarded: UInt64 = 0
         var page = 0
@@ -591,9 +588,9 @@ public final class SourceMigration: Sendable {
             guard page < pageCount else { break }
             var end = page + 1
             while end < pageCount, bitmap.isDirty(page: end) { end += 1 }
-            ranges.append(PageRange(block: 0, first: UInt64(page), count: UInt64(end - page)))
+            ranges += numbering.wireRanges(first: page, end: end)
             discarded += UInt64(end - page)
-            if ranges.count == MainMessage.maxDiscardRanges {
+            if ranges.count >= MainMessage.maxDiscardRanges - Self.maxBlocksCrossed {
                 try ctl.send(.postcopyDiscard(ranges))
                 ranges.removeAll(keepingCapacity: true)
             }
@@ -615,12 +612,14 @@ public final class SourceMigration: Sendable {
         var pages = MultiFDPages()
         let pageSize = ram.block.pageSize
         let limiter = config.policy.maxBandwidth.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
+        var blocks = BlockCursor(ram)
         func add(_ page: Int) throws(MigrationError) {
-            if pages.isFull {
+            let block = blocks.block(ofPage: page)
+            if !pages.accepts(block: block) {
                 limiter?.wait()
                 try multifd.send(&pages)
             }
-            pages.append(offset: UInt64(page) &* pageSize, block: 0)
+            pages.append(offset: UInt64(page) &* pageSize, block: block)
         }
         var word = 0
         while true {
@@ -775,7 +774,7 @@ public final class SourceMigration: Sendable {
         let unsent = DirtyBitmap(pageCount: ram.block.pageCount)
         let source = PostcopySource(
             unsent: unsent, sender: sender, requests: ControlChannel(socket: s, keys: keys, isSource: true), latch: latch,
-            answersOnPreempt: config.postcopyPreempt, pageSize: ram.block.pageSize,
+            answersOnPreempt: config.postcopyPreempt, pageSize: ram.block.pageSize, numbering: PageNumbering(ram),
             priority: FaultPathScheduling(config.faultPathPriority, notice: config.onNotice ?? { _ in }),
             wholeWindows: config.policy.maxBandwidth == nil)
         return PreemptChannel(socket: s, unsent: unsent, source: source)
@@ -861,29 +860,6 @@ public final class SourceMigration: Sendable {
     func finishStats(_ s: inout MigrationStats, start: Double) {
         s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
         s.ram.remaining = 0
-    }
-}
-
-/// Which RAM block a page of the whole range (`RAMFile.blocks` side by
-/// side) is in, for a walk that mostly visits pages in rising order: one
-/// compare per page, a search only when the walk crosses into another block.
-struct BlockCursor {
-    /// The first page of each block, and one past the last block's end.
-    private let firstPages: [Int]
-    private var index = 0
-
-    init(_ ram: RAMFile) {
-        var first = [0]
-        for b in ram.blocks { first.append(first.last! + b.pageCount) }
-        firstPages = first
-    }
-
-    @inline(__always) mutating func block(ofPage page: Int) -> UInt32 {
-        if page < firstPages[index] || page >= firstPages[index + 1] {
-            index = 0
-            while page >= firstPages[index + 1] { index += 1 }
-        }
-        return UInt32(index)
     }
 }
 

@@ -78,9 +78,33 @@ public final class IncomingGuest: Sendable {
     /// - `socketPath`: where to serve the hand-off; default
     ///   `defaultSocketPath(control:)`. A relative path is made absolute,
     ///   and must then fit a Unix socket address (107 bytes).
-    public init(ram ramPath: FilePath, control controlPath: FilePath, size: UInt64?, socketPath: String?) throws(GuestMemoryError) {
-        if let refusal = RAMFile.postcopyRefusal(for: ramPath) {
-            throw GuestMemoryError("an incoming guest cannot use its RAM file: \(refusal)")
+    public convenience init(ram ramPath: FilePath, control controlPath: FilePath, size: UInt64?, socketPath: String?)
+        throws(GuestMemoryError)
+    {
+        try self.init(blocks: [Block(name: RAMBlock.defaultName, path: ramPath, size: size)], control: controlPath, socketPath: socketPath)
+    }
+
+    /// One RAM block of an incoming guest: its name, file, and the size to
+    /// create an absent file with.
+    public struct Block: Sendable {
+        public var name: String
+        public var path: FilePath
+        public var size: UInt64?
+        public init(name: String, path: FilePath, size: UInt64?) {
+            self.name = name
+            self.path = path
+            self.size = size
+        }
+    }
+
+    /// The same for a guest of several RAM blocks, in the guest's order:
+    /// their files are mapped side by side (`RAMFile.combining`), and the
+    /// whole range is registered with one userfaultfd and handed over.
+    public init(blocks: [Block], control controlPath: FilePath, socketPath: String?) throws(GuestMemoryError) {
+        for b in blocks {
+            if let refusal = RAMFile.postcopyRefusal(for: b.path) {
+                throw GuestMemoryError("an incoming guest cannot use its RAM file: \(refusal)")
+            }
         }
         let socket = Self.absolute(socketPath ?? Self.defaultSocketPath(control: controlPath))
         guard socket.utf8.count <= GuestControl.handoffSocketPathLimit else {
@@ -95,22 +119,26 @@ public final class IncomingGuest: Sendable {
         // guest waits: the receiver claims it for the migration, since it
         // is the receiver that writes the RAM then. Released before the run
         // state tells receivers to come.
-        var prepareLock: OwnerLock?
+        var prepareLocks: [OwnerLock] = []
         let ram: RAMFile
-        var createdRAM = false
+        var created: [FilePath] = []
         do throws(GuestMemoryError) {
-            if let size, access(ramPath.string, F_OK) != 0 {
-                let lock = try OwnerLock.claimRAM(ramPath, create: true)
-                prepareLock = lock
-                createdRAM = lock.created
-                // Sized with ftruncate: a hole, not allocated, not faulted.
-                ram = try RAMFile.create(path: ramPath, size: size)
-            } else {
-                ram = try RAMFile(path: ramPath, access: .readWrite)
-                prepareLock = try OwnerLock.claimRAM(ramPath)
+            var files: [RAMFile] = []
+            for b in blocks {
+                if let size = b.size, access(b.path.string, F_OK) != 0 {
+                    let lock = try OwnerLock.claimRAM(b.path, create: true)
+                    prepareLocks.append(lock)
+                    if lock.created { created.append(b.path) }
+                    // Sized with ftruncate: a hole, not allocated, not faulted.
+                    files.append(try RAMFile.create(path: b.path, size: size, blockName: b.name))
+                } else {
+                    files.append(try RAMFile(path: b.path, access: .readWrite, blockName: b.name))
+                    prepareLocks.append(try OwnerLock.claimRAM(b.path))
+                }
             }
+            ram = try RAMFile.combining(files)
         } catch {
-            if createdRAM { unlink(ramPath.string) }
+            for path in created { unlink(path.string) }
             throw error
         }
         let control: GuestControl
@@ -118,7 +146,7 @@ public final class IncomingGuest: Sendable {
         let userfault: Userfault
         let server: FaultHandoffServer
         do throws(GuestMemoryError) {
-            control = try GuestControl.openOrCreate(path: controlPath, for: ram.block)
+            control = try GuestControl.openOrCreate(path: controlPath, for: ram.block, blocks: ram.blocks)
             guestLock = try OwnerLock.acquire(.guest, on: controlPath) { holder in
                 "control file \(controlPath) belongs to a running guest, \(holder.named("livemig stress")); stop it first or give another path"
             }
@@ -144,11 +172,11 @@ public final class IncomingGuest: Sendable {
                 path: socket, userfault: userfault, base: base, length: ram.block.size, pageSize: ram.block.pageSize)
             // Let go of the writer byte: the lock's deinit closes its
             // descriptor, and with it the kernel drops the lock.
-            withExtendedLifetime(prepareLock) {}
-            prepareLock = nil
+            withExtendedLifetime(prepareLocks) {}
+            prepareLocks = []
             control.setRunState(.waitingIncoming)
         } catch {
-            if createdRAM { unlink(ramPath.string) }
+            for path in created { unlink(path.string) }
             throw error
         }
         self.ram = ram
@@ -194,14 +222,17 @@ public final class IncomingGuest: Sendable {
     /// until taken or `finish()`), so that from then on no other livemig
     /// process writes this guest's RAM. Returns at once.
     public func claimRAMWhenFree() {
-        let path = ram.path
+        let paths = ram.paths
         let claim = ramClaim
         ramClaimer.withLock { t in
             guard t == nil, !claim.done.load(ordering: .relaxed) else { return }
             t = WorkerThread(name: "guest/ramlock") {
+                var held: [OwnerLock] = []
                 while !claim.done.load(ordering: .relaxed) {
-                    if let l = try? OwnerLock.claimRAM(path) {
-                        claim.lock.withLock { $0 = l }
+                    // Every block's file, one after another as each is free.
+                    while held.count < paths.count, let l = try? OwnerLock.claimRAM(paths[held.count]) { held.append(l) }
+                    if held.count == paths.count {
+                        claim.lock.withLock { $0 = held }
                         return
                     }
                     var ts = timespec(tv_sec: 0, tv_nsec: 50_000_000)
@@ -212,7 +243,7 @@ public final class IncomingGuest: Sendable {
     }
 
     /// Whether this guest holds its RAM file's writer lock now.
-    public var holdsRAMLock: Bool { ramClaim.lock.withLock { $0 != nil } }
+    public var holdsRAMLock: Bool { ramClaim.lock.withLock { !$0.isEmpty } }
 
     /// Waits, in 50 ms slices, until the receiver let go of the RAM and this
     /// guest took its writer lock (`claimRAMWhenFree`), or `stop()`. A guest
@@ -244,7 +275,7 @@ public final class IncomingGuest: Sendable {
     /// The RAM writer lock once taken, and the claimer thread's stop flag
     /// (a box of its own, so the thread does not keep the guest alive).
     private final class RAMClaim: Sendable {
-        let lock = Mutex<OwnerLock?>(nil)
+        let lock = Mutex<[OwnerLock]>([])
         let done = Atomic<Bool>(false)
     }
 

@@ -79,7 +79,6 @@ struct StressCommand: ParsableCommand {
         let blocks = try RAMArgument.parse(ram, sizes: true)
         if blocks[0].name != nil {
             if size != nil { throw ValidationError("--size goes with --ram PATH; give each named block's size as NAME=PATH,size=SIZE") }
-            if incoming { throw ValidationError("--incoming takes one RAM block (--ram PATH): postcopy moves one block") }
             if tracking == .kernel { throw ValidationError("--tracking kernel covers one RAM block (--ram PATH); use the bitmap") }
         }
         guard (1...256).contains(threads) else { throw ValidationError("--threads must be from 1 to 256, got \(threads)") }
@@ -180,9 +179,11 @@ struct StressCommand: ParsableCommand {
     /// a receiver, then runs like `--resume`.
     private func runIncoming() throws {
         let guest: IncomingGuest
+        let blocks = try RAMArgument.parse(ram, sizes: true).map {
+            IncomingGuest.Block(name: $0.name ?? RAMBlock.defaultName, path: FilePath($0.path), size: $0.size ?? size.flatMap(parseSize))
+        }
         do {
-            guest = try IncomingGuest(
-                ram: FilePath(ram[0]), control: FilePath(control), size: size.flatMap(parseSize), socketPath: handoffSocket)
+            guest = try IncomingGuest(blocks: blocks, control: FilePath(control), socketPath: handoffSocket)
         } catch {
             throw CommandFailure(message: error.description)
         }
@@ -194,7 +195,7 @@ struct StressCommand: ParsableCommand {
         }
         defer { guest.finish() }
         FileHandleStderr.write(
-            "stress: incoming guest waiting on \(ram[0]) (\(formatBytes(guest.ram.block.size)), every page missing, registered with a "
+            "stress: incoming guest waiting on \(ram.joined(separator: ", ")) (\(formatBytes(guest.ram.block.size)), every page missing, registered with a "
                 + "userfaultfd), control \(control), hand-off socket \(guest.socketPath), pid \(getpid())\n")
         switch guest.waitForStart() {
         case .started: break
@@ -248,7 +249,7 @@ struct StressCommand: ParsableCommand {
         // userfaultfd, and leaving now would fail the migration.
         if outcome.end == .duration, !guest.holdsRAMLock {
             FileHandleStderr.write("stress: duration reached; waiting for the receiver to finish placing pages before exiting\n")
-            if guest.awaitReceiverDone(), IncompleteMark.isSet(on: FilePath(ram[0])) {
+            if guest.awaitReceiverDone(), guest.ram.paths.contains(where: { IncompleteMark.isSet(on: $0) }) {
                 FileHandleStderr.write("stress: the migration into this guest did not complete; its RAM lacks pages\n")
             }
         }
