@@ -91,18 +91,36 @@ public final class WrittenPageScan: @unchecked Sendable {
     public convenience init(guest control: GuestControl, ramPath: FilePath, pageSize: UInt64, pageCount: Int)
         throws(GuestMemoryError)
     {
-        var st = stat()
-        guard stat(ramPath.string, &st) == 0 else {
-            let e = Errno(rawValue: errno)
-            throw GuestMemoryError("cannot stat \(ramPath): \(e)", errno: e)
-        }
-        try self.init(pid: control.guestPID, base: control.trackedMappingAddress, pageSize: pageSize, pageCount: pageCount)
-        guest = (control, UInt64(st.st_ino))
-        try checkMapping(inode: UInt64(st.st_ino))
+        try self.init(guest: control, files: [(ramPath, 0)], pageSize: pageSize, pageCount: pageCount)
     }
 
-    /// With `init(guest:…)`: the control file and the RAM file's inode.
-    private var guest: (control: GuestControl, inode: UInt64)?
+    /// The same for a guest of several RAM blocks (`ram`: the blocks' files
+    /// as this process opened them, side by side as the guest maps them).
+    public convenience init(guest control: GuestControl, ram: RAMFile) throws(GuestMemoryError) {
+        try self.init(
+            guest: control, files: Array(zip(ram.paths, ram.blockStarts)), pageSize: ram.block.pageSize, pageCount: ram.block.pageCount)
+    }
+
+    private convenience init(guest control: GuestControl, files: [(FilePath, UInt64)], pageSize: UInt64, pageCount: Int)
+        throws(GuestMemoryError)
+    {
+        var blocks: [(inode: UInt64, start: UInt64)] = []
+        for (path, start) in files {
+            var st = stat()
+            guard stat(path.string, &st) == 0 else {
+                let e = Errno(rawValue: errno)
+                throw GuestMemoryError("cannot stat \(path): \(e)", errno: e)
+            }
+            blocks.append((UInt64(st.st_ino), start))
+        }
+        try self.init(pid: control.guestPID, base: control.trackedMappingAddress, pageSize: pageSize, pageCount: pageCount)
+        guest = (control, blocks)
+        try checkMapping(blocks: blocks)
+    }
+
+    /// With `init(guest:…)`: the control file, and each RAM block's file
+    /// (inode) with where it starts in the tracked range.
+    private var guest: (control: GuestControl, blocks: [(inode: UInt64, start: UInt64)])?
 
     deinit {
         close(pagemap)
@@ -116,7 +134,7 @@ public final class WrittenPageScan: @unchecked Sendable {
     /// fork or remap before this scan may hide writes from every later one.
     @discardableResult
     public func sync(_ written: (Int) -> Void) throws(GuestMemoryError) -> Int {
-        if let guest { try checkMapping(inode: guest.inode) }
+        if let guest { try checkMapping(blocks: guest.blocks) }
         let found = try collect(written)
         if let blind = guest?.control.trackingBlindness, !blind.isEmpty {
             throw GuestMemoryError("it can no longer see every write: \(blind)")
@@ -129,6 +147,13 @@ public final class WrittenPageScan: @unchecked Sendable {
     /// `inode`. A program that unmapped, remapped or replaced its RAM
     /// mapping is an error (its writes there are no longer tracked).
     public func checkMapping(inode: UInt64) throws(GuestMemoryError) {
+        try checkMapping(blocks: [(inode, 0)])
+    }
+
+    /// The same for several RAM blocks side by side: from each block's
+    /// `start` in the range on, the mapping must be that block's file, from
+    /// its offset 0.
+    public func checkMapping(blocks: [(inode: UInt64, start: UInt64)]) throws(GuestMemoryError) {
         let end = base + UInt64(pageCount) * pageSize
         let fd = open("/proc/\(pid)/maps", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
@@ -153,8 +178,13 @@ public final class WrittenPageScan: @unchecked Sendable {
                 let offset = UInt64(f[2], radix: 16), let ino = UInt64(f[4])
             else { continue }
             guard hi > covered, lo <= covered, covered < end else { continue }
-            // The file offset at `covered` must be its distance from base.
-            guard ino == inode, offset + (covered - lo) == covered - base else { break }
+            // The block at `covered`: its file, at the distance from its start.
+            let at = covered - base
+            let block = blocks.last { $0.start <= at }!
+            guard ino == block.inode, offset + (covered - lo) == at - block.start else { break }
+            // One file's mapping cannot hold the next block: past its
+            // block's end (before the range's end) it is the wrong file.
+            if let next = blocks.first(where: { $0.start > at }), hi > base + next.start { break }
             covered = min(hi, end)
         }
         guard covered >= end else {

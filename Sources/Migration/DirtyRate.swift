@@ -115,7 +115,7 @@ public struct DirtyRate: Sendable {
                             + "so the kernel mode has nothing to read; use --mode bitmap or page-sampling")
                 }
                 do {
-                    scan = try WrittenPageScan(guest: control, ramPath: ram.path, pageSize: block.pageSize, pageCount: block.pageCount)
+                    scan = try WrittenPageScan(guest: control, ram: ram)
                 } catch {
                     throw MigrationError(error)
                 }

@@ -133,13 +133,8 @@ final class SourceGuest: Sendable {
                     "the guest in \(g.path) tracks its writes with the kernel (--tracking kernel), but its process (pid \(pid)) is not running: "
                         + "only a running guest's page tables say what it wrote; resume it first")
             }
-            guard ram.blocks.count == 1 else {
-                throw MigrationError(
-                    .mismatch, "kernel dirty tracking covers one RAM block; this guest has \(ram.blocks.count): track it with the bitmap")
-            }
             do {
-                kernelScan = try WrittenPageScan(
-                    guest: g, ramPath: ram.path, pageSize: ram.block.pageSize, pageCount: ram.block.pageCount)
+                kernelScan = try WrittenPageScan(guest: g, ram: ram)
             } catch {
                 throw MigrationError(error)
             }

@@ -79,7 +79,6 @@ struct StressCommand: ParsableCommand {
         let blocks = try RAMArgument.parse(ram, sizes: true)
         if blocks[0].name != nil {
             if size != nil { throw ValidationError("--size goes with --ram PATH; give each named block's size as NAME=PATH,size=SIZE") }
-            if tracking == .kernel { throw ValidationError("--tracking kernel covers one RAM block (--ram PATH); use the bitmap") }
         }
         guard (1...256).contains(threads) else { throw ValidationError("--threads must be from 1 to 256, got \(threads)") }
         if reclaim, !resume { throw ValidationError("--reclaim goes with --resume") }

@@ -122,6 +122,28 @@ struct WrittenPageScanTests {
         #expect(error?.description.contains("unmapped or remapped") == true, "\(String(describing: error))")
     }
 
+    @Test("with several RAM blocks side by side the check wants each block's file at its start, in order")
+    func mappingCheckOfBlocks() throws {
+        let paths = (0..<2).map { "/dev/shm/livemig-wp-test-\(UUID().uuidString)-\($0).ram" }
+        defer { for p in paths { unlink(p) } }
+        let files = try [48, 16].enumerated().map { i, pages in
+            try RAMFile.create(path: FilePath(paths[i]), size: UInt64(pages * 4096), blockName: "b\(i)")
+        }
+        let ram = try RAMFile.combining(files)
+        let scan = try WrittenPageScan(pid: getpid(), base: UInt64(UInt(bitPattern: ram.base)), pageSize: 4096, pageCount: 64)
+        let inodes = paths.map { p -> UInt64 in
+            var st = stat()
+            _ = stat(p, &st)
+            return UInt64(st.st_ino)
+        }
+        try scan.checkMapping(blocks: [(inodes[0], 0), (inodes[1], 48 * 4096)])
+        // The blocks in the other order, or the second block's start moved.
+        #expect(throws: GuestMemoryError.self) { try scan.checkMapping(blocks: [(inodes[1], 0), (inodes[0], 16 * 4096)]) }
+        #expect(throws: GuestMemoryError.self) { try scan.checkMapping(blocks: [(inodes[0], 0), (inodes[1], 32 * 4096)]) }
+        // One file's mapping is not the whole range.
+        #expect(throws: GuestMemoryError.self) { try scan.checkMapping(inode: inodes[0]) }
+    }
+
     @Test("a process that is gone is a clear error")
     func goneProcess() throws {
         let pid = fork()

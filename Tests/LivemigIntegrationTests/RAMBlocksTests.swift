@@ -36,10 +36,12 @@ struct RAMBlocksTests {
         /// `--ram` options for the source side (in the guest's order).
         var sourceRAM: [String] { RAMBlocksTests.blocks.flatMap { ["--ram", "\($0.name)=\(src($0.name))"] } }
 
-        func startGuest() throws {
+        func startGuest(tracking: String = "bitmap") throws {
             let ram = RAMBlocksTests.blocks.flatMap { ["--ram", "\($0.name)=\(src($0.name)),size=\($0.size)"] }
             let g = try LivemigProcess(
-                ["stress"] + ram + ["--control", srcCtl, "--pattern", "counter", "--threads", "2", "--rate", "100MiB/s"])
+                ["stress"] + ram + [
+                    "--control", srcCtl, "--pattern", "counter", "--threads", "2", "--rate", "100MiB/s", "--tracking", tracking,
+                ])
             #expect(g.waitForStderr("guest started"), "the guest did not start")
             guest = g
             usleep(200_000)
@@ -62,11 +64,15 @@ struct RAMBlocksTests {
         }
     }
 
-    @Test("a three-block counter guest migrates live; each block arrives byte-identical and the guest verifies and resumes")
-    func threeBlocks() throws {
-        let rig = try Rig()
+    /// With the guest's bitmap, and with kernel tracking of its whole
+    /// range (the blocks' files side by side in its address space).
+    @Test(
+        "a three-block counter guest migrates live; each block arrives byte-identical and the guest verifies and resumes",
+        arguments: ["bitmap", "kernel"])
+    func threeBlocks(tracking: String) throws {
+        let rig = try Rig(under: tracking == "kernel" ? "/dev/shm/" : NSTemporaryDirectory())
         defer { _ = rig.stopGuest() }
-        try rig.startGuest()
+        try rig.startGuest(tracking: tracking)
         // The destination lists its blocks in another order: matched by name.
         let r = try rig.receiver(RAMBlocksTests.blocks.reversed().flatMap { ["--ram", "\($0.name)=\(rig.dst($0.name))"] })
         let sent = try rig.send()
