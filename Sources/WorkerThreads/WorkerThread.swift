@@ -74,14 +74,14 @@ public enum FaultPathPriority: String, Sendable, CaseIterable {
 
     /// For a thread that moves postcopy's background pages (the source's
     /// pusher and senders, the destination's multifd receivers) once
-    /// postcopy runs: nice -10 with `.realtime`, never real time (they run
+    /// postcopy runs: nice -19 with `.realtime`, never real time (they run
     /// flat out). Every page they have not moved yet is a fault the guest
     /// may still take, so on a busy host they should not wait behind the
     /// guest's own threads. Returns whether the priority changed.
     @discardableResult
     public func applyToTransfer() -> Bool {
         guard self == .realtime else { return false }
-        return lm_set_thread_nice(-10) == 0
+        return lm_set_thread_nice(-19) == 0
     }
 
     /// Applies the priority to the calling thread.
@@ -89,6 +89,6 @@ public enum FaultPathPriority: String, Sendable, CaseIterable {
         guard self == .realtime else { return .asStarted }
         let r = lm_set_thread_realtime(1)
         if r == 0 { return .realtime }
-        return lm_set_thread_nice(-10) == 0 ? .nice(refused: -r) : .unchanged(refused: -r)
+        return lm_set_thread_nice(-19) == 0 ? .nice(refused: -r) : .unchanged(refused: -r)
     }
 }
