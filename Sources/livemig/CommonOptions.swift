@@ -36,7 +36,7 @@ struct ChannelOptions: ParsableArguments {
         help: """
             Postcopy: scheduling of the threads a page fault waits on (destination fault thread and preempt \
             receiver, source request server): 'realtime' (SCHED_FIFO, lowest level; nice -10 without the \
-            privilege) or 'normal'.
+            privilege; the threads that move the other pages take nice -19 once postcopy runs) or 'normal'.
             """)
     var faultPathPriority: FaultPathPriority = .realtime
 
