@@ -15,6 +15,10 @@ MIGRATION_URI is what migrate-incoming and migrate get. Scenarios:
             query-status on the source, quit both.
   retry     cancel as above, then on the same two processes migrate-incoming
             and migrate again, unlimited, until completed; quit both.
+  postcopy  postcopy-ram on, 32 MiB/s, migrate, migrate-start-postcopy after
+            the first MIGRATION_PASS, events until completed (through
+            postcopy-active); quit both. The destination needs an incoming
+            guest (livemig stress --incoming).
 
 Every check that fails raises (exit status 1). On success it prints one JSON
 object on stdout: the events each side sent and the last replies, for the
@@ -135,6 +139,33 @@ async def cancel(src, dst, uri, out):
     check(dst_end in ("failed", "cancelled"), f"destination ended {dst_end}")
 
 
+async def postcopy(src, dst, uri, out):
+    src_log, dst_log = [], []
+    await src.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": True}, {"capability": "postcopy-ram", "state": True}]})
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 32 << 20})
+    await set_destination(dst)
+    # Before any migration there is nothing to switch.
+    try:
+        await src.execute("migrate-start-postcopy")
+        raise AssertionError("migrate-start-postcopy was accepted before migrate")
+    except AssertionError:
+        raise
+    except Exception as e:
+        check("after migration has been started" in str(e), f"unexpected refusal: {e}")
+    await dst.execute("migrate-incoming", {"uri": uri})
+    await src.execute("migrate", {"uri": uri})
+    await first_pass(src, src_log)
+    await src.execute("migrate-start-postcopy")
+    src_end, dst_end = await asyncio.gather(
+        migration_events(src, src_log, ("completed", "failed", "cancelled")),
+        migration_events(dst, dst_log, ("completed", "failed", "cancelled")))
+    out["postcopy"] = {"source-events": src_log, "destination-events": dst_log,
+                       "source-info": await src.execute("query-migrate"),
+                       "destination-info": await dst.execute("query-migrate")}
+    check(src_end == "completed" and dst_end == "completed", f"ended {src_end} / {dst_end}: {out['postcopy']}")
+
+
 async def main():
     scenario, src_addr, dst_addr, uri = sys.argv[1:5]
     src, dst = QMPClient("source"), QMPClient("destination")
@@ -152,6 +183,8 @@ async def main():
         if scenario == "retry":
             await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
             await migrate(src, dst, uri, out, "complete")
+    elif scenario == "postcopy":
+        await postcopy(src, dst, uri, out)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     for client in (src, dst):

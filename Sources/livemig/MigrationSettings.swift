@@ -87,7 +87,9 @@ struct SourceSettings: Sendable, Equatable {
     var zstdLevel = Zstd.defaultLevel
     var maxRounds: Int?
     var convergeTimeout: Double?
-    var postcopyAfterRounds = 1
+    /// Precopy rounds before the postcopy switch; nil: only when asked
+    /// (`migrate-start-postcopy`, SIGUSR1), as QEMU, the default with QMP.
+    var postcopyAfterRounds: Int? = 1
     var switchoverTimeout: Double?
 
     var compression: CompressionSetting {
@@ -108,7 +110,7 @@ struct SourceSettings: Sendable, Equatable {
         config.policy.maxRounds = maxRounds
         config.policy.timeout = convergeTimeout
         config.postcopy = postcopyRAM
-        config.postcopyAfterRounds = postcopyAfterRounds
+        config.postcopyAfterRounds = postcopyAfterRounds ?? Int.max
         config.postcopyPreempt = postcopyPreempt
     }
 
@@ -219,7 +221,7 @@ extension SourceSettings {
             "multifd-zstd-level": .int(Int64(zstdLevel)),
             "x-max-rounds": .int(Int64(maxRounds ?? 0)),
             "x-converge-timeout": .int(Int64(((convergeTimeout ?? 0) * 1000).rounded())),
-            "x-postcopy-after-rounds": .int(Int64(postcopyAfterRounds)),
+            "x-postcopy-after-rounds": .int(postcopyAfterRounds.map { Int64($0) } ?? -1),
             "x-switchover-timeout": .int(Int64(((switchoverTimeout ?? 0) * 1000).rounded())),
         ]
     }
@@ -250,7 +252,10 @@ extension SourceSettings {
                 let t = try SettingCheck.milliseconds(n, "x-converge-timeout")
                 s.convergeTimeout = t == 0 ? nil : t
             }
-            if let n = afterRounds { s.postcopyAfterRounds = try SettingCheck.postcopyAfterRounds(n, "x-postcopy-after-rounds") }
+            if let n = afterRounds {
+                // -1: no switch until migrate-start-postcopy.
+                s.postcopyAfterRounds = n == -1 ? nil : try SettingCheck.postcopyAfterRounds(n, "x-postcopy-after-rounds")
+            }
             if let n = switchover {
                 let t = try SettingCheck.milliseconds(n, "x-switchover-timeout")
                 s.switchoverTimeout = t == 0 ? nil : t

@@ -150,10 +150,9 @@ final class SourceQMP: Sendable {
             throw QMPError("uri: \(error.description)")
         }
         let s = settings.withLock { $0 }
-        do throws(SettingError) {
-            try s.checkCombination(live: guest != nil, useRing: useRing, qmp: true)
-        } catch {
-            throw QMPError(error.description)
+        try checkCombination(s)
+        if dirtyRate.readsGuestTracking {
+            throw QMPError("the dirty rate is being measured from the guest's tracking, which a migration needs; wait for query-dirty-rate")
         }
         if s.zeroCopySend, case .unix = address {
             throw QMPError("zero-copy-send needs a TCP destination; Unix sockets do not support zero-copy sends")
@@ -282,9 +281,20 @@ final class SourceQMP: Sendable {
                 throw QMPError(
                     "cannot change \(changed.joined(separator: ", ")) while a migration is running; only events applies at once")
             }
+            try checkCombination(next)
             s = next
         }
         events.migrationEvents.store(settings.withLock { $0.events }, ordering: .relaxed)
+    }
+
+    /// The checks that need the whole set and this process (a guest or
+    /// not, io_uring or not), at each set and again at `migrate`.
+    private func checkCombination(_ s: SourceSettings) throws(QMPError) {
+        do throws(SettingError) {
+            try s.checkCombination(live: guest != nil, useRing: useRing, qmp: true)
+        } catch {
+            throw QMPError(error.description)
+        }
     }
 
     private func setParameters(_ a: QMPArguments) throws(QMPError) {
@@ -295,6 +305,7 @@ final class SourceQMP: Sendable {
                 throw QMPError(
                     "cannot change \(a.values.keys.sorted().joined(separator: ", ")) while a migration is running; set it before migrate")
             }
+            try checkCombination(next)
             s = next
         }
     }
@@ -326,6 +337,11 @@ final class DirtyRateJob: Sendable {
     }
 
     private let state = Mutex(State.unstarted)
+    /// A bitmap or kernel measurement runs: it takes the guest's dirty
+    /// tracking, which a migration must not share.
+    private let guestTracking = Atomic<Bool>(false)
+
+    var readsGuestTracking: Bool { guestTracking.load(ordering: .acquiring) }
     private let thread = Mutex<WorkerThread?>(nil)
 
     func start(_ a: QMPArguments, ram: RAMFile, guest: GuestControl?, migrating: Bool) throws(QMPError) {
@@ -363,6 +379,7 @@ final class DirtyRateJob: Sendable {
             return false
         }
         if busy { throw QMPError("The dirty rate is already being measured") }
+        guestTracking.store(mode != .pageSampling, ordering: .releasing)
         join()
         var m = DirtyRate(mode: mode, calcTime: seconds)
         m.samplePagesPerGiB = UInt64(samplePages)
@@ -379,6 +396,7 @@ final class DirtyRateJob: Sendable {
             } catch {
                 state.withLock { $0 = .failed(error.description) }
             }
+            guestTracking.store(false, ordering: .releasing)
         }
         thread.withLock { $0 = t }
     }

@@ -163,7 +163,9 @@ struct SendCommand: ParsableCommand {
         if c.method != .none { s.zstdLevel = c.level }
         s.maxRounds = maxRounds
         s.convergeTimeout = timeout.flatMap(parseDuration)
-        s.postcopyAfterRounds = postcopyAfterRounds ?? 1
+        // With QMP, as in QEMU, postcopy-ram alone switches only on
+        // migrate-start-postcopy; on the command line after one round.
+        s.postcopyAfterRounds = postcopyAfterRounds ?? (qmp == nil ? 1 : nil)
         return s
     }
 
@@ -214,6 +216,8 @@ struct SendCommand: ParsableCommand {
             let settings = try settings()
             let template = try config(for: .unix(path: "/"), settings: settings)
             let keyed = trust.pskFile != nil, insecure = trust.insecure
+            // --events: every migration's rounds, one after the other.
+            let eventLog = try events.map { try EventLog(path: $0) }
             let controller = SourceQMP(
                 ram: file, guest: control, useRing: !noIoUring, settings: settings,
                 makeConfig: { address, settings in
@@ -222,7 +226,12 @@ struct SendCommand: ParsableCommand {
                     settings.apply(to: &c)
                     return c
                 },
-                makeSource: { config, onRound in SourceMigration(ram: file, config: config, guest: control, onRound: onRound) },
+                makeSource: { config, onRound in
+                    SourceMigration(ram: file, config: config, guest: control) { record in
+                        eventLog?.append(record)
+                        onRound(record)
+                    }
+                },
                 warnExposed: { TrustOptions.warnIfExposed($0, role: "sending to", keyed: keyed, insecure: insecure) })
             let status = try withExtendedLifetime(sourceLock) {
                 try serveQMP(qmp, role: "send", controller: controller) { controller.startPostcopyFromSignal() }

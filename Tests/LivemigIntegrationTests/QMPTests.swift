@@ -25,9 +25,13 @@ struct QMPDrivenTests {
         let source: LivemigProcess
         let destination: LivemigProcess
 
+        let incoming: LivemigProcess?
+
         /// `sourceQMP`: the source's QMP address (default a Unix socket).
-        init(rate: String, sourceQMP: String? = nil) throws {
-            scratch = try Scratch()
+        /// `incomingGuest`: the destination has an incoming guest (postcopy;
+        /// the RAM files are then on tmpfs).
+        init(rate: String, sourceQMP: String? = nil, incomingGuest: Bool = false) throws {
+            scratch = try incomingGuest ? Scratch(under: "/dev/shm/") : Scratch()
             src = scratch.path("src.ram")
             srcCtl = scratch.path("src.ctl")
             dst = scratch.path("dst.ram")
@@ -39,6 +43,15 @@ struct QMPDrivenTests {
                 "--rate", rate,
             ])
             #expect(guest.waitForStderr("guest started"), "the guest did not start")
+            if incomingGuest {
+                let g = try LivemigProcess([
+                    "stress", "--incoming", "--ram", dst, "--control", dstCtl, "--size", QMPDrivenTests.size, "--duration", "2s",
+                ])
+                #expect(g.waitForStderr("incoming guest waiting"), "the incoming guest did not start")
+                incoming = g
+            } else {
+                incoming = nil
+            }
             source = try LivemigProcess(["send", "--ram", src, "--guest", srcCtl, "--qmp", self.sourceQMP])
             destination = try LivemigProcess(["receive", "--ram", dst, "--guest", dstCtl, "--qmp", destinationQMP])
             #expect(source.waitForStderr("QMP listening"), "send --qmp did not start")
@@ -70,7 +83,7 @@ struct QMPDrivenTests {
         }
 
         deinit {
-            for p in [source, destination, guest] where p.process.isRunning { kill(p.pid, SIGKILL) }
+            for p in [source, destination, guest] + (incoming.map { [$0] } ?? []) where p.process.isRunning { kill(p.pid, SIGKILL) }
         }
     }
 
@@ -149,6 +162,25 @@ struct QMPDrivenTests {
         #expect(kill(rig.guest.pid, 0) == 0, "the source guest should still run")
         #expect(rig.stopGuest() == 0)
         let v = try Self.verify(rig.src, rig.srcCtl)
+        #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
+    }
+
+    @Test("postcopy over QMP: postcopy-ram, migrate-start-postcopy after the first pass, postcopy-active, completed")
+    func postcopyOverQMP() throws {
+        let rig = try Rig(rate: "unlimited", incomingGuest: true)
+        let report = try rig.drive("postcopy", uri: "tcp:127.0.0.1:\(freePort())")
+        let run = try #require(report["postcopy"] as? [String: Any])
+        let statuses = Self.events(run["source-events"]).statuses
+        #expect(statuses == ["setup", "active", "postcopy-active", "completed"], "\(statuses)")
+        let info = try #require(run["source-info"] as? [String: Any])
+        #expect(info["status"] as? String == "completed")
+        #expect(info["postcopy"] != nil, "\(info)")
+        #expect(rig.source.wait(timeout: 30).status == 0)
+        #expect(rig.destination.wait(timeout: 30).status == 0)
+        #expect(rig.guest.wait(timeout: 20).status == 0)
+        let dg = try #require(rig.incoming).wait(timeout: 30)
+        #expect(dg.status == 0, "\(dg.stdout) \(dg.stderr)")
+        let v = try Self.verify(rig.dst, rig.dstCtl)
         #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
     }
 
@@ -260,10 +292,16 @@ struct QMPErrorTests {
             try c.execute(#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"xbzrle","state":false}]}}"#)[
                 "return"] != nil)
         #expect(
+            try c.error(
+                #"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":true}]}}"#
+            ).1
+                .contains("apply to live migration"))
+        // Zero copy needs TCP: refused for a Unix destination at migrate.
+        #expect(
             try c.execute(
-                #"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":true}]}}"#)[
+                #"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"zero-copy-send","state":true}]}}"#)[
                     "return"] != nil)
-        #expect(try c.error(#"{"execute":"migrate","arguments":{"uri":"unix:/nowhere"}}"#).1.contains("apply to live migration"))
+        #expect(try c.error(#"{"execute":"migrate","arguments":{"uri":"unix:/nowhere"}}"#).1.contains("needs a TCP destination"))
         #expect(try c.error(#"{"execute":"migrate-start-postcopy"}"#).1.contains("after migration has been started"))
         // Malformed input is answered, and the connection goes on.
         #expect(try c.error("{\"execute\": }").0 == "GenericError")
