@@ -164,14 +164,9 @@ public final class QMPServer: Sendable {
                 serve(client)
                 client.finished.store(true, ordering: .releasing)
             }
+            // `close()` takes the client list only after this thread has
+            // ended, so every client added here is shut and joined there.
             client.thread.withLock { $0 = thread }
-            // `close()` may have taken the list before this client was in
-            // it: then this thread must end the client itself.
-            if closing.load(ordering: .acquiring) {
-                socket.shutdown()
-                thread.join()
-                return
-            }
         }
     }
 
