@@ -368,4 +368,33 @@ struct QMPErrorTests {
         #expect(source.wait(timeout: 30).status == 0)
         #expect(destination.wait(timeout: 30).status == 0)
     }
+
+    @Test("receive --qmp: migrate_cancel of a waiting migrate-incoming, the address bound again, SIGTERM cancels and quits")
+    func destinationCancelAndSignal() throws {
+        let scratch = try Scratch()
+        let dq = "unix:" + scratch.path("d.qmp"), uri = "tcp:127.0.0.1:\(freePort())"
+        let destination = try LivemigProcess(["receive", "--ram", scratch.path("dst.ram"), "--size", "1MiB", "--qmp", dq])
+        try #require(destination.waitForStderr("QMP listening"))
+        let d = try Client(dq)
+        #expect(try d.execute(#"{"execute":"migrate-incoming","arguments":{"uri":"\#(uri)"}}"#)["return"] != nil)
+        #expect(
+            try d.error(#"{"execute":"migrate-set-parameters","arguments":{"multifd-channels":3}}"#).1.contains(
+                "while a migration is running"))
+        #expect(try d.execute(#"{"execute":"migrate_cancel"}"#)["return"] != nil)
+        var status = ""
+        for _ in 0..<6000 {
+            status = (try d.execute(#"{"execute":"query-migrate"}"#)["return"] as? [String: Any])?["status"] as? String ?? ""
+            if status == "cancelled" || status == "failed" { break }
+            usleep(10_000)
+        }
+        #expect(status == "cancelled")
+        // The cancelled run let go of the port: the same address again.
+        #expect(try d.execute(#"{"execute":"migrate-incoming","arguments":{"uri":"\#(uri)"}}"#)["return"] != nil)
+        kill(destination.pid, SIGTERM)
+        let end = destination.wait(timeout: 30)
+        #expect(end.status == 1, "a cancelled incoming migration is not a success: \(end.stderr)")
+        #expect(end.stderr.contains("SIGTERM"), "\(end.stderr)")
+        #expect(access(scratch.path("d.qmp"), F_OK) != 0, "the QMP socket file is removed at exit")
+        #expect(access(scratch.path("dst.ram"), F_OK) != 0, "a RAM file the failed receive created is removed")
+    }
 }
