@@ -32,6 +32,8 @@ import SystemPackage
 /// | 96 | 4 | state length |
 /// | 100 | 4 | generation (bumped on each run-state change) |
 /// | 128 | 108 | hand-off socket path of an incoming guest, NUL-terminated |
+/// | 240 | 4 | RAM blocks in the table below (0: one block, not named) |
+/// | 256 | 64 × n | block table: name (48 bytes, NUL-padded), size (8), reserved (8) |
 ///
 /// The bitmap follows at `bitmap offset`, the guest-state bytes after it
 /// (page-aligned). Every run-control word is accessed only atomically.
@@ -109,7 +111,7 @@ public final class GuestControl: @unchecked Sendable {
 
     /// Opens an existing control file, or creates one for `ram` when absent.
     /// An existing file must describe the same RAM size and page size.
-    public static func openOrCreate(path: FilePath, for ram: RAMBlock) throws(GuestMemoryError) -> GuestControl {
+    public static func openOrCreate(path: FilePath, for ram: RAMBlock, blocks: [RAMBlock] = []) throws(GuestMemoryError) -> GuestControl {
         if access(path.string, F_OK) == 0 {
             let c = try GuestControl(path: path)
             guard c.ramSize == ram.size, c.pageSize == ram.pageSize else {
@@ -117,13 +119,62 @@ public final class GuestControl: @unchecked Sendable {
                     "control file \(path) describes \(c.ramSize) bytes of RAM in \(c.pageSize)-byte pages, but the RAM file is \(ram.size) bytes in \(ram.pageSize)-byte pages; remove it or give the matching RAM file"
                 )
             }
+            if let why = c.blockMismatch(blocks) {
+                throw GuestMemoryError("control file \(path): \(why); remove it or give the matching RAM files")
+            }
             return c
         }
-        return try create(path: path, for: ram)
+        return try create(path: path, for: ram, blocks: blocks.count > 1 ? blocks : [])
+    }
+
+    /// Why `blocks` (one RAM file's block, or several in order) are not
+    /// the RAM blocks this file was made for, or nil when they are.
+    /// Sizes must match in order; names too when the file lists several.
+    public func blockMismatch(_ given: [RAMBlock]) -> String? {
+        let listed = blocks
+        if listed.isEmpty, given.count <= 1 { return nil }
+        let want = listed.isEmpty ? "one RAM block" : listed.map { "\($0.name) (\($0.size) bytes)" }.joined(separator: ", ")
+        let got = given.map { "\($0.name) (\($0.size) bytes)" }.joined(separator: ", ")
+        guard listed.count == given.count, zip(listed, given).allSatisfy({ $0.name == $1.name && $0.size == $1.size }) else {
+            return "it is for the guest's RAM blocks \(want), but the RAM given is \(got) (same names, sizes and order needed)"
+        }
+        return nil
+    }
+
+    /// The block table: where it starts, each entry's size, its room, and
+    /// the longest block name an entry holds.
+    static let blockTableOffset = 256
+    static let blockEntrySize = 64
+    public static let maxBlocks = (headerSize - blockTableOffset) / blockEntrySize
+    public static let maxBlockNameBytes = 47
+
+    /// The guest's RAM blocks as the file lists them, in order, when the
+    /// guest has several (each page numbering runs on from the previous
+    /// block: the bitmap covers them side by side); empty for a guest of
+    /// one block.
+    public var blocks: [RAMBlock] {
+        let n = Int(base.load(fromByteOffset: 240, as: UInt32.self))
+        guard n > 0, n <= Self.maxBlocks else { return [] }
+        return (0..<n).map { i in
+            let e = base + Self.blockTableOffset + i * Self.blockEntrySize
+            let nameBytes = UnsafeRawBufferPointer(start: e, count: Self.maxBlockNameBytes + 1).prefix { $0 != 0 }
+            return RAMBlock(
+                name: String(decoding: nameBytes, as: UTF8.self), size: e.load(fromByteOffset: 48, as: UInt64.self), pageSize: pageSize)
+        }
     }
 
     /// Creates a control file for `ram` (all pages clean, state empty).
-    public static func create(path: FilePath, for ram: RAMBlock) throws(GuestMemoryError) -> GuestControl {
+    /// `blocks`: when the guest has several RAM blocks, `ram` is their
+    /// whole range and the table lists them (at most `maxBlocks`, names of
+    /// at most `maxBlockNameBytes` bytes).
+    public static func create(path: FilePath, for ram: RAMBlock, blocks: [RAMBlock] = []) throws(GuestMemoryError) -> GuestControl {
+        guard blocks.count <= maxBlocks, blocks.allSatisfy({ $0.name.utf8.count <= maxBlockNameBytes }),
+            blocks.isEmpty || blocks.reduce(0, { $0 + $1.size }) == ram.size
+        else {
+            throw GuestMemoryError(
+                "a control file lists at most \(maxBlocks) RAM blocks with names of at most \(maxBlockNameBytes) bytes; got \(blocks.count): \(blocks.map(\.name))"
+            )
+        }
         let size = fileSize(ramSize: ram.size, pageSize: ram.pageSize)
         let fd = open(path.string, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
@@ -148,6 +199,14 @@ public final class GuestControl: @unchecked Sendable {
         p.storeBytes(of: UInt64(stateOffset(ramSize: ram.size, pageSize: ram.pageSize)), toByteOffset: 48, as: UInt64.self)
         p.storeBytes(of: UInt64(stateCapacity), toByteOffset: 56, as: UInt64.self)
         p.storeBytes(of: version, toByteOffset: 8, as: UInt32.self)
+        if blocks.count > 1 {
+            p.storeBytes(of: UInt32(blocks.count), toByteOffset: 240, as: UInt32.self)
+            for (i, b) in blocks.enumerated() {
+                let e = p + blockTableOffset + i * blockEntrySize
+                for (k, byte) in b.name.utf8.enumerated() { e.storeBytes(of: byte, toByteOffset: k, as: UInt8.self) }
+                e.storeBytes(of: b.size, toByteOffset: 48, as: UInt64.self)
+            }
+        }
         // Magic last: a reader that sees it sees a complete header.
         lm_atomic_store_release_u64(p.assumingMemoryBound(to: UInt64.self), magic)
         munmap(p, size)

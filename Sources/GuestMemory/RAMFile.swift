@@ -10,10 +10,19 @@ import WorkerThreads
     import Musl
 #endif
 
-/// A guest RAM file mapped `MAP_SHARED`: the memory a guest writes and we move.
+/// A guest's RAM mapped `MAP_SHARED`: the memory a guest writes and we move.
+///
+/// Usually one file holding one RAM block. A guest with several RAM blocks
+/// (QEMU's "pc.ram", "vga.vram", ...) has one file per block; `combining`
+/// maps them side by side in one address range, in layout order, so the
+/// engines address the whole RAM with one offset: block i's bytes start at
+/// `blockStarts[i]`, and page numbers run on from one block into the next.
+/// `block` then describes the whole range (the sum of the sizes, the common
+/// page size) and `blocks` the parts. Each file keeps its own bytes: reads,
+/// writes and discards go to the file the offset falls in.
 ///
 /// Ownership: the mapping lives as long as this object; `deinit` unmaps it and
-/// closes the file. The pointer and geometry never change after `init`.
+/// closes the files. The pointer and geometry never change after `init`.
 /// The bytes behind `base` are shared with other processes by design (the
 /// guest writes them while the source reads them), so this type is
 /// `@unchecked Sendable`: it hands out a pointer, and the rules for touching
@@ -27,10 +36,17 @@ public final class RAMFile: @unchecked Sendable {
         case readWrite
     }
 
-    /// The file's path, for messages.
+    /// The file's path, for messages (the first block's, when combined).
     public let path: FilePath
-    /// Name, size and page size of the block this file holds.
+    /// Name, size and page size of the block this file holds; for combined
+    /// blocks, the whole range (names joined with '+').
     public let block: RAMBlock
+    /// The RAM blocks, in order: one, or the combined ones.
+    public var blocks: [RAMBlock] { parts.map(\.block) }
+    /// Where each of `blocks` starts in the mapping, in bytes.
+    public var blockStarts: [UInt64] { parts.map(\.start) }
+    /// Each block's file path.
+    public var paths: [FilePath] { parts.map(\.path) }
     /// Start of the mapping; `block.size` bytes long.
     public let base: UnsafeMutableRawPointer
     public let access: Access
@@ -39,7 +55,15 @@ public final class RAMFile: @unchecked Sendable {
     /// pre-fault). Whoever writes the mapping afterwards must track what it
     /// wrote before relying on this (the destination's `arrived` bitmap).
     public let createdEmpty: Bool
-    private let fd: FileDescriptor
+    /// One file per block: its descriptor, path, geometry and start.
+    private let parts: [Part]
+
+    private struct Part {
+        let fd: FileDescriptor
+        let path: FilePath
+        let block: RAMBlock
+        let start: UInt64
+    }
 
     /// Opens and maps an existing RAM file; its size gives the block size.
     public convenience init(
@@ -76,7 +100,104 @@ public final class RAMFile: @unchecked Sendable {
         self.path = path
         self.access = access
         self.createdEmpty = createdEmpty
-        self.fd = fd
+        self.parts = [Part(fd: fd, path: path, block: block, start: 0)]
+    }
+
+    /// Maps `files`' blocks side by side, in this order, in one new range
+    /// (see the type's comment). The files' own mappings are left as they
+    /// are; this object holds duplicates of their descriptors. One file
+    /// returns itself. Every block must have the same page size and access.
+    public static func combining(_ files: [RAMFile]) throws(GuestMemoryError) -> RAMFile {
+        precondition(!files.isEmpty, "combining no RAM files")
+        if files.count == 1 { return files[0] }
+        let pageSize = files[0].block.pageSize, access = files[0].access
+        for f in files where f.block.pageSize != pageSize || f.parts.count != 1 || f.access != access {
+            throw GuestMemoryError(
+                "RAM block '\(f.block.name)' (\(f.path)) has pages of \(f.block.pageSize) bytes, '\(files[0].block.name)' of \(pageSize): "
+                    + "the blocks of one guest must have the same page size")
+        }
+        let total = files.reduce(UInt64(0)) { $0 + $1.block.size }
+        // Reserve the whole range first, then map each file over its part.
+        guard let reserved = mmap(nil, Int(total), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+            reserved != MAP_FAILED
+        else {
+            let e = SystemCall.lastError
+            throw GuestMemoryError("cannot reserve \(total) bytes of address space for \(files.count) RAM blocks: \(e)", errno: e)
+        }
+        var parts: [Part] = []
+        var start: UInt64 = 0
+        let prot = access == .readOnly ? PROT_READ : (PROT_READ | PROT_WRITE)
+        for f in files {
+            let part = f.parts[0]
+            let fd: FileDescriptor
+            do {
+                fd = try part.fd.duplicate()
+                _ = fcntl(fd.rawValue, F_SETFD, FD_CLOEXEC)
+            } catch {
+                for p in parts { try? p.fd.close() }
+                munmap(reserved, Int(total))
+                throw GuestMemoryError("cannot duplicate the descriptor of RAM file \(part.path): \(error)")
+            }
+            let p = mmap(reserved + Int(start), Int(part.block.size), prot, MAP_SHARED | MAP_FIXED, fd.rawValue, 0)
+            guard p == reserved + Int(start) else {
+                let e = SystemCall.lastError
+                try? fd.close()
+                for p in parts { try? p.fd.close() }
+                munmap(reserved, Int(total))
+                throw GuestMemoryError(
+                    "cannot map RAM file \(part.path) (\(part.block.size) bytes) next to the other blocks: \(e)", errno: e)
+            }
+            parts.append(Part(fd: fd, path: part.path, block: part.block, start: start))
+            start += part.block.size
+        }
+        return RAMFile(
+            combined: parts, base: reserved, total: total, pageSize: pageSize, access: access,
+            createdEmpty: files.allSatisfy(\.createdEmpty))
+    }
+
+    private init(
+        combined parts: [Part], base: UnsafeMutableRawPointer, total: UInt64, pageSize: UInt64, access: Access, createdEmpty: Bool
+    ) {
+        self.parts = parts
+        self.base = base
+        self.block = RAMBlock(name: parts.map(\.block.name).joined(separator: "+"), size: total, pageSize: pageSize)
+        self.path = parts[0].path
+        self.access = access
+        self.createdEmpty = createdEmpty
+    }
+
+    /// The index in `blocks` of the block that holds page `page` (of the
+    /// whole range).
+    public func blockIndex(ofPage page: Int) -> Int {
+        if parts.count == 1 { return 0 }
+        let offset = UInt64(page) &* block.pageSize
+        var i = parts.count - 1
+        while i > 0, parts[i].start > offset { i -= 1 }
+        return i
+    }
+
+    /// The part that holds byte `offset`, and the offset within its file.
+    private func part(at offset: UInt64) -> (Part, UInt64) {
+        if parts.count == 1 { return (parts[0], offset) }
+        var i = parts.count - 1
+        while i > 0, parts[i].start > offset { i -= 1 }
+        return (parts[i], offset - parts[i].start)
+    }
+
+    /// Runs `body(part, offset in its file, length)` for each piece of the
+    /// byte range `offset..<offset+length`, which may span blocks.
+    private func eachPiece(
+        offset: UInt64, length: UInt64, _ body: (Part, UInt64, UInt64) throws(GuestMemoryError) -> Void
+    ) throws(GuestMemoryError) {
+        var at = offset, left = length
+        while left > 0 {
+            let (p, inFile) = part(at: at)
+            // Past the last block's end: the file's own call says why.
+            let n = inFile < p.block.size ? min(left, p.block.size - inFile) : left
+            try body(p, inFile, n)
+            at += n
+            left -= n
+        }
     }
 
     /// Creates (or reuses) a read-write RAM file of exactly `size` bytes.
@@ -119,7 +240,7 @@ public final class RAMFile: @unchecked Sendable {
 
     deinit {
         munmap(base, Int(block.size))
-        try? fd.close()
+        for p in parts { try? p.fd.close() }
     }
 
     /// Pre-faults the whole mapping (`MADV_POPULATE_READ` / `_WRITE`) so later
@@ -155,7 +276,7 @@ public final class RAMFile: @unchecked Sendable {
             // A full file system makes MADV_POPULATE_WRITE fail with EFAULT
             // (the fault's SIGBUS), which reads as a bad pointer: say what it is.
             if forWriting, error == .badAddress || error == .noSpace,
-                let free = FileSystemSpace.available(fd: fd.rawValue), free < block.pageSize * 16
+                let free = FileSystemSpace.available(fd: part(at: offset).0.fd.rawValue), free < block.pageSize * 16
             {
                 throw GuestMemoryError(
                     "cannot pre-fault RAM file \(path) (\(block.size) bytes): its file system is full (\(free) bytes free); "
@@ -227,6 +348,15 @@ public final class RAMFile: @unchecked Sendable {
     /// no page-table entry to tear down later). An error, or the end of the
     /// file before `length` bytes (the file shrank under us), throws.
     public func read(into buffer: UnsafeMutableRawPointer, offset: UInt64, length: Int) throws(GuestMemoryError) {
+        var into = buffer
+        try eachPiece(offset: offset, length: UInt64(length)) { (p, inFile, n) throws(GuestMemoryError) in
+            try Self.read(p, into: into, offset: inFile, length: Int(n))
+            into += Int(n)
+        }
+    }
+
+    private static func read(_ part: Part, into buffer: UnsafeMutableRawPointer, offset: UInt64, length: Int) throws(GuestMemoryError) {
+        let fd = part.fd, path = part.path, block = part.block
         var done = 0
         while done < length {
             let n: Int
@@ -250,6 +380,15 @@ public final class RAMFile: @unchecked Sendable {
     /// without zeroing it first and without a fault or a page-table entry.
     public func write(from buffer: UnsafeRawPointer, offset: UInt64, length: Int) throws(GuestMemoryError) {
         precondition(access == .readWrite, "write into a read-only RAM file")
+        var from = buffer
+        try eachPiece(offset: offset, length: UInt64(length)) { (p, inFile, n) throws(GuestMemoryError) in
+            try Self.write(p, from: from, offset: inFile, length: Int(n))
+            from += Int(n)
+        }
+    }
+
+    private static func write(_ part: Part, from buffer: UnsafeRawPointer, offset: UInt64, length: Int) throws(GuestMemoryError) {
+        let fd = part.fd, path = part.path
         var done = 0
         while done < length {
             let n: Int
@@ -282,12 +421,14 @@ public final class RAMFile: @unchecked Sendable {
                     + "\(block.pageSize)): the range must be page-aligned and inside the file", errno: .invalidArgument)
         }
         guard length > 0 else { return }
-        let r = lm_punch_hole(fd.rawValue, Int64(offset), Int64(length))
-        guard r == 0 else {
-            let e = SystemCall.error(negated: r)
-            throw GuestMemoryError(
-                "cannot discard \(length) bytes at offset \(offset) of RAM file \(path) (fallocate PUNCH_HOLE): \(e)"
-                    + (e == .notSupported ? "; its file system cannot punch holes (use tmpfs: /dev/shm)" : ""), errno: e)
+        try eachPiece(offset: offset, length: length) { (p, offset, length) throws(GuestMemoryError) in
+            let r = lm_punch_hole(p.fd.rawValue, Int64(offset), Int64(length))
+            guard r == 0 else {
+                let e = SystemCall.error(negated: r)
+                throw GuestMemoryError(
+                    "cannot discard \(length) bytes at offset \(offset) of RAM file \(p.path) (fallocate PUNCH_HOLE): \(e)"
+                        + (e == .notSupported ? "; its file system cannot punch holes (use tmpfs: /dev/shm)" : ""), errno: e)
+            }
         }
     }
 

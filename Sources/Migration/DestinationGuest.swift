@@ -87,12 +87,12 @@ final class DestinationGuest: Sendable {
     }
 
     /// Writes the guest state into the control file (opened, or created
-    /// for `block`); it stays *incomplete* (not resumable) until the
+    /// for `ram`'s blocks); it stays *incomplete* (not resumable) until the
     /// source commits.
-    func store(_ state: [UInt8], for block: RAMBlock) throws(MigrationError) {
+    func store(_ state: [UInt8], for ram: RAMFile) throws(MigrationError) {
         do throws(GuestMemoryError) {
             if incoming == nil { try Self.refuseLiveGuest(path) }
-            let control = try GuestControl.openOrCreate(path: path, for: block)
+            let control = try GuestControl.openOrCreate(path: path, for: ram.block, blocks: ram.blocks)
             let pid = control.guestPID
             if control.runState == .running, pid > 0, SystemCall.processExists(pid), control.guestThreads > 0 {
                 throw GuestMemoryError("control file \(path) belongs to a guest that is running (pid \(pid)); give another path")

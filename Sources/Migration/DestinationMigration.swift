@@ -11,11 +11,25 @@ import WorkerThreads
     import Glibc
 #endif
 
+/// Where one named RAM block goes on the destination (`--ram NAME=PATH`).
+public struct RAMBlockPath: Sendable, Equatable {
+    public var name: String
+    public var path: FilePath
+    public init(name: String, path: FilePath) {
+        self.name = name
+        self.path = path
+    }
+}
+
 /// How the destination listens and where it puts the RAM.
 public struct DestinationConfig: Sendable {
     public var address: SocketAddress
     public var channels: Int
     public var ramPath: FilePath
+    /// Several RAM blocks (`--ram NAME=PATH` repeated): the file of each
+    /// block, by name, matched against the source's layout. Empty: the one
+    /// file at `ramPath` takes the source's one block, whatever its name.
+    public var ramBlocks: [RAMBlockPath] = []
     /// Create the RAM file with this size before listening when it is absent.
     public var size: UInt64?
     /// How long each multifd channel may take to connect and say hello.
@@ -87,7 +101,10 @@ public final class DestinationMigration: Sendable {
     /// This process's claim on the RAM file (the writer byte), from before
     /// it writes anything until it exits: a running guest's RAM or another
     /// receiver's is refused (`OwnerLock`).
-    private let ramLock = Mutex<OwnerLock?>(nil)
+    private let ramLocks = Mutex<[OwnerLock]>([])
+    /// With several RAM blocks: the files that existed before listening,
+    /// by block name (mapped, not pre-faulted), until the layout orders them.
+    private let blockFiles = Mutex<[String: RAMFile]>([:])
     /// Every access to the destination's control file (`--guest`); holds
     /// its receiver byte from `init`.
     let guest: DestinationGuest?
@@ -119,12 +136,31 @@ public final class DestinationMigration: Sendable {
         watchdog = ProgressWatchdog(peerTimeout: config.peerTimeout)
         guest = try config.guestControl.map { path throws(MigrationError) in try DestinationGuest(path: path) }
         var created = false
-        if let incoming = guest?.incoming {
+        if !config.ramBlocks.isEmpty {
+            // Several blocks: each file that exists is claimed and checked
+            // now; the rest are created when the layout gives their sizes.
+            // Received by pwrite, like a file created then.
+            guard guest?.incoming == nil else {
+                throw MigrationError(
+                    .mismatch, "an incoming guest has one RAM block; give receive its one RAM file as --ram PATH (postcopy moves one block)"
+                )
+            }
+            var files: [String: RAMFile] = [:]
+            for b in config.ramBlocks where access(b.path.string, F_OK) == 0 {
+                let lock = try Self.claim(b.path, create: false)
+                ramLocks.withLock { $0.append(lock) }
+                files[b.name] = try Self.mapped(prefault: false) { () throws(GuestMemoryError) in
+                    try RAMFile(path: b.path, access: .readWrite, blockName: b.name)
+                }
+            }
+            blockFiles.withLock { $0 = files }
+            prefaulted = false
+        } else if let incoming = guest?.incoming {
             // An incoming guest waits: its RAM file exists (it made it) and
             // is registered in its process. Never pre-faulted: a page this
             // process faults in could never fault in the guest.
             let lock = try Self.claim(config.ramPath, create: false)
-            ramLock.withLock { $0 = lock }
+            ramLocks.withLock { $0.append(lock) }
             let ram = try Self.mapped(prefault: false) { () throws(GuestMemoryError) in
                 try RAMFile(path: config.ramPath, access: .readWrite)
             }
@@ -149,7 +185,7 @@ public final class DestinationMigration: Sendable {
             do {
                 let lock = try Self.claim(config.ramPath, create: true)
                 created = lock.created
-                ramLock.withLock { $0 = lock }
+                ramLocks.withLock { $0.append(lock) }
                 let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile.create(path: config.ramPath, size: size) }
                 ramFile.withLock { $0 = ram }
             } catch {
@@ -159,7 +195,7 @@ public final class DestinationMigration: Sendable {
             prefaulted = true
         } else if (try? FileDescriptor.open(config.ramPath, .readOnly).close()) != nil {
             let lock = try Self.claim(config.ramPath, create: false)
-            ramLock.withLock { $0 = lock }
+            ramLocks.withLock { $0.append(lock) }
             let ram = try Self.mapped { () throws(GuestMemoryError) in try RAMFile(path: config.ramPath, access: .readWrite) }
             ramFile.withLock { $0 = ram }
             prefaulted = true
@@ -233,7 +269,10 @@ public final class DestinationMigration: Sendable {
 
     /// Whether this process created the RAM file: then a failed migration
     /// removes it, since it never held anything of value.
-    private var createdRAM: Bool { ramLock.withLock { $0?.created ?? false } }
+    private var createdRAM: [FilePath] { ramLocks.withLock { $0.filter(\.created).map(\.path) } }
+
+    /// The RAM files this destination writes: the one `--ram`, or each block's.
+    private var ramPaths: [FilePath] { config.ramBlocks.isEmpty ? [config.ramPath] : config.ramBlocks.map(\.path) }
 
     /// The mapped RAM, once known.
     public var ram: RAMFile? { ramFile.withLock { $0 } }
@@ -311,7 +350,7 @@ public final class DestinationMigration: Sendable {
             let limits = { (id: Int) in
                 PacketLimits(
                     channelID: id, pageSize: ram.block.pageSize,
-                    blocks: [RAMBlockLayout(name: ram.block.name, size: ram.block.size, pageSize: ram.block.pageSize)],
+                    blocks: ram.blocks.map { RAMBlockLayout(name: $0.name, size: $0.size, pageSize: $0.pageSize) },
                     compression: hello.compression, tagSize: trust.key == nil ? 0 : PacketSealer.tagSize)
             }
             let arrived = DirtyBitmap(pageCount: ram.block.pageCount)
@@ -375,7 +414,7 @@ public final class DestinationMigration: Sendable {
             // nothing else: remove it (a file that existed keeps its
             // incomplete mark). The lock is still ours, so nobody else
             // has started on it.
-            if createdRAM { unlink(config.ramPath.string) }
+            for path in createdRAM { unlink(path.string) }
             throw latch.error ?? error
         }
     }
@@ -462,8 +501,17 @@ public final class DestinationMigration: Sendable {
             if case .error(let t) = m { throw MigrationError(.peer, "source failed: \(t)") }
             throw MigrationError(.protocolViolation, "expected the RAM layout, got '\(m.name)'")
         }
+        if !config.ramBlocks.isEmpty {
+            let ram = try acceptBlocks(blocks)
+            try markIncomplete()
+            try ctl.send(.layoutAccepted)
+            return ram
+        }
         guard blocks.count == 1, let block = blocks.first else {
-            throw MigrationError(.mismatch, "the source sends \(blocks.count) RAM blocks; this destination maps exactly one RAM file")
+            throw MigrationError(
+                .mismatch,
+                "the source sends \(blocks.count) RAM blocks (\(blocks.map(\.name).joined(separator: ", "))); this destination maps one RAM file: "
+                    + "give receive one --ram NAME=PATH per block")
         }
         let hostPage = RAMBlock.hostPageSize
         guard block.pageSize == hostPage else {
@@ -485,7 +533,7 @@ public final class DestinationMigration: Sendable {
                 block.size, for: config, what: "the source's RAM block '\(block.name)' of \(block.size) bytes",
                 fix: "migrate a smaller guest, or raise --max-size if this host should hold it")
             let lock = try Self.claim(config.ramPath, create: true)
-            ramLock.withLock { $0 = lock }
+            ramLocks.withLock { $0.append(lock) }
             ram = try Self.mapped(prefault: false) { () throws(GuestMemoryError) in
                 try RAMFile.create(path: config.ramPath, size: block.size, blockName: block.name)
             }
@@ -494,6 +542,78 @@ public final class DestinationMigration: Sendable {
         try markIncomplete()
         try ctl.send(.layoutAccepted)
         return ram
+    }
+
+    /// Several RAM blocks: matches the source's blocks to `config.ramBlocks`
+    /// by name, checks every size and bound before creating anything, then
+    /// creates the absent files and maps all of them side by side in the
+    /// source's layout order (the page numbering both sides share).
+    private func acceptBlocks(_ blocks: [RAMBlockLayout]) throws(MigrationError) -> RAMFile {
+        let sent = blocks.map(\.name).joined(separator: ", ")
+        guard Set(blocks.map(\.name)).count == blocks.count else {
+            throw MigrationError(.protocolViolation, "the source's RAM layout names a block twice (\(sent))")
+        }
+        let byName = Dictionary(uniqueKeysWithValues: config.ramBlocks.map { ($0.name, $0.path) })
+        for b in config.ramBlocks where !blocks.contains(where: { $0.name == b.name }) {
+            throw MigrationError(
+                .mismatch,
+                "--ram \(b.name)=\(b.path) names a RAM block the source does not send (it sends \(sent)); drop it or check the block names")
+        }
+        let existing = blockFiles.withLock { $0 }
+        let hostPage = RAMBlock.hostPageSize
+        for block in blocks {
+            guard let path = byName[block.name] else {
+                throw MigrationError(
+                    .mismatch,
+                    "the source sends RAM block '\(block.name)' (\(block.size) bytes) but this destination has no --ram \(block.name)=PATH for it"
+                )
+            }
+            guard block.pageSize == hostPage else {
+                throw MigrationError(
+                    .mismatch, "the source's block '\(block.name)' has pages of \(block.pageSize) bytes, this host's are \(hostPage)")
+            }
+            if let f = existing[block.name] {
+                guard f.block.size == block.size else {
+                    throw MigrationError(
+                        .mismatch,
+                        "RAM size mismatch: the source's block '\(block.name)' is \(block.size) bytes but the destination file \(path) is \(f.block.size) bytes; give a file of the same size or a new path"
+                    )
+                }
+            } else {
+                try Self.checkBounds(
+                    block.size, for: config, at: path, what: "the source's RAM block '\(block.name)' of \(block.size) bytes",
+                    fix: "migrate a smaller guest, or raise --max-size if this host should hold it")
+            }
+        }
+        let total = blocks.reduce(UInt64(0)) { $0 &+ $1.size }
+        guard total <= config.maxSize else {
+            throw MigrationError(
+                .mismatch,
+                "the source's \(blocks.count) RAM blocks hold \(total) bytes, more than this destination's --max-size of \(config.maxSize) bytes"
+            )
+        }
+        var files: [RAMFile] = []
+        for block in blocks {
+            if let f = existing[block.name] {
+                files.append(f)
+                continue
+            }
+            let path = byName[block.name]!
+            let lock = try Self.claim(path, create: true)
+            ramLocks.withLock { $0.append(lock) }
+            files.append(
+                try Self.mapped(prefault: false) { () throws(GuestMemoryError) in
+                    try RAMFile.create(path: path, size: block.size, blockName: block.name)
+                })
+        }
+        blockFiles.withLock { $0 = [:] }
+        do {
+            let ram = try RAMFile.combining(files)
+            ramFile.withLock { $0 = ram }
+            return ram
+        } catch {
+            throw MigrationError(error)
+        }
     }
 
     // MARK: - ownership, bounds and marks
@@ -510,17 +630,20 @@ public final class DestinationMigration: Sendable {
 
     /// Refuses to create a RAM file of `size` bytes beyond `maxSize` or the
     /// free space of its file system, before anything is created.
-    private static func checkBounds(_ size: UInt64, for config: DestinationConfig, what: String, fix: String) throws(MigrationError) {
+    private static func checkBounds(
+        _ size: UInt64, for config: DestinationConfig, at path: FilePath? = nil, what: String, fix: String
+    ) throws(MigrationError) {
+        let path = path ?? config.ramPath
         guard size <= config.maxSize else {
             throw MigrationError(
                 .mismatch,
                 "\(what) is more than this destination's --max-size of \(config.maxSize) bytes (default: the host's physical memory); \(fix)"
             )
         }
-        if let free = FileSystemSpace.available(forFileAt: config.ramPath), size > free {
+        if let free = FileSystemSpace.available(forFileAt: path), size > free {
             throw MigrationError(
                 .mismatch,
-                "\(what) does not fit: the file system of \(config.ramPath) has \(free) bytes free; free space there or give --ram on a larger file system"
+                "\(what) does not fit: the file system of \(path) has \(free) bytes free; free space there or give --ram on a larger file system"
             )
         }
     }
@@ -533,9 +656,9 @@ public final class DestinationMigration: Sendable {
     /// killed before it could remove it.
     private func markIncomplete() throws(MigrationError) {
         do throws(GuestMemoryError) {
-            if !(try IncompleteMark.set(on: config.ramPath)) {
+            for path in ramPaths where !(try IncompleteMark.set(on: path)) {
                 config.onWarning?(
-                    "the file system of \(config.ramPath) takes no user extended attributes: a failed migration cannot mark the file "
+                    "the file system of \(path) takes no user extended attributes: a failed migration cannot mark the file "
                         + "incomplete (\(IncompleteMark.attribute)); do not use it after a failure")
             }
         } catch {
@@ -547,7 +670,7 @@ public final class DestinationMigration: Sendable {
     /// The RAM is complete: every page arrived and the totals matched.
     private func clearIncompleteMark() throws(MigrationError) {
         do {
-            try IncompleteMark.clear(on: config.ramPath)
+            for path in ramPaths { try IncompleteMark.clear(on: path) }
         } catch {
             throw MigrationError(error)
         }
@@ -719,7 +842,7 @@ public final class DestinationMigration: Sendable {
                             .mismatch,
                             "the source sent a \(summary.guestStateBytes)-byte guest state but \(guestState?.count ?? 0) bytes arrived")
                     }
-                    try guest.store(state, for: ram.block)
+                    try guest.store(state, for: ram)
                 } else if summary.guestStateBytes != 0 {
                     throw MigrationError(
                         .protocolViolation,
@@ -829,7 +952,7 @@ public final class DestinationMigration: Sendable {
         } catch {
             throw MigrationError(error)
         }
-        try guest.store(state, for: ram.block)
+        try guest.store(state, for: ram)
         bytesAtSwitch.store(counters.read(counters.multifdBytes), ordering: .relaxed)
         postcopy.target.activate()
         try ctl.send(.postcopyReady)

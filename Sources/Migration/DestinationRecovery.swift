@@ -113,7 +113,7 @@ extension DestinationMigration {
             for (id, (s, keys)) in channels.enumerated() {
                 let limits = PacketLimits(
                     channelID: id, pageSize: ram.block.pageSize,
-                    blocks: [RAMBlockLayout(name: ram.block.name, size: ram.block.size, pageSize: ram.block.pageSize)],
+                    blocks: ram.blocks.map { RAMBlockLayout(name: $0.name, size: $0.size, pageSize: $0.pageSize) },
                     compression: hello.compression, tagSize: trust.key == nil ? 0 : PacketSealer.tagSize)
                 receivers.append(
                     try PacketReceiver(

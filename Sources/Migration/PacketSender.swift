@@ -28,6 +28,8 @@ public final class PacketSender: ChannelTransport {
     private let writer: any StreamWriter
     private let counters: TransferCounters
     private let pageSize: Int
+    /// Where each RAM block starts in the mapping (`RAMFile.blockStarts`).
+    private let blockStarts: [UInt64]
     /// Header + entries of each packet of a job, encoded in place.
     private let prefixes: UnsafeMutableRawPointer
     private let jobCapacity: Int
@@ -63,6 +65,7 @@ public final class PacketSender: ChannelTransport {
         self.table = table
         self.sealer = sealer
         pageSize = Int(ram.block.pageSize)
+        blockStarts = ram.blockStarts
         zeroHash = ContentHash.zeroPage(pageSize)
         switch compression.method {
         case .none: compressor = nil
@@ -103,17 +106,19 @@ public final class PacketSender: ChannelTransport {
             if !reader.isStaged { inPlace += pages.count }
             let prefix = prefixes + b * MultiFDPacketHeader.maxPrefixSize
             var normal = 0, zero = 0
+            // Offsets are of the whole RAM; entries name them in the block.
+            let blockStart = blockStarts[Int(pages.blockID)]
             for i in 0..<pages.count {
                 let off = pages.offsets[i]
                 let pageIndex = Int(off / UInt64(pageSize))
                 if reader.isZero[i] {
-                    zeroScratch[zero] = off
+                    zeroScratch[zero] = off &- blockStart
                     zero += 1
                     table.record(page: pageIndex, hash: zeroHash)
                     continue
                 }
                 let hash = ContentHash.page(reader.page(i), length: pageSize)
-                MultiFDPacketHeader.encodeEntry(offset: off, hash: hash, index: normal, to: prefix)
+                MultiFDPacketHeader.encodeEntry(offset: off &- blockStart, hash: hash, index: normal, to: prefix)
                 table.record(page: pageIndex, hash: hash)
                 normalSlots[normal] = i
                 normal += 1

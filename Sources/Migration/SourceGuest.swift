@@ -82,6 +82,9 @@ final class SourceGuest: Sendable {
                 "control file \(g.path) is for \(g.ramSize) bytes of RAM but \(ram.path) is \(ram.block.size) bytes; give the guest's own control file"
             )
         }
+        if let why = g.blockMismatch(ram.blocks) {
+            throw MigrationError(.mismatch, "control file \(g.path): \(why); give send the guest's --ram blocks in the guest's order")
+        }
         switch g.runState {
         case .running: break
         case .migrated: throw MigrationError(.mismatch, "the guest in \(g.path) already migrated away")
@@ -129,6 +132,10 @@ final class SourceGuest: Sendable {
                     .mismatch,
                     "the guest in \(g.path) tracks its writes with the kernel (--tracking kernel), but its process (pid \(pid)) is not running: "
                         + "only a running guest's page tables say what it wrote; resume it first")
+            }
+            guard ram.blocks.count == 1 else {
+                throw MigrationError(
+                    .mismatch, "kernel dirty tracking covers one RAM block; this guest has \(ram.blocks.count): track it with the bitmap")
             }
             do {
                 kernelScan = try WrittenPageScan(

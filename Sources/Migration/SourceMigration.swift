@@ -177,6 +177,14 @@ public final class SourceMigration: Sendable {
     /// thread; every thread has ended by the time this returns or throws.
     public func run() throws(MigrationError) -> MigrationStats {
         let start = Monotonic.now
+        if config.postcopy, ram.blocks.count > 1 {
+            // Requests, discards and the incoming guest's registration name
+            // one block today (docs/PROTOCOL.md §8).
+            throw MigrationError(
+                .mismatch,
+                "postcopy moves a guest of one RAM block; this one has \(ram.blocks.count) (\(ram.blocks.map(\.name).joined(separator: ", "))): migrate it without --postcopy"
+            )
+        }
         do {
             return try migrate(start: start)
         } catch {
@@ -660,10 +668,14 @@ public final class SourceMigration: Sendable {
         let limiter = limit.map { RateLimiter(bytesPerSecond: $0, counters: counters, watchdog: watchdog) }
         var count = 0
         var cut = false
+        var blocks = BlockCursor(ram)
         do {
             if let cutWhen, cutWhen() { throw RoundCut() }
             try bitmap.harvestAll { page in
-                if pages.isFull {
+                let block = blocks.block(ofPage: page)
+                // A batch holds pages of one block: a full one, or one of
+                // the block before, goes out first.
+                if !pages.accepts(block: block) {
                     // The page in hand goes back to the bitmap with the
                     // rest of its word (harvestAll restores them).
                     if let cutWhen, cutWhen() { throw RoundCut() }
@@ -673,7 +685,7 @@ public final class SourceMigration: Sendable {
                         TestHook.stop(at: point, ifRequested: config.testStopAt)
                     }
                 }
-                pages.append(offset: UInt64(page) &* pageSize, block: 0)
+                pages.append(offset: UInt64(page) &* pageSize, block: block)
                 count += 1
             }
         } catch is RoundCut {
@@ -769,8 +781,7 @@ public final class SourceMigration: Sendable {
     private func handshake(_ ctl: ControlChannel) throws(MigrationError) {
         ctl.socket.setReceiveTimeout(config.handshakeTimeout)
         try expect(.helloAccepted, on: ctl, while: "waiting for the destination to accept the hello")
-        let block = ram.block
-        try ctl.send(.ramLayout([RAMBlockLayout(name: block.name, size: block.size, pageSize: block.pageSize)]))
+        try ctl.send(.ramLayout(ram.blocks.map { RAMBlockLayout(name: $0.name, size: $0.size, pageSize: $0.pageSize) }))
         try expect(.layoutAccepted, on: ctl, while: "waiting for the destination to accept the RAM layout")
         ctl.socket.setReceiveTimeout(nil)
     }
@@ -846,6 +857,29 @@ public final class SourceMigration: Sendable {
     func finishStats(_ s: inout MigrationStats, start: Double) {
         s.fillTransfer(counters, block: ram.block, channels: config.channels, elapsed: Monotonic.now - start)
         s.ram.remaining = 0
+    }
+}
+
+/// Which RAM block a page of the whole range (`RAMFile.blocks` side by
+/// side) is in, for a walk that mostly visits pages in rising order: one
+/// compare per page, a search only when the walk crosses into another block.
+struct BlockCursor {
+    /// The first page of each block, and one past the last block's end.
+    private let firstPages: [Int]
+    private var index = 0
+
+    init(_ ram: RAMFile) {
+        var first = [0]
+        for b in ram.blocks { first.append(first.last! + b.pageCount) }
+        firstPages = first
+    }
+
+    @inline(__always) mutating func block(ofPage page: Int) -> UInt32 {
+        if page < firstPages[index] || page >= firstPages[index + 1] {
+            index = 0
+            while page >= firstPages[index + 1] { index += 1 }
+        }
+        return UInt32(index)
     }
 }
 

@@ -191,12 +191,15 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
 
     /// Decodes the big-endian entries at `raw` into `offsets` and `hashes`
     /// (host order), checking each offset is page-aligned and inside the
-    /// block. The hashes are checked against the pages by the receiver.
+    /// block. `offsets` come out in the whole RAM: the block's start in
+    /// `limits.blockStarts` added (the blocks lie side by side in layout
+    /// order). The hashes are checked against the pages by the receiver.
     @inlinable public func decodeEntries(
         _ raw: UnsafeRawPointer, offsets: UnsafeMutablePointer<UInt64>, hashes: UnsafeMutablePointer<UInt64>,
         limits: PacketLimits
     ) throws(WireError) {
         let blockSize = limits.blockSizes[Int(blockID)]
+        let blockStart = limits.blockStarts[Int(blockID)]
         let mask = limits.pageSize - 1
         let count = Int(normalCount + zeroCount)
         for i in 0..<count {
@@ -204,7 +207,7 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
             if off & mask != 0 || off >= blockSize {
                 throw offsetError(off, index: i, blockSize: blockSize, limits: limits)
             }
-            offsets[i] = off
+            offsets[i] = blockStart &+ off
             hashes[i] = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * Self.entrySize + 8, as: UInt64.self))
         }
     }
@@ -239,6 +242,9 @@ public struct PacketLimits: Sendable {
     public var pageSize: UInt64
     public var blockSizes: [UInt64]
     public var blockNames: [String]
+    /// Where each block starts when the blocks lie side by side in layout
+    /// order: the sum of the sizes before it.
+    public var blockStarts: [UInt64]
     /// The method the main hello negotiated: whether COMPRESSED packets are
     /// allowed (and then required for page data) and their payload bound.
     public var compression: CompressionMethod
@@ -253,6 +259,11 @@ public struct PacketLimits: Sendable {
         self.pageSize = pageSize
         self.blockSizes = blocks.map(\.size)
         self.blockNames = blocks.map(\.name)
+        var start: UInt64 = 0
+        self.blockStarts = blocks.map { b in
+            defer { start &+= b.size }
+            return start
+        }
         self.compression = compression
         self.tagSize = tagSize
     }

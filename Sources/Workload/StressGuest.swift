@@ -75,6 +75,7 @@ public final class StressGuest: Sendable {
             throw GuestMemoryError(
                 "control file \(control.path) is for \(control.ramSize) bytes of RAM, the RAM file \(ram.path) has \(ram.block.size)")
         }
+        if let why = control.blockMismatch(ram.blocks) { throw GuestMemoryError("control file \(control.path): \(why)") }
         var options = options
         if let r = options.rate, r == 0 {
             throw GuestMemoryError("a dirty rate of 0 bytes/s writes nothing; give a rate above 0, or none for unlimited")

@@ -1,4 +1,6 @@
 import ArgumentParser
+import GuestMemory
+import SystemPackage
 import URing
 import WorkerThreads
 
@@ -79,4 +81,64 @@ func parseSize(_ text: String) -> UInt64? {
         return overflow ? nil : v
     }
     return UInt64(text)
+}
+
+/// One `--ram` value: `PATH` (a guest of one RAM block), or `NAME=PATH`
+/// for one of several named blocks (QEMU's RAMBlock names, e.g. pc.ram,
+/// vga.vram), with `,size=SIZE` where a size may be given (stress).
+struct RAMArgument: Equatable {
+    var name: String?
+    var path: String
+    var size: UInt64?
+
+    /// Parses every `--ram` of a command. A plain PATH stands alone; named
+    /// blocks may repeat, each name once. `sizes`: whether `,size=` is allowed.
+    static func parse(_ values: [String], sizes: Bool = false) throws -> [RAMArgument] {
+        guard !values.isEmpty else { throw ValidationError("give the guest's RAM: --ram PATH, or --ram NAME=PATH per RAM block") }
+        var out: [RAMArgument] = []
+        for v in values {
+            var arg = RAMArgument(name: nil, path: v)
+            if let eq = v.firstIndex(of: "="), isBlockName(v[..<eq]) {
+                arg.name = String(v[..<eq])
+                arg.path = String(v[v.index(after: eq)...])
+                if let comma = arg.path.ranges(of: ",size=").last {
+                    guard sizes else { throw ValidationError("--ram \(v): ',size=' is for stress, which creates the block's file") }
+                    let text = String(arg.path[comma.upperBound...])
+                    guard let n = parseSize(text), n > 0 else {
+                        throw ValidationError("--ram \(v): '\(text)' is not a size above 0 (examples: 16MiB, 256KiB)")
+                    }
+                    arg.size = n
+                    arg.path = String(arg.path[..<comma.lowerBound])
+                }
+                guard !arg.path.isEmpty else { throw ValidationError("--ram \(v): no path after '='") }
+            }
+            out.append(arg)
+        }
+        if out.contains(where: { $0.name == nil }), out.count > 1 {
+            throw ValidationError(
+                "--ram PATH is the form for a guest of one RAM block; for several, name each: --ram pc.ram=PATH --ram vga.vram=PATH2")
+        }
+        var seen = Set<String>()
+        for a in out {
+            if let n = a.name, !seen.insert(n).inserted { throw ValidationError("--ram: block '\(n)' is given twice") }
+        }
+        if Set(out.map(\.path)).count != out.count { throw ValidationError("--ram: two blocks name the same file") }
+        return out
+    }
+
+    /// A RAM block's name: 1 to 47 bytes of letters, digits, '.', '_' or '-'
+    /// (what a control file's block table holds).
+    static func isBlockName(_ s: Substring) -> Bool {
+        !s.isEmpty && s.utf8.count <= 47 && s.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }
+    }
+}
+
+/// Opens the RAM `args` name (`RAMArgument.parse`) as one `RAMFile`: the one
+/// file, or each block's file side by side in the order given.
+func openRAM(_ args: [RAMArgument], access: RAMFile.Access) throws(GuestMemoryError) -> RAMFile {
+    var files: [RAMFile] = []
+    for a in args {
+        files.append(try RAMFile(path: FilePath(a.path), access: access, blockName: a.name ?? RAMBlock.defaultName))
+    }
+    return try RAMFile.combining(files)
 }

@@ -17,8 +17,11 @@ struct ReceiveCommand: ParsableCommand {
             """
     )
 
-    @Option(help: "The destination RAM file (created when absent).")
-    var ram: String
+    @Option(
+        help: ArgumentHelp(
+            "The destination RAM file (created when absent); for a guest of several RAM blocks, NAME=PATH once per block (matched by name).",
+            valueName: "PATH|NAME=PATH"))
+    var ram: [String]
 
     @Option(help: "Address to listen on: tcp:HOST:PORT or unix:PATH (with --qmp: from QMP's migrate-incoming instead).")
     var listen: String?
@@ -46,6 +49,10 @@ struct ReceiveCommand: ParsableCommand {
     var guest: String?
 
     func validate() throws {
+        let blocks = try RAMArgument.parse(ram)
+        if blocks.count > 1 || blocks[0].name != nil {
+            if size != nil { throw ValidationError("--size goes with --ram PATH; named blocks are created with the source's sizes") }
+        }
         if let qmp {
             _ = try parseAddress(qmp, option: "--qmp")
             if listen != nil {
@@ -80,7 +87,9 @@ struct ReceiveCommand: ParsableCommand {
     /// The process's fixed choices (RAM, guest, key, sizes, timeouts) for
     /// an address, then the settings.
     func config(for address: SocketAddress, settings: DestinationSettings) throws -> DestinationConfig {
-        var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(ram))
+        let blocks = try RAMArgument.parse(ram)
+        var config = DestinationConfig(address: address, channels: common.channels, ramPath: FilePath(blocks[0].path))
+        if blocks[0].name != nil { config.ramBlocks = blocks.map { RAMBlockPath(name: $0.name!, path: FilePath($0.path)) } }
         config.size = size.flatMap(parseSize)
         config.peerTimeout = common.peerTimeoutSeconds
         config.recoverTimeout = common.recoverTimeoutSeconds
@@ -163,9 +172,11 @@ extension ReceiveCommand {
     /// (Only looks; the claims are taken when the migration starts.)
     private func refuseBusyFiles() throws {
         do {
-            if let holder = try OwnerLock.holder(of: .ramWriter, on: FilePath(ram)) {
-                throw CommandFailure(
-                    message: "RAM file \(ram) is in use by \(holder.named("a running guest or a receive")); give another path")
+            for block in try RAMArgument.parse(ram) {
+                if let holder = try OwnerLock.holder(of: .ramWriter, on: FilePath(block.path)) {
+                    throw CommandFailure(
+                        message: "RAM file \(block.path) is in use by \(holder.named("a running guest or a receive")); give another path")
+                }
             }
             if let guest, let holder = try OwnerLock.holder(of: .receiver, on: FilePath(guest)) {
                 throw CommandFailure(message: "control file \(guest) is in use by \(holder.named("livemig receive")); give another path")

@@ -17,8 +17,11 @@ struct SendCommand: ParsableCommand {
         discussion: "The RAM file is opened read-only: send never writes guest memory, even when it fails."
     )
 
-    @Option(help: "The guest RAM file to migrate.")
-    var ram: String
+    @Option(
+        help: ArgumentHelp(
+            "The guest RAM file to migrate; for a guest of several RAM blocks, NAME=PATH once per block, in the guest's order.",
+            valueName: "PATH|NAME=PATH"))
+    var ram: [String]
 
     @Option(help: "Destination address: tcp:HOST:PORT or unix:PATH (with --qmp: from QMP's migrate instead).")
     var to: String?
@@ -97,6 +100,7 @@ struct SendCommand: ParsableCommand {
     @Flag(help: .hidden) var noPreempt = false
 
     func validate() throws {
+        _ = try RAMArgument.parse(ram)
         if let qmp {
             _ = try parseAddress(qmp, option: "--qmp")
             if to != nil { throw ValidationError("--to and --qmp exclude each other: with --qmp, QMP's migrate names the destination") }
@@ -203,11 +207,12 @@ struct SendCommand: ParsableCommand {
 
     func run() throws {
         let file: RAMFile
+        let blocks = try RAMArgument.parse(ram)
         do {
             // Read-only and unlocked: sending never writes the RAM, and a
             // running guest holds its writer lock.
-            file = try RAMFile(path: FilePath(ram), access: .readOnly)
-            try IncompleteMark.refuseMarked(FilePath(ram))
+            file = try openRAM(blocks, access: .readOnly)
+            for b in blocks { try IncompleteMark.refuseMarked(FilePath(b.path)) }
         } catch {
             throw CommandFailure(message: error.description)
         }
@@ -274,7 +279,11 @@ struct SendCommand: ParsableCommand {
             if common.format == .json { printStats(MigrationStats(failedPostcopy: e), format: .json, role: "send") }
             throw CommandFailure(message: "migration to \(address) failed after the postcopy switch: \(e.description)")
         case .failure(let e):
-            let kept = control.map(guestAfterFailure) ?? "The source RAM file \(ram) was not modified."
+            let kept =
+                control.map(guestAfterFailure)
+                ?? (ram.count == 1
+                    ? "The source RAM file \(ram[0]) was not modified."
+                    : "The source RAM files (\(ram.joined(separator: ", "))) were not modified.")
             throw CommandFailure(message: "migration to \(address) failed: \(e.description). \(kept)")
         }
     }

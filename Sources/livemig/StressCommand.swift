@@ -35,7 +35,11 @@ struct StressCommand: ParsableCommand {
             """
     )
 
-    @Option(help: "The guest RAM file.") var ram: String
+    @Option(
+        help: ArgumentHelp(
+            "The guest RAM file; for a guest of several RAM blocks, NAME=PATH once per block (NAME=PATH,size=SIZE creates an absent one).",
+            valueName: "PATH|NAME=PATH[,size=SIZE]"))
+    var ram: [String]
     @Option(help: "The guest-control file (dirty bitmap, run state, guest state).") var control: String
     // `.unconditional`: a negative number is a value to refuse in validate(),
     // not an unknown flag ("Missing value").
@@ -72,6 +76,12 @@ struct StressCommand: ParsableCommand {
     ) var readEveryPage: String?
 
     func validate() throws {
+        let blocks = try RAMArgument.parse(ram, sizes: true)
+        if blocks[0].name != nil {
+            if size != nil { throw ValidationError("--size goes with --ram PATH; give each named block's size as NAME=PATH,size=SIZE") }
+            if incoming { throw ValidationError("--incoming takes one RAM block (--ram PATH): postcopy moves one block") }
+            if tracking == .kernel { throw ValidationError("--tracking kernel covers one RAM block (--ram PATH); use the bitmap") }
+        }
         guard (1...256).contains(threads) else { throw ValidationError("--threads must be from 1 to 256, got \(threads)") }
         if reclaim, !resume { throw ValidationError("--reclaim goes with --resume") }
         if incoming, resume { throw ValidationError("--incoming and --resume exclude each other (an incoming guest resumes by itself)") }
@@ -107,31 +117,39 @@ struct StressCommand: ParsableCommand {
         // The guest owns its RAM (the writer byte) and its control file (the
         // guest byte) for its whole run: a receive pointed at this RAM, or a
         // second guest on either file, is refused at once (OwnerLock).
-        let ramLock: OwnerLock
+        var ramLocks: [OwnerLock] = []
         let guestLock: OwnerLock
-        let ramPath = FilePath(ram)
-        var createdRAM = false
+        var created: [String] = []
+        let blocks = try RAMArgument.parse(ram, sizes: true)
         do {
-            if let s = size.flatMap(parseSize), !FileManager.default.fileExists(atPath: ram) {
-                // A new guest's RAM is allocated up front, as QEMU's
-                // memory-backend prealloc=on does (with its prealloc-threads):
-                // a guest owns its memory.
-                ramLock = try OwnerLock.claimRAM(ramPath, create: true)
-                createdRAM = ramLock.created
-                ramFile = try RAMFile.create(path: ramPath, size: s)
-                try ramFile.populate(forWriting: true, threads: WorkerThread.parallelism)
-            } else {
-                ramFile = try RAMFile(path: ramPath, access: .readWrite)
-                ramLock = try OwnerLock.claimRAM(ramPath)
+            var files: [RAMFile] = []
+            for b in blocks {
+                let ramPath = FilePath(b.path)
+                let name = b.name ?? RAMBlock.defaultName
+                if let s = b.size ?? size.flatMap(parseSize), !FileManager.default.fileExists(atPath: b.path) {
+                    // A new guest's RAM is allocated up front, as QEMU's
+                    // memory-backend prealloc=on does (with its prealloc-threads):
+                    // a guest owns its memory.
+                    let lock = try OwnerLock.claimRAM(ramPath, create: true)
+                    ramLocks.append(lock)
+                    if lock.created { created.append(b.path) }
+                    let file = try RAMFile.create(path: ramPath, size: s, blockName: name)
+                    try file.populate(forWriting: true, threads: WorkerThread.parallelism)
+                    files.append(file)
+                } else {
+                    files.append(try RAMFile(path: ramPath, access: .readWrite, blockName: name))
+                    ramLocks.append(try OwnerLock.claimRAM(ramPath))
+                }
+                try IncompleteMark.refuseMarked(ramPath)
             }
-            try IncompleteMark.refuseMarked(ramPath)
-            controlFile = try GuestControl.openOrCreate(path: FilePath(control), for: ramFile.block)
+            ramFile = try RAMFile.combining(files)
+            controlFile = try GuestControl.openOrCreate(path: FilePath(control), for: ramFile.block, blocks: ramFile.blocks)
             guestLock = try OwnerLock.acquire(.guest, on: FilePath(control)) { holder in
                 "control file \(control) belongs to a running guest, \(holder.named("livemig stress")); stop it first or give another path"
             }
         } catch {
             // A RAM file this process created holds nothing of a guest yet.
-            if createdRAM { unlink(ram) }
+            for path in created { unlink(path) }
             throw CommandFailure(message: error.description)
         }
         var options = StressOptions()
@@ -153,7 +171,7 @@ struct StressCommand: ParsableCommand {
             "stress: guest \(resume ? "resumed" : "started"): pattern \(guest.options.pattern), \(guest.options.threads) thread(s), "
                 + "tracking \(tracking), "
                 + "target \(options.rate.map { formatBytes($0) + "/s" } ?? "unlimited"), pid \(getpid())\n")
-        let outcome = withExtendedLifetime((ramLock, guestLock)) { guest.run() }
+        let outcome = withExtendedLifetime((ramLocks, guestLock)) { guest.run() }
         signals.end()
         report(outcome, rate: options.rate)
     }
@@ -164,7 +182,7 @@ struct StressCommand: ParsableCommand {
         let guest: IncomingGuest
         do {
             guest = try IncomingGuest(
-                ram: FilePath(ram), control: FilePath(control), size: size.flatMap(parseSize), socketPath: handoffSocket)
+                ram: FilePath(ram[0]), control: FilePath(control), size: size.flatMap(parseSize), socketPath: handoffSocket)
         } catch {
             throw CommandFailure(message: error.description)
         }
@@ -176,7 +194,7 @@ struct StressCommand: ParsableCommand {
         }
         defer { guest.finish() }
         FileHandleStderr.write(
-            "stress: incoming guest waiting on \(ram) (\(formatBytes(guest.ram.block.size)), every page missing, registered with a "
+            "stress: incoming guest waiting on \(ram[0]) (\(formatBytes(guest.ram.block.size)), every page missing, registered with a "
                 + "userfaultfd), control \(control), hand-off socket \(guest.socketPath), pid \(getpid())\n")
         switch guest.waitForStart() {
         case .started: break
@@ -230,7 +248,7 @@ struct StressCommand: ParsableCommand {
         // userfaultfd, and leaving now would fail the migration.
         if outcome.end == .duration, !guest.holdsRAMLock {
             FileHandleStderr.write("stress: duration reached; waiting for the receiver to finish placing pages before exiting\n")
-            if guest.awaitReceiverDone(), IncompleteMark.isSet(on: FilePath(ram)) {
+            if guest.awaitReceiverDone(), IncompleteMark.isSet(on: FilePath(ram[0])) {
                 FileHandleStderr.write("stress: the migration into this guest did not complete; its RAM lacks pages\n")
             }
         }
@@ -267,15 +285,22 @@ struct VerifyCommand: ParsableCommand {
         discussion: "Run it while the guest is stopped (after a migration, or after stress exited). Exits 1 on any bad page."
     )
 
-    @Option(help: "The guest RAM file.") var ram: String
+    @Option(
+        help: ArgumentHelp(
+            "The guest RAM file; for several RAM blocks, NAME=PATH once per block, in the guest's order.", valueName: "PATH|NAME=PATH"))
+    var ram: [String]
     @Option(help: "The guest-control file holding the guest state.") var control: String
+
+    func validate() throws { _ = try RAMArgument.parse(ram) }
 
     func run() throws {
         let report: CounterVerifier.Report
         do {
-            let ramFile = try RAMFile(path: FilePath(ram), access: .readOnly)
-            try IncompleteMark.refuseMarked(FilePath(ram))
+            let blocks = try RAMArgument.parse(ram)
+            let ramFile = try openRAM(blocks, access: .readOnly)
+            for b in blocks { try IncompleteMark.refuseMarked(FilePath(b.path)) }
             let c = try GuestControl(path: FilePath(control))
+            if let why = c.blockMismatch(ramFile.blocks) { throw CommandFailure(message: "control file \(control): \(why)") }
             guard c.runState != .incomplete else {
                 throw CommandFailure(
                     message: "the guest in \(control) is incomplete: the migration into it did not complete; migrate the guest here again")
@@ -297,7 +322,10 @@ struct VerifyCommand: ParsableCommand {
                 throw CommandFailure(message: "verify checks counter guests; this guest runs pattern \(state.pattern)")
             }
             guard state.pageCount == ramFile.block.pageCount else {
-                throw CommandFailure(message: "the guest state covers \(state.pageCount) pages but \(ram) holds \(ramFile.block.pageCount)")
+                throw CommandFailure(
+                    message:
+                        "the guest state covers \(state.pageCount) pages but \(ram.joined(separator: ", ")) holds \(ramFile.block.pageCount)"
+                )
             }
             report = CounterVerifier.verify(ram: ramFile, state: state)
         } catch let e as GuestMemoryError {

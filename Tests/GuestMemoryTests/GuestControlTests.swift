@@ -431,4 +431,38 @@ struct GuestControlTests {
             #expect(try GuestControl(path: path).bitmap.isDirty(page: 77))
         }
     }
+
+    // MARK: - several RAM blocks
+
+    /// The block table round-trips, and `blockMismatch` names another
+    /// order, another size, or one block against a guest of several.
+    @Test func blockTableRoundTripsAndRefusesOtherBlocks() throws {
+        try Self.withControlPath { path, _ in
+            let blocks = [
+                RAMBlock(name: "pc.ram", size: Self.MiB, pageSize: 4096), RAMBlock(name: "vga.vram", size: 64 << 10, pageSize: 4096),
+            ]
+            let whole = RAMBlock(name: "pc.ram+vga.vram", size: Self.MiB + (64 << 10), pageSize: 4096)
+            _ = try GuestControl.create(path: path, for: whole, blocks: blocks)
+            let c = try GuestControl(path: path)
+            #expect(c.blocks == blocks)
+            #expect(c.bitmap.pageCount == Int(whole.pageCount))
+            #expect(c.blockMismatch(blocks) == nil)
+            #expect(c.blockMismatch(blocks.reversed()) != nil)
+            #expect(c.blockMismatch([RAMBlock(name: "pc.ram", size: whole.size, pageSize: 4096)]) != nil)
+            var resized = blocks
+            resized[1].size = 128 << 10
+            #expect(c.blockMismatch(resized) != nil)
+            // openOrCreate on the same path checks the blocks too.
+            #expect(throws: GuestMemoryError.self) { try GuestControl.openOrCreate(path: path, for: whole, blocks: blocks.reversed()) }
+            #expect(throws: Never.self) { try GuestControl.openOrCreate(path: path, for: whole, blocks: blocks) }
+        }
+    }
+
+    @Test func aOneBlockFileListsNoBlocks() throws {
+        try Self.withControlPath { path, _ in
+            let c = try GuestControl.create(path: path, for: Self.block)
+            #expect(c.blocks.isEmpty)
+            #expect(c.blockMismatch([Self.block]) == nil)
+        }
+    }
 }

@@ -399,4 +399,59 @@ struct RAMFileTests {
             #expect(!far)
         }
     }
+
+    // MARK: - several blocks
+
+    /// Three files combined side by side: one offset space, block starts
+    /// in order, and reads, writes and discards that reach the right file
+    /// even when a range spans two blocks.
+    @Test func combiningMapsBlocksSideBySide() throws {
+        try Self.withTempDir { dir in
+            let sizes: [UInt64] = [4 * Self.pageSize, 2 * Self.pageSize, Self.pageSize]
+            let names = ["pc.ram", "vga.vram", "pc.rom"]
+            var files: [RAMFile] = []
+            for (i, size) in sizes.enumerated() {
+                let f = try RAMFile.create(path: Self.path(dir.appendingPathComponent(names[i])), size: size, blockName: names[i])
+                // Each block's first byte names it.
+                f.pointer(at: 0).storeBytes(of: UInt8(i + 1), as: UInt8.self)
+                files.append(f)
+            }
+            let ram = try RAMFile.combining(files)
+            #expect(ram.blocks.map(\.name) == names)
+            #expect(ram.blockStarts == [0, 4 * Self.pageSize, 6 * Self.pageSize])
+            #expect(ram.block.size == 7 * Self.pageSize && ram.block.pageCount == 7)
+            #expect((0..<7).map(ram.blockIndex(ofPage:)) == [0, 0, 0, 0, 1, 1, 2])
+            // The combined mapping shows each file's bytes at its start.
+            for (i, start) in ram.blockStarts.enumerated() {
+                #expect(ram.pointer(at: start).load(as: UInt8.self) == UInt8(i + 1))
+            }
+            // A write through the combined mapping lands in the file.
+            ram.pointer(at: 6 * Self.pageSize + 8).storeBytes(of: UInt8(0xEE), as: UInt8.self)
+            #expect(files[2].pointer(at: 8).load(as: UInt8.self) == 0xEE)
+            // pwrite and pread across the boundary of blocks 0 and 1.
+            let span = Int(Self.pageSize) * 2
+            let out = [UInt8]((0..<span).map { UInt8(truncatingIfNeeded: $0 * 7) })
+            try out.withUnsafeBytes { try ram.write(from: $0.baseAddress!, offset: 3 * Self.pageSize, length: span) }
+            #expect(files[0].pointer(at: 3 * Self.pageSize).load(as: UInt8.self) == out[0])
+            #expect(files[1].pointer(at: 0).load(as: UInt8.self) == out[Int(Self.pageSize)])
+            var back = [UInt8](repeating: 0, count: span)
+            try back.withUnsafeMutableBytes { try ram.read(into: $0.baseAddress!, offset: 3 * Self.pageSize, length: span) }
+            #expect(back == out)
+            // A discard across the boundary empties both files' pages.
+            try ram.discard(offset: 3 * Self.pageSize, length: 2 * Self.pageSize)
+            #expect(files[1].pointer(at: 0).load(as: UInt8.self) == 0)
+            #expect(files[0].pointer(at: 3 * Self.pageSize).load(as: UInt8.self) == 0)
+            #expect(files[0].pointer(at: 0).load(as: UInt8.self) == 1, "the discard went past its range")
+        }
+    }
+
+    @Test func combiningRefusesBlocksOfDifferentPageSizes() throws {
+        try Self.withTempDir { dir in
+            let a = try RAMFile.create(path: Self.path(dir.appendingPathComponent("a")), size: 8192, pageSize: 4096)
+            let b = try RAMFile.create(path: Self.path(dir.appendingPathComponent("b")), size: 16384, pageSize: 8192)
+            #expect(throws: GuestMemoryError.self) { try RAMFile.combining([a, b]) }
+            // One file is itself.
+            #expect(try RAMFile.combining([a]) === a)
+        }
+    }
 }

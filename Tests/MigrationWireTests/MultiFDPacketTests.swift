@@ -195,7 +195,9 @@ struct MultiFDPacketTests {
     @Test func offsetsAreCheckedAgainstTheirOwnBlock() throws {
         // 0x10000 is inside pc.ram but is the end of vga.vram.
         let inSecond = Self.pages(normal: 1, zero: 0, block: 1)
-        #expect(try Self.decodeOffsets(inSecond, Self.prefix(inSecond, offsets: [0xF000])) == [0xF000])
+        // Offsets come back in the whole range: vga.vram starts after pc.ram.
+        #expect(Self.limits.blockStarts == [0, 0x10_0000])
+        #expect(try Self.decodeOffsets(inSecond, Self.prefix(inSecond, offsets: [0xF000])) == [0x10_F000])
         let error = expectWireError(field: "offset[0]", value: "0x10000") {
             _ = try Self.decodeOffsets(inSecond, Self.prefix(inSecond, offsets: [0x1_0000]))
         }
@@ -390,7 +392,9 @@ struct MultiFDPacketTests {
             let decoded = try Self.decode(b, limits: limits, expected: h.packetNumber)
             #expect(decoded == h)
             let entries = try Self.decodeEntries(decoded, b, limits: limits)
-            #expect(entries.offsets == offsets && entries.hashes == hashes)
+            // Offsets come back in the whole range: the block's start added.
+            let start = blocks[..<Int(h.blockID)].reduce(0) { $0 + $1.size }
+            #expect(entries.offsets == offsets.map { $0 + start } && entries.hashes == hashes)
         }
     }
 
@@ -445,9 +449,10 @@ struct MultiFDPacketTests {
                 let withEntries = b + zip(offsets, hashes).flatMap { be($0) + be($1) }
                 do {
                     let out = try Self.decodeEntries(h, withEntries, limits: limits)
-                    #expect(out.offsets == offsets && out.hashes == hashes)
+                    let start = limits.blockStarts[Int(h.blockID)]
+                    #expect(out.offsets == offsets.map { $0 + start } && out.hashes == hashes)
                     for o in out.offsets {
-                        #expect(o % limits.pageSize == 0 && o < limits.blockSizes[Int(h.blockID)])
+                        #expect(o % limits.pageSize == 0 && o - start < limits.blockSizes[Int(h.blockID)])
                     }
                 } catch {
                     #expect(error.field.hasPrefix("offset["))
