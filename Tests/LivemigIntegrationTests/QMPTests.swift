@@ -30,7 +30,12 @@ struct QMPDrivenTests {
         /// `sourceQMP`: the source's QMP address (default a Unix socket).
         /// `incomingGuest`: the destination has an incoming guest (postcopy;
         /// the RAM files are then on tmpfs).
-        init(rate: String, sourceQMP: String? = nil, incomingGuest: Bool = false) throws {
+        /// `--ram` of the source and of the destination.
+        let sourceRAM: [String], destinationRAM: [String]
+
+        /// `blocks`: a guest of several RAM blocks (`--ram NAME=PATH`),
+        /// name and size each.
+        init(rate: String, sourceQMP: String? = nil, incomingGuest: Bool = false, blocks: [(String, String)] = []) throws {
             scratch = try incomingGuest ? Scratch(under: "/dev/shm/") : Scratch()
             src = scratch.path("src.ram")
             srcCtl = scratch.path("src.ctl")
@@ -38,10 +43,20 @@ struct QMPDrivenTests {
             dstCtl = scratch.path("dst.ctl")
             self.sourceQMP = sourceQMP ?? "unix:" + scratch.path("src.qmp")
             destinationQMP = "unix:" + scratch.path("dst.qmp")
-            guest = try LivemigProcess([
-                "stress", "--ram", src, "--control", srcCtl, "--size", QMPDrivenTests.size, "--pattern", "counter", "--threads", "2",
-                "--rate", rate,
-            ])
+            let (srcBase, dstBase) = (src, dst)
+            if blocks.isEmpty {
+                sourceRAM = ["--ram", srcBase]
+                destinationRAM = ["--ram", dstBase]
+            } else {
+                sourceRAM = blocks.flatMap { ["--ram", "\($0.0)=\(srcBase)-\($0.0)"] }
+                destinationRAM = blocks.flatMap { ["--ram", "\($0.0)=\(dstBase)-\($0.0)"] }
+            }
+            let guestRAM =
+                blocks.isEmpty
+                ? ["--ram", srcBase, "--size", QMPDrivenTests.size]
+                : blocks.flatMap { ["--ram", "\($0.0)=\(srcBase)-\($0.0),size=\($0.1)"] }
+            guest = try LivemigProcess(
+                ["stress"] + guestRAM + ["--control", srcCtl, "--pattern", "counter", "--threads", "2", "--rate", rate])
             #expect(guest.waitForStderr("guest started"), "the guest did not start")
             if incomingGuest {
                 let g = try LivemigProcess([
@@ -52,8 +67,8 @@ struct QMPDrivenTests {
             } else {
                 incoming = nil
             }
-            source = try LivemigProcess(["send", "--ram", src, "--guest", srcCtl, "--qmp", self.sourceQMP])
-            destination = try LivemigProcess(["receive", "--ram", dst, "--guest", dstCtl, "--qmp", destinationQMP])
+            source = try LivemigProcess(["send"] + sourceRAM + ["--guest", srcCtl, "--qmp", self.sourceQMP])
+            destination = try LivemigProcess(["receive"] + destinationRAM + ["--guest", dstCtl, "--qmp", destinationQMP])
             #expect(source.waitForStderr("QMP listening"), "send --qmp did not start")
             #expect(destination.waitForStderr("QMP listening"), "receive --qmp did not start")
         }
@@ -132,6 +147,20 @@ struct QMPDrivenTests {
         let g = rig.guest.wait(timeout: 20)
         #expect(g.status == 0 && g.stdout.contains("migrated"), "\(g.stdout) \(g.stderr)")
         let v = try Self.verify(rig.dst, rig.dstCtl)
+        #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
+    }
+
+    @Test("a guest of two RAM blocks migrates over QMP; query-migrate counts both")
+    func twoBlocks() throws {
+        let rig = try Rig(rate: "32MiB/s", blocks: [("pc.ram", "16MiB"), ("vga.vram", "4MiB")])
+        let report = try rig.drive("complete", uri: "unix:" + rig.scratch.path("mig.sock"))
+        let run = try #require(report["complete"] as? [String: Any])
+        let info = try #require(run["source-info"] as? [String: Any])
+        #expect((info["ram"] as? [String: Any])?["total"] as? Int64 == 20 << 20, "\(info)")
+        #expect(rig.source.wait(timeout: 30).status == 0)
+        #expect(rig.destination.wait(timeout: 30).status == 0)
+        #expect(rig.guest.wait(timeout: 20).status == 0)
+        let v = try livemig(["verify"] + rig.destinationRAM + ["--control", rig.dstCtl])
         #expect(v.status == 0, "\(v.stdout) \(v.stderr)")
     }
 
