@@ -134,7 +134,10 @@ struct QMPDrivenTests {
         #expect(info["status"] as? String == "completed")
         #expect(ram["total"] as? Int64 == Self.bytes)
         #expect((ram["dirty-sync-count"] as? Int ?? 0) >= passes.count)
-        #expect((ram["transferred"] as? Int64 ?? 0) >= Self.bytes / 2, "\(ram)")
+        // Every page went at least once (zero pages as offsets only, so the
+        // bytes on the wire say little).
+        let pagesSent = (ram["normal"] as? Int64 ?? 0) + (ram["duplicate"] as? Int64 ?? 0)
+        #expect(pagesSent >= Self.bytes / 4096 && (ram["transferred"] as? Int64 ?? 0) > 0, "\(ram)")
         #expect(ram["page-size"] as? Int == 4096)
         #expect(info["downtime"] != nil && info["total-time"] != nil && info["setup-time"] != nil)
         let dinfo = try #require(run["destination-info"] as? [String: Any])
