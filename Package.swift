@@ -74,6 +74,10 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // QMP, the QEMU Machine Protocol: JSON values, framing, capabilities
+        // negotiation, commands and events over a Unix or loopback socket.
+        // Knows nothing about migration.
+        .target(name: "QMP", dependencies: ["OSCall", "URing", "WorkerThreads"], swiftSettings: strict),
         // The stress guest (patterns, rates, counter workload) and its verifier.
         .target(name: "Workload", dependencies: ["CShims", "OSCall", "GuestMemory", "WorkerThreads"], swiftSettings: strict),
         // The command line: parsing, output formatting, exit codes.
@@ -81,7 +85,7 @@ let package = Package(
             name: "livemig",
             dependencies: [
                 "CShims", "OSCall", "GuestMemory", "MigrationWire", "Trust", "URing", "Migration", "Workload", "WorkerThreads",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "QMP", .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: strict
@@ -96,6 +100,7 @@ let package = Package(
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire", "TestSupport"]),
         .testTarget(name: "TrustTests", dependencies: ["Trust"]),
+        .testTarget(name: "QMPTests", dependencies: ["QMP", "URing"]),
         .testTarget(
             name: "MigrationTests",
             dependencies: [

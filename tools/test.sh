@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check: the formatter's lint, the whole test suite, then the
-# hand-off stress test again under ThreadSanitizer (its own build folder, so
-# the normal build stays warm).
+# hand-off stress test, the failure latch and the QMP server tests again
+# under ThreadSanitizer (its own build folder, so the normal build stays
+# warm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
@@ -9,4 +10,4 @@ tools/install-deps.sh
 swift format lint --strict -r Sources Tests Package.swift
 swift build --build-tests
 swift test --skip-build
-swift test --scratch-path .build-tsan --sanitize=thread --filter 'MultiFDSendTests|FailureLatchTests'
+swift test --scratch-path .build-tsan --sanitize=thread --filter 'MultiFDSendTests|FailureLatchTests|QMPServerTests|QMPFramingTests'

@@ -23,8 +23,14 @@ struct SendCommand: ParsableCommand {
             valueName: "PATH|NAME=PATH"))
     var ram: [String]
 
-    @Option(help: "Destination address: tcp:HOST:PORT or unix:PATH.")
-    var to: String
+    @Option(help: "Destination address: tcp:HOST:PORT or unix:PATH (with --qmp: from QMP's migrate instead).")
+    var to: String?
+
+    @Option(
+        help: ArgumentHelp(
+            "Serve QMP on unix:PATH or tcp:HOST:PORT (loopback) and migrate when a client says `migrate`, as QEMU does.",
+            valueName: "address"))
+    var qmp: String?
 
     @OptionGroup var common: ChannelOptions
 
@@ -95,8 +101,14 @@ struct SendCommand: ParsableCommand {
 
     func validate() throws {
         _ = try RAMArgument.parse(ram)
-        let address = try parseAddress(to, option: "--to")
-        if zerocopy, case .unix = address {
+        if let qmp {
+            _ = try parseAddress(qmp, option: "--qmp")
+            if to != nil { throw ValidationError("--to and --qmp exclude each other: with --qmp, QMP's migrate names the destination") }
+        } else if to == nil {
+            throw ValidationError("missing --to ADDRESS (or --qmp ADDRESS, to take it from QMP's migrate)")
+        }
+        let address = try to.map { try parseAddress($0, option: "--to") }
+        if zerocopy, case .unix? = address {
             // The kernel refuses SENDMSG_ZC on Unix sockets (EOPNOTSUPP).
             throw ValidationError("--zerocopy needs a TCP destination; Unix sockets do not support zero-copy sends")
         }
@@ -113,20 +125,18 @@ struct SendCommand: ParsableCommand {
             throw ValidationError("--max-bandwidth: '\(b)' is not a rate (e.g. 512MiB/s)")
         }
         if let t = timeout, parseDuration(t) == nil { throw ValidationError("--timeout: '\(t)' is not a duration (e.g. 30s)") }
-        if let m = maxRounds, m < 1 { throw ValidationError("--max-rounds must be at least 1, got \(m)") }
+        if let m = maxRounds { try check { () throws(SettingError) in _ = try SettingCheck.maxRounds(Int64(m), "--max-rounds") } }
         if zerocopy, noIoUring { throw ValidationError("--zerocopy needs io_uring; drop --no-io-uring") }
         if encrypt, trust.pskFile == nil {
             throw ValidationError("--encrypt needs --psk-file: the encryption keys come from the pre-shared key")
         }
         _ = try parseCompression(compress)
-        guard (1...99).contains(throttleInitial) else {
-            throw ValidationError("--throttle-initial must be from 1 to 99 (percent), got \(throttleInitial)")
-        }
-        guard (1...99).contains(throttleIncrement) else {
-            throw ValidationError("--throttle-increment must be from 1 to 99 (percent), got \(throttleIncrement)")
+        try check { () throws(SettingError) in
+            _ = try SettingCheck.throttlePercent(Int64(throttleInitial), "--throttle-initial")
+            _ = try SettingCheck.throttlePercent(Int64(throttleIncrement), "--throttle-increment")
         }
         if let n = postcopyAfterRounds {
-            guard n >= 0 else { throw ValidationError("--postcopy-after-rounds must be 0 or more, got \(n)") }
+            try check { () throws(SettingError) in _ = try SettingCheck.postcopyAfterRounds(Int64(n), "--postcopy-after-rounds") }
             if !postcopy { throw ValidationError("--postcopy-after-rounds goes with --postcopy") }
         }
         if postcopy, guest == nil {
@@ -138,8 +148,64 @@ struct SendCommand: ParsableCommand {
         }
     }
 
+    /// The settings the options give: the same set QMP's `migrate-set-*`
+    /// change (`SourceSettings`).
+    func settings() throws -> SourceSettings {
+        var s = SourceSettings()
+        s.channels = common.channels
+        s.autoConverge = autoConverge
+        s.postcopyRAM = postcopy
+        s.zeroCopySend = zerocopy
+        s.postcopyPreempt = !noPreempt
+        s.downtimeLimit = parseDuration(downtimeLimit)!
+        s.switchoverTimeout = switchoverTimeout.flatMap(parseDuration)
+        s.maxBandwidth = maxBandwidth.flatMap(parseRate)
+        s.throttleInitial = throttleInitial
+        s.throttleIncrement = throttleIncrement
+        let c = try parseCompression(compress)
+        s.compressionMethod = c.method
+        if c.method != .none { s.zstdLevel = c.level }
+        s.maxRounds = maxRounds
+        s.convergeTimeout = timeout.flatMap(parseDuration)
+        // With QMP, as in QEMU, postcopy-ram alone switches only on
+        // migrate-start-postcopy; on the command line after one round.
+        s.postcopyAfterRounds = postcopyAfterRounds ?? (qmp == nil ? 1 : nil)
+        return s
+    }
+
+    /// The process's fixed choices for a destination (io_uring, key,
+    /// timeouts, test hooks), then the settings.
+    func config(for address: SocketAddress, settings: SourceSettings) throws -> SourceConfig {
+        var config = SourceConfig(address: address, channels: settings.channels)
+        config.useRing = !noIoUring
+        if let key = try trust.loadKey() { config.trust = TrustSetting(key: key, encrypt: encrypt) }
+        config.peerTimeout = common.peerTimeoutSeconds
+        config.recoverTimeout = common.recoverTimeoutSeconds
+        config.faultPathPriority = common.faultPathPriority
+        config.onNotice = { FileHandleStderr.write("livemig: \($0)\n") }
+        config.testHoldPause = ProcessInfo.processInfo.environment["LIVEMIG_TEST_HOLD_PAUSE"].flatMap(Double.init)
+        config.testStopAt = ProcessInfo.processInfo.environment["LIVEMIG_TEST_STOP_AT"]
+        settings.apply(to: &config)
+        return config
+    }
+
+    /// Opens the guest's control file and takes its source byte, held
+    /// until this process exits: one source per guest.
+    func openGuest() throws -> (GuestControl?, OwnerLock?) {
+        guard let guest else { return (nil, nil) }
+        do {
+            let control = try GuestControl(path: FilePath(guest))
+            let lock = try OwnerLock.acquire(.source, on: FilePath(guest)) { holder in
+                "the guest in \(guest) is already being migrated by \(holder.named("livemig send")); "
+                    + "wait for that migration to end or stop it"
+            }
+            return (control, lock)
+        } catch {
+            throw CommandFailure(message: error.description)
+        }
+    }
+
     func run() throws {
-        let address = try parseAddress(to, option: "--to")
         let file: RAMFile
         let blocks = try RAMArgument.parse(ram)
         do {
@@ -150,44 +216,39 @@ struct SendCommand: ParsableCommand {
         } catch {
             throw CommandFailure(message: error.description)
         }
-        var config = SourceConfig(address: address, channels: common.channels)
-        config.useRing = !noIoUring
-        config.zeroCopy = zerocopy
-        config.compression = try parseCompression(compress)
-        if let key = try trust.loadKey() { config.trust = TrustSetting(key: key, encrypt: encrypt) }
-        trust.warnIfExposed(address, role: "sending to")
-        config.peerTimeout = common.peerTimeoutSeconds
-        config.recoverTimeout = common.recoverTimeoutSeconds
-        config.faultPathPriority = common.faultPathPriority
-        config.onNotice = { FileHandleStderr.write("livemig: \($0)\n") }
-        config.policy.downtimeLimit = parseDuration(downtimeLimit)!
-        config.switchoverTimeout = switchoverTimeout.flatMap(parseDuration)
-        config.policy.maxBandwidth = maxBandwidth.flatMap(parseRate).map { Double($0) }
-        config.policy.autoConverge = autoConverge
-        config.testHoldPause = ProcessInfo.processInfo.environment["LIVEMIG_TEST_HOLD_PAUSE"].flatMap(Double.init)
-        config.testStopAt = ProcessInfo.processInfo.environment["LIVEMIG_TEST_STOP_AT"]
-        config.policy.throttleInitial = UInt32(throttleInitial)
-        config.policy.throttleIncrement = UInt32(throttleIncrement)
-        config.policy.maxRounds = maxRounds
-        config.policy.timeout = timeout.flatMap(parseDuration)
-        config.postcopy = postcopy
-        config.postcopyAfterRounds = postcopyAfterRounds ?? 1
-        config.postcopyPreempt = !noPreempt
-        var control: GuestControl?
-        // One source per guest: the control file's source byte, held until
-        // this process exits.
-        var sourceLock: OwnerLock?
-        if let guest {
-            do {
-                control = try GuestControl(path: FilePath(guest))
-                sourceLock = try OwnerLock.acquire(.source, on: FilePath(guest)) { holder in
-                    "the guest in \(guest) is already being migrated by \(holder.named("livemig send")); "
-                        + "wait for that migration to end or stop it"
-                }
-            } catch {
-                throw CommandFailure(message: error.description)
+        if let qmp {
+            let (control, sourceLock) = try openGuest()
+            let settings = try settings()
+            let template = try config(for: .unix(path: "/"), settings: settings)
+            let keyed = trust.pskFile != nil, insecure = trust.insecure
+            // --events: every migration's rounds, one after the other.
+            let eventLog = try events.map { try EventLog(path: $0) }
+            let controller = SourceQMP(
+                ram: file, guest: control, useRing: !noIoUring, settings: settings,
+                makeConfig: { address, settings in
+                    var c = template
+                    c.address = address
+                    settings.apply(to: &c)
+                    return c
+                },
+                makeSource: { config, onRound in
+                    SourceMigration(ram: file, config: config, guest: control) { record in
+                        eventLog?.append(record)
+                        onRound(record)
+                    }
+                },
+                warnExposed: { TrustOptions.warnIfExposed($0, role: "sending to", keyed: keyed, insecure: insecure) })
+            let status = try withExtendedLifetime(sourceLock) {
+                try serveQMP(qmp, role: "send", controller: controller) { controller.startPostcopyFromSignal() }
             }
+            guard status == 0 else { throw CommandFailure(message: "the last migration did not complete", status: status) }
+            return
         }
+        guard let to else { throw CommandFailure(message: "missing --to", status: exitUsage) }
+        let address = try parseAddress(to, option: "--to")
+        let config = try config(for: address, settings: settings())
+        trust.warnIfExposed(address, role: "sending to")
+        let (control, sourceLock) = try openGuest()
         let eventLog = try events.map { try EventLog(path: $0) }
         var onRound: (@Sendable (RoundRecord) -> Void)?
         if let log = eventLog { onRound = { log.append($0) } }
@@ -228,6 +289,15 @@ struct SendCommand: ParsableCommand {
     }
 }
 
+/// Runs a setting check of `SettingCheck` as a usage error.
+private func check(_ body: () throws(SettingError) -> Void) throws {
+    do {
+        try body()
+    } catch {
+        throw ValidationError(error.description)
+    }
+}
+
 /// What became of the source guest after a failed live migration, read
 /// from its control file rather than assumed: the source lifted its pause
 /// and throttle (if it had set them) and never writes guest RAM, but the
@@ -260,6 +330,14 @@ func parseCompression(_ text: String) throws -> CompressionSetting {
     case "none" where parts.count == 1: return .none
     case "zstd":
         guard parts.count == 2 else { return CompressionSetting(method: .zstd) }
+        if let n = Int64(parts[1]) {
+            // One check for --compress and QMP's multifd-zstd-level.
+            do {
+                return CompressionSetting(method: .zstd, level: try SettingCheck.zstdLevel(n, "--compress"))
+            } catch {
+                throw ValidationError(error.description)
+            }
+        }
         let levels = Zstd.levels
         guard let level = Int32(parts[1]), levels.contains(level) else {
             throw ValidationError(

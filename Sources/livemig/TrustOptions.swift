@@ -25,7 +25,12 @@ struct TrustOptions: ParsableArguments {
     /// without a key: anyone who reaches the port could then write (or
     /// read) guest memory.
     func warnIfExposed(_ address: SocketAddress, role: String) {
-        guard pskFile == nil, !insecure, !address.isLoopback else { return }
+        Self.warnIfExposed(address, role: role, keyed: pskFile != nil, insecure: insecure)
+    }
+
+    /// The same, for a later address (QMP's `migrate`, `migrate-incoming`).
+    static func warnIfExposed(_ address: SocketAddress, role: String, keyed: Bool, insecure: Bool) {
+        guard !keyed, !insecure, !address.isLoopback else { return }
         FileHandleStderr.write(
             "livemig: WARNING: \(role) \(address) without a pre-shared key: any host that reaches it can "
                 + (role == "listening on" ? "write this guest's RAM" : "pose as the destination and read the guest's RAM")
