@@ -164,6 +164,11 @@ async def postcopy(src, dst, uri, out):
                        "source-info": await src.execute("query-migrate"),
                        "destination-info": await dst.execute("query-migrate")}
     check(src_end == "completed" and dst_end == "completed", f"ended {src_end} / {dst_end}: {out['postcopy']}")
+    # Both sides pass through postcopy-active, as two QEMUs do.
+    def statuses(log):
+        return [e["data"]["status"] for e in log if e["event"] == "MIGRATION"]
+    check("postcopy-active" in statuses(src_log) and "postcopy-active" in statuses(dst_log),
+          f"no postcopy-active: {statuses(src_log)} / {statuses(dst_log)}")
 
 
 async def main():

@@ -336,6 +336,10 @@ public final class DestinationMigration: Sendable {
     /// Whether a failure found the migration after the postcopy commit.
     public var postcopyPaused: Bool { latch.hasFailed && phase.load(ordering: .acquiring) == .postcopyActive }
 
+    /// Whether the guest runs here while pages still arrive (after the
+    /// postcopy commit, before the last page), and no failure paused it.
+    public var postcopyActive: Bool { !latch.hasFailed && phase.load(ordering: .acquiring) == .postcopyActive }
+
     /// Receives the migration: the first connections, then, when they
     /// break after the postcopy commit, the source's recoveries
     /// (`recoverPostcopy`, for up to `config.recoverTimeout`).

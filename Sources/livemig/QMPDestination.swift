@@ -164,7 +164,8 @@ final class DestinationQMP: Sendable, QMPController {
         guard let run = current.withLock({ $0 }) else { return }
         let c = run.destination.counters
         if c.read(c.mainBytes) > 0 || c.read(c.multifdBytes) > 0 { board.move(to: .active) { $0 == .setup } }
-        if run.destination.postcopyPaused { board.move(to: .postcopyPaused) { $0 == .active } }
+        if run.destination.postcopyActive { board.move(to: .postcopyActive) { $0 == .active || $0 == .postcopyPaused } }
+        if run.destination.postcopyPaused { board.move(to: .postcopyPaused) { $0 == .active || $0 == .postcopyActive } }
     }
 
     func cancel(_ reason: String) {
