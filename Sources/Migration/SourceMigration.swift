@@ -363,7 +363,9 @@ public final class SourceMigration: Sendable {
             let remaining = dirty * pageSize
             let verdict = judge.decide(
                 round: round, bytes: bytes, seconds: seconds, remaining: remaining, elapsed: Monotonic.now - precopyStart)
-            expected = verdict.expectedDowntime
+            // A round cut before it sent a page (the postcopy switch)
+            // measured no bandwidth: it predicts nothing.
+            expected = cut && pages == 0 ? .nan : verdict.expectedDowntime
             if policy.autoConverge, round >= 2, case .nextRound = verdict.decision,
                 let p = autoConverge.afterRound(dirtiedBytes: remaining, sentBytes: bytes)
             {
