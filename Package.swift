@@ -99,7 +99,7 @@ let package = Package(
         .testTarget(name: "OSCallTests", dependencies: ["OSCall", .product(name: "SystemPackage", package: "swift-system")]),
         .testTarget(name: "WorkloadTests", dependencies: ["Workload", "GuestMemory"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire", "TestSupport"]),
-        .testTarget(name: "TrustTests", dependencies: ["Trust"]),
+        .testTarget(name: "TrustTests", dependencies: ["Trust", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "URing"]),
         .testTarget(
             name: "MigrationTests",

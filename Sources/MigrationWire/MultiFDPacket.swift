@@ -1,4 +1,5 @@
-/// The fixed header in front of every multifd packet (protocol version 2).
+/// The fixed header in front of every multifd packet (its layout is
+/// version 2; protocol 3 changed only the cipher of ENCRYPTED).
 ///
 /// Wire layout (48 bytes, big-endian), then `normal-count + zero-count` page
 /// entries (16 bytes each: the page's offset u64 and the XXH3-64 hash of its

@@ -36,7 +36,7 @@ struct SendCommand: ParsableCommand {
 
     @OptionGroup var trust: TrustOptions
 
-    @Flag(help: "Encrypt page data (ChaCha20-Poly1305, keys from the pre-shared key); needs --psk-file.")
+    @Flag(help: "Encrypt page data (AES-256-GCM, keys from the pre-shared key); needs --psk-file.")
     var encrypt = false
 
     @Flag(help: "Send with plain sendmsg instead of io_uring (for comparison).")

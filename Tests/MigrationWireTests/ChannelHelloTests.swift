@@ -25,7 +25,7 @@ struct ChannelHelloTests {
             nonce: Self.nonce)
         let expected: [UInt8] =
             [0x4C, 0x4D, 0x49, 0x47]  // "LMIG"
-            + [0, 0, 0, 2]  // version
+            + [0, 0, 0, 3]  // version
             + [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]  // session high
             + [0xFE, 0xDC, 0xBA, 0x98, 0x76, 0x54, 0x32, 0x10]  // session low
             + [2, 0]  // kind, compression (none)
@@ -36,7 +36,7 @@ struct ChannelHelloTests {
         #expect(hello.encoded() == expected)
         #expect(hello.encoded().count == ChannelHello.size)
         #expect(ChannelHello.size == 64)
-        #expect(ChannelHello.version == 2)
+        #expect(ChannelHello.version == 3)
         #expect(ChannelHello.nonceSize == 32)
         #expect(ChannelHello.preambleSize == 8)
     }
@@ -117,7 +117,7 @@ struct ChannelHelloTests {
         // A protocol-1 source: its hello is 32 bytes, and it hears about the version first.
         let old = Array(Self.valid().settingU32(1, at: 4)[0..<32])
         let error = expectWireError(field: "version", value: "1") { _ = try Self.decode(old) }
-        #expect(error?.reason.contains("speaks version 2") == true)
+        #expect(error?.reason.contains("speaks version 3") == true)
     }
 
     @Test func rejectsRecoverWithoutPostcopy() {
@@ -169,7 +169,9 @@ struct ChannelHelloTests {
         // A protocol-1 peer hears about the version from the first 8 bytes.
         let version = expectWireError(field: "version", value: "1") { try check(Array(hello.settingU32(1, at: 4)[0..<8])) }
         #expect(version?.reason.contains("matching livemig builds") == true)
-        expectWireError(field: "version", value: "3") { try check(Array(hello.settingU32(3, at: 4)[0..<8])) }
+        // A protocol-2 peer (ChaCha20-Poly1305 for ENCRYPTED) is another version too.
+        expectWireError(field: "version", value: "2") { try check(Array(hello.settingU32(2, at: 4)[0..<8])) }
+        expectWireError(field: "version", value: "4") { try check(Array(hello.settingU32(4, at: 4)[0..<8])) }
         // Fewer than 8 bytes.
         expectWireError(field: "magic", value: "missing") { try check(Array(hello[0..<3])) }
         expectWireError(field: "version", value: "missing") { try check(Array(hello[0..<7])) }
@@ -256,7 +258,7 @@ struct HelloChallengeTests {
         let c = HelloChallenge(flags: .authenticated, nonce: Self.nonce, proof: Self.proof)
         let unproven: [UInt8] =
             [0x4C, 0x4D, 0x49, 0x52]  // "LMIR"
-            + [0, 0, 0, 2]  // version
+            + [0, 0, 0, 3]  // version
             + [0, 1]  // flags: AUTHENTICATED
             + [0, 0]  // reserved u16
             + [0, 0, 0, 0]  // reserved u32

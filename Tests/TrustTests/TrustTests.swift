@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Testing
 
@@ -101,6 +102,23 @@ struct TrustTests {
             badPrefix.withUnsafeBytes { p in tag.withUnsafeBytes { sealer.open(c, prefix: p, tag: $0, packetNumber: 1) } }
         }
         #expect(refused == nil)
+    }
+
+    /// The wire says AES-256-GCM with the packet number as the nonce
+    /// (docs/PROTOCOL.md §4): a plain swift-crypto AES.GCM opener with that
+    /// key and nonce must read what the sealer wrote, and a ChaCha20-Poly1305
+    /// one (protocol 2) must not.
+    @Test func encryptionIsAES256GCMWithThePacketNumberAsNonce() throws {
+        let keys = ChannelKeys(key: Self.key, hello: [1], challenge: [2], sourceNonce: [3], destinationNonce: [4])
+        let sealer = PacketSealer(key: keys.toDestination, encrypts: true)
+        let payload = [UInt8]((0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 31) }), prefix = [UInt8](repeating: 5, count: 48)
+        let number: UInt64 = 0x0102_0304_0506_0708
+        let (ct, tag) = try payload.withUnsafeBytes { p in try prefix.withUnsafeBytes { try sealer.seal(p, prefix: $0, packetNumber: number) } }
+        let nonce: [UInt8] = [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]
+        let box = try AES.GCM.SealedBox(nonce: AES.GCM.Nonce(data: nonce), ciphertext: ct, tag: tag)
+        #expect(try Array(AES.GCM.open(box, using: keys.toDestination, authenticating: prefix)) == payload)
+        let chacha = try ChaChaPoly.SealedBox(nonce: ChaChaPoly.Nonce(data: nonce), ciphertext: ct, tag: tag)
+        #expect(throws: (any Error).self) { try ChaChaPoly.open(chacha, using: keys.toDestination, authenticating: prefix) }
     }
 
     @Test func contentHashesSeeEveryByte() {
