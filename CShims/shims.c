@@ -23,6 +23,9 @@
 #include <sys/xattr.h>
 #include <string.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #if defined(__x86_64__)
 #define LM_AUDIT_ARCH AUDIT_ARCH_X86_64
@@ -103,6 +106,33 @@ bool lm_buffer_is_zero(const void *p, size_t length) {
         if (acc != 0) return false;
     }
     return true;
+}
+
+void lm_place_pages(void *base, const uint64_t *offsets, const void *pages, size_t count, size_t page_size) {
+    const uint8_t *from = (const uint8_t *)pages;
+#if defined(__x86_64__)
+    bool streams = ((uintptr_t)base % 16 == 0) && ((uintptr_t)pages % 16 == 0) && (page_size % 64 == 0);
+    if (streams) {
+        for (size_t i = 0; i < count; i++, from += page_size) {
+            const __m128i *s = (const __m128i *)from;
+            __m128i *d = (__m128i *)((uint8_t *)base + offsets[i]);
+            for (size_t k = 0; k < page_size / 16; k += 4) {
+                __m128i a = _mm_load_si128(s + k), b = _mm_load_si128(s + k + 1);
+                __m128i c = _mm_load_si128(s + k + 2), e = _mm_load_si128(s + k + 3);
+                _mm_stream_si128(d + k, a);
+                _mm_stream_si128(d + k + 1, b);
+                _mm_stream_si128(d + k + 2, c);
+                _mm_stream_si128(d + k + 3, e);
+            }
+        }
+        // Streaming stores are weakly ordered: without this fence a later
+        // release store (the arrived bit, the SYNC barrier) could be seen
+        // before the page content.
+        _mm_sfence();
+        return;
+    }
+#endif
+    for (size_t i = 0; i < count; i++, from += page_size) memcpy((uint8_t *)base + offsets[i], from, page_size);
 }
 
 void lm_fault_in_windows(const void *base, const uint64_t *offsets, size_t count, uint64_t window) {

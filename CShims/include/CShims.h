@@ -161,6 +161,20 @@ int64_t lm_getxattr_size(const char *path, const char *name);
 /// `length` a multiple of 64 (a page). Reads until the first non-zero block.
 bool lm_buffer_is_zero(const void *p, size_t length);
 
+/// Copies `count` pages of `page_size` bytes, laid out one after the other
+/// at `pages`, to `base + offsets[i]`, with non-temporal stores, then
+/// fences them (sfence), so that a release store or a syscall that follows
+/// publishes them like ordinary stores. For the receiver's placement from
+/// its packet buffer into a pre-faulted mapping: the source is hot in this
+/// core's cache (it was just received and hashed), the destination cold, so
+/// ordinary stores would first read every destination line (read for
+/// ownership) only to overwrite it. Measured on 1 GiB of /dev/shm in 4 KiB
+/// pages from a 512 KiB buffer: 106 ms against memcpy's 150 ms; a copy
+/// straight into the mapping, with no staging at all, takes 85 ms.
+/// `pages` and every destination are 16-byte aligned and `page_size` is a
+/// multiple of 64; elsewhere (or off x86-64) it is memcpy.
+void lm_place_pages(void *base, const uint64_t *offsets, const void *pages, size_t count, size_t page_size);
+
 /// Reads one byte of each page at `base + offsets[i]` whose address starts a
 /// new `window`-byte aligned window (the kernel's fault-around unit, 64 KiB
 /// by default), so

@@ -65,13 +65,25 @@ final class BatchReader {
     /// default): one read fault maps the window's cached pages.
     static let faultAroundBytes: UInt64 = 64 << 10
 
-    init(ram: RAMFile, slots: Int = 1) {
-        precondition(slots >= 1)
+    /// Bytes from one slot's start to the next's: headroom, 128 pages,
+    /// tailroom.
+    private let slotStride: Int
+    /// Free bytes before each slot's first page (a multiple of the page
+    /// size, so that pages stay page-aligned).
+    private let headroom: Int
+
+    /// `headroom` and `tailroom`: free bytes kept before and after each
+    /// slot's pages, so that a packet can be laid out around them in place
+    /// (its prefix before, its tag after: `PacketSender` with a key).
+    init(ram: RAMFile, slots: Int = 1, headroom: Int = 0, tailroom: Int = 0) {
+        precondition(slots >= 1 && headroom >= 0 && tailroom >= 0)
         self.ram = ram
         self.slots = slots
         pageSize = Int(ram.block.pageSize)
-        buffer = .allocate(byteCount: slots * MultiFDPages.capacity * pageSize, alignment: 4096)
-        staged = buffer
+        self.headroom = (headroom + pageSize - 1) / pageSize * pageSize
+        slotStride = self.headroom + MultiFDPages.capacity * pageSize + (tailroom + pageSize - 1) / pageSize * pageSize
+        buffer = .allocate(byteCount: slots * slotStride, alignment: 4096)
+        staged = buffer + self.headroom
         isZero = .allocate(capacity: MultiFDPages.capacity)
     }
 
@@ -83,6 +95,9 @@ final class BatchReader {
     /// The copy of page `i` of the last batch read, in its slot.
     @inline(__always) func page(_ i: Int) -> UnsafeMutableRawPointer { staged + i * pageSize }
 
+    /// Where slot `slot`'s first page goes; its headroom lies before.
+    func slotStart(_ slot: Int) -> UnsafeMutableRawPointer { buffer + slot * slotStride + headroom }
+
     /// Copies `pages` into `slot` (by pread, or through the mapping) and
     /// fills `isZero[0..<pages.count]`. A slot is overwritten by the next
     /// batch read into the same slot. A failed pread throws (a file
@@ -93,7 +108,7 @@ final class BatchReader {
         var runs = 0
         for _ in PageRuns(pages.offsets, count: pages.count, pageSize: UInt64(pageSize)) { runs += 1 }
         let long = runs * Self.minimumStagedRun <= pages.count
-        let slotBase = buffer + slot * MultiFDPages.capacity * pageSize
+        let slotBase = slotStart(slot)
         staged = slotBase
         isStaged = long || lastMostlyZero
         if isStaged {

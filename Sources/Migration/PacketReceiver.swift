@@ -17,9 +17,10 @@ import WorkerThreads
 /// validation"): the header's fields, the prefix check over header and
 /// entries, every offset, then the payload, read into this channel's own
 /// buffer, against its tag (with a key: the GMAC, or the AEAD that decrypts
-/// it), its zstd frame (compressed) and each page's content hash. Only
-/// then are the pages placed: copied into the mapping when it was
-/// pre-faulted, else written into the file with pwrite (`writeThrough`).
+/// it), its zstd frame (compressed) and, without a key, each page's content
+/// hash (with one, the MAC covers the pages and their hashes). Only
+/// then are the pages placed: copied into the mapping (with streaming
+/// stores, `lm_place_pages`) when it was pre-faulted, else written into the file with pwrite (`writeThrough`).
 final class PacketReceiver: @unchecked Sendable {
     // @unchecked: used by its own receiver thread only, after being built on
     // the main thread (thread start orders the two).
@@ -209,7 +210,12 @@ final class PacketReceiver: @unchecked Sendable {
             counters.add(counters.compressedPages, UInt64(normal))
             counters.add(counters.compressedBytes, UInt64(h.payloadSize))
         }
-        for i in 0..<normal {
+        // With a key the MAC (or the AEAD tag) already proved the payload
+        // and the entries to be the source's, bytes and hashes alike: the
+        // source hashed exactly these bytes, so hashing them again proves
+        // nothing more (the issue: "with a key, a MAC instead"). The entry
+        // hashes still go into the page table for the completion check.
+        for i in 0..<(sealer == nil ? normal : 0) {
             let got = ContentHash.page(pages + i * pageSize, length: pageSize)
             guard got == hashes[i] else {
                 throw MigrationError(
@@ -242,7 +248,9 @@ final class PacketReceiver: @unchecked Sendable {
         if writeThrough {
             try writePages(from: pages, normal: normal)
         } else {
-            for i in 0..<normal { (ram.base + Int(offsets[i])).copyMemory(from: pages + i * pageSize, byteCount: pageSize) }
+            // Streaming stores: the packet buffer is hot, the mapping cold
+            // (lm_place_pages); the copy ends with a store fence.
+            lm_place_pages(ram.base, offsets, pages, normal, pageSize)
         }
         // A zero page must end zero even over older content; reading first
         // avoids dirtying (and allocating) pages that already are. In a file

@@ -17,8 +17,9 @@ import URing
 /// sides record it in their `PageTable` for the completion check. The
 /// header and entries carry their own check. With a pre-shared key each
 /// packet also ends with a tag: a GMAC over header, entries and payload,
-/// which must lie contiguous, so they are laid out in this channel's sealed
-/// slots first; with `--encrypt`, ChaCha20-Poly1305 instead.
+/// which must lie contiguous, so the packet is laid out around its pages in
+/// their reader slot (prefix in the slot's headroom, tag in its tailroom:
+/// no copy of a page); with `--encrypt`, AES-256-GCM instead.
 ///
 /// Hot path: no allocation without encryption. The headers, entry arrays,
 /// zero-page scratch, copies, sealed slots and iovec array are allocated
@@ -74,12 +75,17 @@ public final class PacketSender: ChannelTransport {
         prefixes = .allocate(byteCount: jobCapacity * MultiFDPacketHeader.maxPrefixSize, alignment: 8)
         zeroScratch = .allocate(capacity: MultiFDPages.capacity)
         normalSlots = .allocate(capacity: MultiFDPages.capacity)
-        reader = BatchReader(ram: ram, slots: jobCapacity)
+        // With a key the packet is sealed around its pages in their slot:
+        // its prefix in the headroom, its tag in the tailroom (`seal`).
+        reader = BatchReader(
+            ram: ram, slots: jobCapacity, headroom: sealer == nil ? 0 : MultiFDPacketHeader.maxPrefixSize,
+            tailroom: sealer == nil ? 0 : PacketSealer.tagSize)
         // Per packet: its prefix, at most one iovec per page, and a tag.
         iov = .allocate(capacity: jobCapacity * (MultiFDPages.capacity + 2))
         let payloadCapacity = max(MultiFDPages.capacity * pageSize, compressor?.frameCapacity ?? 0)
         sealedSlotSize = MultiFDPacketHeader.maxPrefixSize + payloadCapacity + PacketSealer.tagSize
-        sealed = sealer == nil ? nil : .allocate(byteCount: jobCapacity * sealedSlotSize, alignment: 64)
+        // Only a zstd frame is sealed in a buffer of its own.
+        sealed = sealer == nil || compressor == nil ? nil : .allocate(byteCount: jobCapacity * sealedSlotSize, alignment: 64)
     }
 
     deinit {
@@ -190,22 +196,32 @@ public final class PacketSender: ChannelTransport {
         }
     }
 
-    /// Lays the packet out contiguous in sealed slot `slot`, adds its tag
-    /// (or encrypts its payload), and adds one iovec for all of it. Returns
-    /// the bytes it adds to the write.
+    /// Lays the packet out contiguous, adds its tag (or encrypts its
+    /// payload), and adds one iovec for all of it. Returns the bytes it adds
+    /// to the write. Pages are sealed where they lie, in reader slot
+    /// `slot`: the normal ones are moved down over the zero ones (a page
+    /// moves only when a zero page precedes it: none in a batch of random
+    /// pages), the prefix goes into the slot's headroom and the tag into
+    /// its tailroom. This overwrites the slot's zero pages, which nothing
+    /// reads after this. A zstd frame is copied into the sealed buffer.
     private func seal(
         _ sealer: PacketSealer, prefix: UnsafeMutableRawPointer, prefixSize: Int, payload: Int, frame: UnsafeRawBufferPointer?,
         normal: Int, slot: Int, packetNumber: UInt64, iovAt iovCount: inout Int
     ) throws(MigrationError) -> Int {
-        let region = sealed! + slot * sealedSlotSize
-        let body = region + MultiFDPacketHeader.maxPrefixSize
-        let start = body - prefixSize
-        start.copyMemory(from: prefix, byteCount: prefixSize)
+        let body: UnsafeMutableRawPointer
         if let frame {
+            body = sealed! + slot * sealedSlotSize + MultiFDPacketHeader.maxPrefixSize
             if frame.count > 0 { body.copyMemory(from: frame.baseAddress!, byteCount: frame.count) }
         } else {
-            for k in 0..<normal { (body + k * pageSize).copyMemory(from: reader.page(normalSlots[k]), byteCount: pageSize) }
+            body = reader.slotStart(slot)
+            // normalSlots is increasing, so normalSlots[k] >= k: each page
+            // moves down to a place already read.
+            for k in 0..<normal where normalSlots[k] != k {
+                (body + k * pageSize).copyMemory(from: body + normalSlots[k] * pageSize, byteCount: pageSize)
+            }
         }
+        let start = body - prefixSize
+        start.copyMemory(from: prefix, byteCount: prefixSize)
         let tag = body + payload
         do {
             if sealer.encrypts {
