@@ -256,8 +256,13 @@ public struct HelloChallenge: Equatable, Sendable {
                 message: what, field: "flags", value: hex(flags.rawValue),
                 reason: "unknown bits \(hex(flags.rawValue & ~Flags.known.rawValue))")
         }
-        _ = try r.u16("reserved")
-        _ = try r.u32("reserved")
+        let reserved16 = try r.u16("reserved")
+        let reserved32 = try r.u32("reserved")
+        guard reserved16 == 0, reserved32 == 0 else {
+            throw WireError(
+                message: what, field: "reserved", value: reserved16 != 0 ? hex(reserved16) : hex(reserved32),
+                reason: "must be 0; the peer is not a livemig destination of this version")
+        }
         let nonce = try r.raw(ChannelHello.nonceSize, "nonce")
         let proof = try r.raw(Self.proofSize, "proof")
         return HelloChallenge(flags: flags, nonce: nonce, proof: proof)

@@ -280,7 +280,11 @@ public enum MainMessage: Equatable, Sendable {
                 message: "main message", field: "type", value: "\(type)",
                 reason: "no such message type (1...\(Tag.postcopyReceived.rawValue))")
         }
-        _ = try r.u16("reserved")
+        let reserved = try r.u16("reserved")
+        guard reserved == 0 else {
+            throw WireError(
+                message: "main message", field: "reserved", value: hex(reserved), reason: "must be 0; the stream is corrupt")
+        }
         let length = try r.u32("length")
         guard Int(length) <= maxPayload else {
             throw WireError(

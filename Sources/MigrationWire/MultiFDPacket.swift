@@ -185,6 +185,8 @@ public struct MultiFDPacketHeader: Equatable, Sendable {
                         : "a packet of zero pages only has no payload to compress")
             }
         }
+        let reserved = be32(36)
+        guard reserved == 0 else { throw bad("reserved", hex(reserved), "must be 0; the stream is corrupt or from another livemig") }
         return MultiFDPacketHeader(
             flags: flags, normalCount: normal, zeroCount: zero, payloadSize: payload,
             packetNumber: number, blockID: block, check: check)

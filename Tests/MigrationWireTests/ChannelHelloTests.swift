@@ -308,6 +308,13 @@ struct HelloChallengeTests {
         expectWireError(field: "magic", value: "0x4c4d4947") { _ = try Self.decode(hello + [UInt8](repeating: 0, count: 16)) }
     }
 
+    @Test func rejectsNonZeroReserved() {
+        let good = HelloChallenge(flags: [], nonce: Self.nonce).encoded()
+        #expect(throws: Never.self) { _ = try Self.decode(good) }
+        expectWireError(field: "reserved", value: "0x1") { _ = try Self.decode(good.settingU16(1, at: 10)) }
+        expectWireError(field: "reserved", value: "0xabcd") { _ = try Self.decode(good.settingU32(0xABCD, at: 12)) }
+    }
+
     @Test func rejectsWrongVersion() {
         let good = HelloChallenge(flags: [], nonce: Self.nonce).encoded()
         expectWireError(field: "version", value: "1") { _ = try Self.decode(good.settingU32(1, at: 4)) }

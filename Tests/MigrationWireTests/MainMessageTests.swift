@@ -237,6 +237,12 @@ struct MainMessageTests {
         expectWireError(field: "type", value: "4660") { _ = try Self.decodePayload(type: 0x1234, []) }
     }
 
+    @Test func rejectsNonZeroReserved() {
+        #expect(throws: Never.self) { _ = try Self.decodeHeader(Self.header(type: 5, length: 0)) }
+        expectWireError(field: "reserved", value: "0x1") { _ = try Self.decodeHeader(be(UInt16(5)) + [0, 1] + be(UInt32(0))) }
+        expectWireError(field: "reserved", value: "0xff00") { _ = try Self.decodeHeader(be(UInt16(5)) + [0xFF, 0] + be(UInt32(0))) }
+    }
+
     @Test func rejectsLengthOverMaxPayload() {
         let over = UInt32(MainMessage.maxPayload + 1)
         let error = expectWireError(field: "length", value: "\(over)") {

@@ -320,10 +320,14 @@ struct MultiFDPacketTests {
         #expect(throws: Never.self) { try Self.decode(Self.bytes(s)) }
     }
 
-    @Test func reservedBytesAreIgnored() throws {
+    @Test func rejectsNonZeroReservedBytes() throws {
         let h = Self.pages()
-        let b = Self.bytes(h).settingU32(0xFFFF_FFFF, at: 36)
-        #expect(try Self.decode(b) == h)
+        #expect(try Self.decode(Self.bytes(h)) == h)
+        for v: UInt32 in [1, 0x8000_0000, 0xFFFF_FFFF] {
+            expectWireError(field: "reserved", value: "0x" + String(v, radix: 16)) {
+                _ = try Self.decode(Self.bytes(h).settingU32(v, at: 36))
+            }
+        }
     }
 
     // MARK: - entry validation: one test per rule (hashes are the receiver's to check)
@@ -419,6 +423,7 @@ struct MultiFDPacketTests {
             }
             if chance(3) { b = b.settingU64(expected &+ (chance(10) ? 0 : 1), at: 24) }
             if chance(2) { b = b.settingU32(UInt32.random(in: 0...3, using: &g), at: 32) }
+            if chance(8) { b = b.settingU32(0, at: 36) }
 
             let h: Header
             do {
@@ -458,16 +463,15 @@ struct MultiFDPacketTests {
                     #expect(error.field.hasPrefix("offset["))
                 }
             }
-            // Re-encoding gives the same bytes, but for the reserved word.
-            #expect(Array(Self.bytes(h)[0..<36]) == Array(b[0..<36]))
-            #expect(Array(Self.bytes(h)[40..<48]) == Array(b[40..<48]))
+            // Re-encoding gives the same bytes (the reserved word is 0).
+            #expect(Array(Self.bytes(h)[0..<48]) == Array(b[0..<48]))
         }
         // The generator reaches both outcomes and every check.
         #expect(accepted > 100)
         #expect(
             fields == [
                 "magic", "version", "flags", "normal-count", "zero-count", "normal-count + zero-count",
-                "payload-size", "packet-number", "block-id",
+                "payload-size", "packet-number", "block-id", "reserved",
             ])
     }
 }
