@@ -113,7 +113,9 @@ struct TrustTests {
         let sealer = PacketSealer(key: keys.toDestination, encrypts: true)
         let payload = [UInt8]((0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 31) }), prefix = [UInt8](repeating: 5, count: 48)
         let number: UInt64 = 0x0102_0304_0506_0708
-        let (ct, tag) = try payload.withUnsafeBytes { p in try prefix.withUnsafeBytes { try sealer.seal(p, prefix: $0, packetNumber: number) } }
+        let (ct, tag) = try payload.withUnsafeBytes { p in
+            try prefix.withUnsafeBytes { try sealer.seal(p, prefix: $0, packetNumber: number) }
+        }
         let nonce: [UInt8] = [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]
         let box = try AES.GCM.SealedBox(nonce: AES.GCM.Nonce(data: nonce), ciphertext: ct, tag: tag)
         #expect(try Array(AES.GCM.open(box, using: keys.toDestination, authenticating: prefix)) == payload)
