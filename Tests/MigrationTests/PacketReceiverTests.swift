@@ -176,9 +176,15 @@ struct PacketReceiverTests {
         try PacketSenderTests.withRAM { ram, image in
             let (sent, _) = try Self.sent(ram)
             let starts = try Self.packetStarts(sent, limits: Self.limits())
-            // The reserved word (no field check sees it), an entry's hash,
-            // the check itself.
-            for byte in [37, MultiFDPacketHeader.size + 16 * 5 + 12, 44] {
+            // The reserved word is refused by its own field check (it must
+            // be 0), before any page of the packet is placed.
+            var reserved = sent
+            reserved[starts[2] + 37] ^= 0x01
+            let refused = try Self.receive(reserved, limits: Self.limits())
+            #expect(refused.error?.description.contains("'reserved'") == true, "\(String(describing: refused.error))")
+            #expect(refused.ram == Self.expected(image, packets: 2), "only packets 0 and 1 were placed")
+            // An entry's hash and the check itself: no field check sees them.
+            for byte in [MultiFDPacketHeader.size + 16 * 5 + 12, 44] {
                 var bytes = sent
                 bytes[starts[2] + byte] ^= 0x01
                 let out = try Self.receive(bytes, limits: Self.limits())
