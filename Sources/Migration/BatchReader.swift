@@ -80,8 +80,10 @@ final class BatchReader {
         self.ram = ram
         self.slots = slots
         pageSize = Int(ram.block.pageSize)
-        self.headroom = (headroom + pageSize - 1) / pageSize * pageSize
-        slotStride = self.headroom + MultiFDPages.capacity * pageSize + (tailroom + pageSize - 1) / pageSize * pageSize
+        let page = pageSize
+        let wholePages = { (bytes: Int) in (bytes + page - 1) / page * page }
+        self.headroom = wholePages(headroom)
+        slotStride = self.headroom + MultiFDPages.capacity * pageSize + wholePages(tailroom)
         buffer = .allocate(byteCount: slots * slotStride, alignment: 4096)
         staged = buffer + self.headroom
         isZero = .allocate(capacity: MultiFDPages.capacity)

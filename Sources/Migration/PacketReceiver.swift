@@ -18,9 +18,10 @@ import WorkerThreads
 /// entries, every offset, then the payload, read into this channel's own
 /// buffer, against its tag (with a key: the GMAC, or the AEAD that decrypts
 /// it), its zstd frame (compressed) and, without a key, each page's content
-/// hash (with one, the MAC covers the pages and their hashes). Only
-/// then are the pages placed: copied into the mapping (with streaming
-/// stores, `lm_place_pages`) when it was pre-faulted, else written into the file with pwrite (`writeThrough`).
+/// hash (with one, the MAC covers the pages and their hashes). Only then
+/// are the pages placed: copied into the mapping with streaming stores
+/// (`lm_place_pages`) when it was pre-faulted, else written into the file
+/// with pwrite (`writeThrough`).
 final class PacketReceiver: @unchecked Sendable {
     // @unchecked: used by its own receiver thread only, after being built on
     // the main thread (thread start orders the two).
@@ -215,15 +216,7 @@ final class PacketReceiver: @unchecked Sendable {
         // source hashed exactly these bytes, so hashing them again proves
         // nothing more (the issue: "with a key, a MAC instead"). The entry
         // hashes still go into the page table for the completion check.
-        for i in 0..<(sealer == nil ? normal : 0) {
-            let got = ContentHash.page(pages + i * pageSize, length: pageSize)
-            guard got == hashes[i] else {
-                throw MigrationError(
-                    .integrity,
-                    "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit"
-                )
-            }
-        }
+        if sealer == nil { try checkPageHashes(h, pages: pages, normal: normal) }
         for i in normal..<total where hashes[i] != zeroHash {
             throw MigrationError(
                 .integrity,
@@ -275,6 +268,20 @@ final class PacketReceiver: @unchecked Sendable {
         counters.add(counters.zeroPages, UInt64(total - normal))
         counters.add(counters.packets, 1)
         counters.add(counters.multifdBytes, UInt64(h.prefixSize + limits.tagSize) + UInt64(h.payloadSize))
+    }
+
+    /// Without a key: each normal page's XXH3-64 against its entry.
+    private func checkPageHashes(_ h: MultiFDPacketHeader, pages: UnsafeRawPointer, normal: Int) throws(MigrationError) {
+        let pageSize = Int(limits.pageSize)
+        for i in 0..<normal {
+            let got = ContentHash.page(pages + i * pageSize, length: pageSize)
+            guard got == hashes[i] else {
+                throw MigrationError(
+                    .integrity,
+                    "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit"
+                )
+            }
+        }
     }
 
     /// Postcopy placement: the guest runs, so every page goes in through its
