@@ -40,7 +40,7 @@ enum ChannelHandshake {
                 socket, HelloChallenge.size, what: "waiting for the destination's challenge on \(what)",
                 ifClosed: MigrationError(
                     .peer,
-                    "the destination closed \(what) instead of answering the hello; it refused it (see its error), or it speaks an older protocol than version \(ChannelHello.version)"
+                    "the destination closed \(what) instead of answering the hello; it refused it (see its error), or it speaks a protocol version other than \(ChannelHello.version)"
                 ))
             counters.add(counters.mainBytes, UInt64(raw.count))
             let challenge = try raw.withUnsafeBytes { b throws(WireError) in try HelloChallenge.decode(b) }
