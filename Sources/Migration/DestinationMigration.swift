@@ -435,8 +435,7 @@ public final class DestinationMigration: Sendable {
                 let scheduling = r.id == config.channels ? faultPathScheduling : nil
                 r.postcopyTransferPriority = config.faultPathPriority
                 threads.append(
-                    WorkerThread(name: "mig/recv/\(r.id)") {
-                        scheduling?.apply(to: "the preempt receiver")
+                    WorkerThread(name: "mig/recv/\(r.id)", prologue: { scheduling?.apply(to: "the preempt receiver") }) {
                         r.run(barrier: barrier, latch: latch)
                     })
             }
@@ -801,6 +800,8 @@ public final class DestinationMigration: Sendable {
                 throw MigrationError(.protocolViolation, "multifd channel \(h.channelID) connected twice")
             }
             s.setReceiveTimeout(nil)
+            // The preempt channel's page requests must leave at once.
+            if h.kind == .preempt { s.preferUnpacedCongestionControl() }
             byID[Int(h.channelID)] = (s, keys)
             opened += 1
         }
@@ -871,8 +872,16 @@ public final class DestinationMigration: Sendable {
                 guard r == rounds + 1 else {
                     throw MigrationError(.protocolViolation, "end-of-round \(r) after round \(rounds); rounds are numbered 1, 2, ...")
                 }
-                // The postcopy round ends with a SYNC on the preempt channel too.
-                for _ in 0..<(inPostcopy ? config.channels + 1 : config.channels) {
+                for _ in 0..<config.channels {
+                    barrier.synced.wait()
+                    try latch.check()
+                }
+                // The postcopy round ends with a SYNC on the preempt channel
+                // too, which the source sends once it hears that the
+                // multifd channels drained (§8.5): the N posts above are
+                // theirs. Until then it answers page requests.
+                if inPostcopy, let postcopy {
+                    try postcopy.faults.sendMultifdDrained()
                     barrier.synced.wait()
                     try latch.check()
                 }

@@ -142,8 +142,7 @@ extension DestinationMigration {
                 let scheduling = r.id == config.channels ? faultPathScheduling : nil
                 r.postcopyTransferPriority = config.faultPathPriority
                 threads.append(
-                    WorkerThread(name: "mig/recv/\(r.id)") {
-                        scheduling?.apply(to: "the preempt receiver")
+                    WorkerThread(name: "mig/recv/\(r.id)", prologue: { scheduling?.apply(to: "the preempt receiver") }) {
                         r.run(barrier: barrier, latch: latch)
                     })
             }

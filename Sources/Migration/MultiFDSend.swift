@@ -14,6 +14,12 @@ public protocol ChannelTransport: AnyObject {
     func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError)
     /// Sends this channel's SYNC for the current round.
     func sendSync() throws(MigrationError)
+    /// Postcopy runs from now on; called by the sender thread between jobs.
+    func enterPostcopy()
+}
+
+extension ChannelTransport {
+    public func enterPostcopy() {}
 }
 
 /// One sender channel's hand-off state (QEMU's `MultiFDSendParams`).
@@ -64,6 +70,8 @@ public final class MultiFDSend: Sendable {
     /// Set once postcopy runs: each sender raises its own priority at its
     /// next wake-up (`raiseForPostcopy`).
     private let postcopyRaise = Atomic<Bool>(false)
+    /// Whether the postcopy raise includes the transfer priority.
+    private let postcopyPriority = Atomic<Bool>(false)
     /// Round-robin start for the next search; migration thread only.
     private let nextChannel = Atomic<Int>(0)
     public let latch: FailureLatch
@@ -183,11 +191,13 @@ public final class MultiFDSend: Sendable {
     /// sender finds work waiting instead of sleeping on `sem` after every
     /// write. A channel's packets still leave in hand-off order: this one
     /// thread writes them one job after the other.
-    /// Postcopy runs: with `.realtime`, every sender thread takes the
-    /// transfer priority (`FaultPathPriority.applyToTransfer`) before its
-    /// next job.
+    /// Postcopy runs: before its next job every sender thread sends in
+    /// system calls of at most `postcopyBytesPerCall` bytes
+    /// (`ChannelTransport.enterPostcopy`) and, with `.realtime`, takes the
+    /// transfer priority (`FaultPathPriority.applyToTransfer`).
     public func raiseForPostcopy(_ priority: FaultPathPriority) {
-        if priority == .realtime { postcopyRaise.store(true, ordering: .relaxed) }
+        postcopyPriority.store(priority == .realtime, ordering: .relaxed)
+        postcopyRaise.store(true, ordering: .releasing)
     }
 
     func senderLoop(_ p: SendChannel, _ transport: any ChannelTransport) {
@@ -196,9 +206,12 @@ public final class MultiFDSend: Sendable {
         while true {
             p.sem.wait()
             if latch.hasFailed || quitting.load(ordering: .acquiring) { return }
-            if !raised, postcopyRaise.load(ordering: .relaxed) {
+            // Acquire: pairs with the release in `raiseForPostcopy`, so
+            // `postcopyPriority` is the one stored before it.
+            if !raised, postcopyRaise.load(ordering: .acquiring) {
                 raised = true
-                FaultPathPriority.realtime.applyToTransfer()
+                transport.enterPostcopy()
+                if postcopyPriority.load(ordering: .relaxed) { FaultPathPriority.realtime.applyToTransfer() }
             }
             // Acquire: pairs with the store-release of `pendingJob = true` in
             // `handOff`, so the batches' offsets are visible here.

@@ -61,6 +61,11 @@ final class PacketReceiver: @unchecked Sendable {
     /// channel's receiver has the fault path's priority from its start.
     var postcopyTransferPriority = FaultPathPriority.normal
     private var transferRaised = false
+    /// The most bytes one `recv` takes: 0 (a whole payload) until this
+    /// receiver first places a page by postcopy, then
+    /// `postcopyBytesPerCall`, so that it never holds its CPU long while
+    /// the fault path's real-time threads wait for one.
+    private var bytesPerCall = 0
 
     /// `writeThrough`: pwrite page data into the file instead of copying it
     /// into the mapping. For a destination that was not pre-faulted: a
@@ -145,7 +150,8 @@ final class PacketReceiver: @unchecked Sendable {
             if !h.flags.contains(.sync) {
                 try h.decodeEntries(start + MultiFDPacketHeader.size, offsets: offsets, hashes: hashes, limits: limits)
             }
-            try socket.receiveExact(body, count: Int(h.payloadSize) + limits.tagSize, what: "reading page data on channel \(id)")
+            try socket.receiveExact(
+                body, count: Int(h.payloadSize) + limits.tagSize, bytesPerCall: bytesPerCall, what: "reading page data on channel \(id)")
             if let sealer { try open(h, with: sealer, start: start) }
         } catch {
             throw MigrationError(converting: error)
@@ -227,6 +233,7 @@ final class PacketReceiver: @unchecked Sendable {
             if !transferRaised {
                 transferRaised = true
                 postcopyTransferPriority.applyToTransfer()
+                bytesPerCall = postcopyBytesPerCall
             }
             try placePostcopy(h, pages: pages, into: postcopy)
             return
@@ -327,6 +334,8 @@ final class PacketReceiver: @unchecked Sendable {
                 {
                     end += 1
                 }
+                // At most `postcopyBytesPerCall` per ioctl, like the reads.
+                end = min(end, i + max(1, postcopyBytesPerCall / pageSize))
                 let address = base + offsets[i], length = (end - i) * pageSize
                 if zero {
                     _ = try target.userfault.zeroPage(at: address, length: length)

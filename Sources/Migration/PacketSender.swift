@@ -52,6 +52,10 @@ public final class PacketSender: ChannelTransport {
     private var packetNumber: UInt64 = 0
     public let channelID: Int
 
+    /// Postcopy: short send calls, so that the fault path's real-time
+    /// threads get a CPU soon (`postcopyBytesPerCall`).
+    public func enterPostcopy() { writer.bytesPerCall = postcopyBytesPerCall }
+
     public var mechanism: String { writer.mechanism }
     public var zeroCopyReport: (sends: UInt64, copied: UInt64) { writer.zeroCopyReport }
 

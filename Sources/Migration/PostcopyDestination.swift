@@ -91,8 +91,7 @@ final class PostcopyFaults: Sendable {
     /// broken connections and that have not arrived; the thread asks for
     /// them again first.
     func start(resend: [Int] = [], guestThreads: @escaping @Sendable () -> Int) {
-        let t = WorkerThread(name: "mig/faults") { [self] in
-            priority.apply(to: "the fault thread")
+        let t = WorkerThread(name: "mig/faults", prologue: { [priority] in priority.apply(to: "the fault thread") }) { [self] in
             run(resend: resend, guestThreads: guestThreads)
         }
         thread.withLock { $0 = t }
@@ -154,6 +153,13 @@ final class PostcopyFaults: Sendable {
         } catch {
             latch.fail(error)
         }
+    }
+
+    /// Tells the source, after every page request sent so far, that every
+    /// multifd channel delivered its end-of-postcopy SYNC (`multifd-drained`,
+    /// docs/PROTOCOL.md §8.5). Any thread; sends are serialised.
+    func sendMultifdDrained() throws(MigrationError) {
+        try requests.send(.multifdDrained)
     }
 
     /// Pages asked for with one fault: the faulting page and the ones after

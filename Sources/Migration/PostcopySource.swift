@@ -1,3 +1,4 @@
+import Dispatch
 import GuestMemory
 import MigrationWire
 import Synchronization
@@ -21,9 +22,10 @@ import WorkerThreads
 /// - `cursor` (the page after the last request) tells the pusher where to
 ///   go on (locality, as QEMU and CRIU do); it takes the value with an
 ///   exchange.
-/// - The preempt sender is used under `preempt`'s lock: by this thread for
-///   each request and by the migration thread for the final SYNC
-///   (`finish`), after which nothing more is sent on it.
+/// - The preempt sender is used by this thread only, under `preempt`'s
+///   lock: for each request, and for the final SYNC once the destination's
+///   `multifd-drained` arrived (`finishWhenDrained` waits for that), after
+///   which nothing more is sent on it.
 /// - Without a preempt channel for pages (`--no-preempt`, for
 ///   comparison), requests are queued for the pusher to send first on the
 ///   multifd channels.
@@ -42,6 +44,9 @@ final class PostcopySource: Sendable {
     private let numbering: PageNumbering
     /// The page after the last requested range, or -1.
     let cursor = Atomic<Int>(-1)
+    /// Signalled by the request server once it sent the preempt SYNC
+    /// after `multifd-drained`.
+    private let drained = DispatchSemaphore(value: 0)
     /// Page requests answered (QEMU's `postcopy-requests`).
     let served = Atomic<UInt64>(0)
 
@@ -69,9 +74,8 @@ final class PostcopySource: Sendable {
     }
 
     func start() {
-        let t = WorkerThread(name: "mig/src/requests") { [self] in
-            priority.apply(to: "the request server")
-            serve()
+        let t = WorkerThread(name: "mig/src/requests", prologue: { [priority] in priority.apply(to: "the request server") }) {
+            [self] in serve()
         }
         thread.withLock { $0 = t }
     }
@@ -84,10 +88,22 @@ final class PostcopySource: Sendable {
         }
     }
 
+    /// Ends the preempt channel once the destination says every multifd
+    /// channel has delivered its SYNC (`multifd-drained`): until then the
+    /// request server answers, since the pages pushed last may still be in
+    /// the sockets' buffers (megabytes: milliseconds for a guest thread
+    /// that waits on one of them). The request server sends the SYNC; this
+    /// waits for it. Call after the multifd SYNC of the last round.
+    func finishWhenDrained() throws(MigrationError) {
+        while drained.wait(timeout: .now() + .milliseconds(50)) == .timedOut {
+            try latch.check()
+        }
+        try latch.check()
+    }
+
     /// Ends the preempt channel: its SYNC, after which no page goes on it
-    /// (requests that still come are answered by the pages already sent on
-    /// the multifd channels). Call after the multifd SYNC of the last round.
-    func finish() throws(MigrationError) {
+    /// (requests that still come were answered by pages already sent).
+    private func finish() throws(MigrationError) {
         let error: MigrationError? = preempt.withLock { p in
             p.closed = true
             do throws(MigrationError) {
@@ -116,6 +132,14 @@ final class PostcopySource: Sendable {
         do throws(MigrationError) {
             while true {
                 let m = try requests.receive("waiting for page requests on the preempt channel")
+                if case .multifdDrained = m {
+                    guard !isClosed else {
+                        throw MigrationError(.protocolViolation, "a second 'multifd-drained' on the preempt channel")
+                    }
+                    try finish()
+                    drained.signal()
+                    continue
+                }
                 guard case .pageRequest(let asked) = m else {
                     if case .error(let text) = m { throw MigrationError(.peer, "destination failed: \(text)") }
                     throw MigrationError(.protocolViolation, "'\(m.name)' on the preempt channel; only page requests come there")

@@ -494,6 +494,13 @@ public final class SourceMigration: Sendable {
         // round that just ended synced the dirty log.)
         var discarded = try sendDiscards(of: g.bitmap, ctl: ctl)
         try replies.awaitDiscarded(discarded, latch: latch)
+        // The request server runs (real-time, blocked on the preempt
+        // channel) before the destination can commit: its guest faults from
+        // its first instruction, while this side may take milliseconds to
+        // read `committed` (traced: 2.5 ms faults on a server started after
+        // it). Nothing asks before the commit; a failure before it shuts
+        // the socket, and the thread ends (`migrate`'s cleanup joins it).
+        preempt.source.start()
         let pauseStart = try beginSwitchover(g)
         TestHook.stop(at: "switchover", ifRequested: config.testStopAt)
         // The guest is paused (every thread acknowledged, acquire): its
@@ -539,12 +546,9 @@ public final class SourceMigration: Sendable {
                 round: round + 1, start: pauseStart - precopyStart, duration: postcopyStart - pauseStart, bytes: 0, pages: 0,
                 remaining: lacking * ram.block.pageSize, bandwidth: 0, dirtyPagesRate: 0, expectedDowntime: -1,
                 throttle: g.throttlePercent, decision: "postcopy-active"))
-        preempt.source.start()
         TestHook.stop(at: "postcopy", ifRequested: config.testStopAt)
         try pushUnsent(unsent, through: multifd, source: preempt.source)
-        try multifd.sync()
-        try preempt.source.finish()
-        try ctl.send(.endOfRound(round: UInt64(round + 1)))
+        try endPostcopy(multifd, source: preempt.source, ctl: ctl, round: round + 1)
         try ctl.send(.complete(summary(rounds: UInt64(round + 1), guestStateBytes: UInt64(state.count), table: table)))
         completeSent.store(true, ordering: .relaxed)
         try awaitReply(replies.prepared)
@@ -600,6 +604,16 @@ public final class SourceMigration: Sendable {
         }
         if !ranges.isEmpty { try ctl.send(.postcopyDiscard(ranges)) }
         return discarded
+    }
+
+    /// The end of the postcopy round, once every unsent page was handed
+    /// to the senders (docs/PROTOCOL.md §8.5): SYNC on every multifd
+    /// channel, `end-of-round`, then the preempt channel's SYNC after the
+    /// destination's `multifd-drained`; requests are answered until then.
+    func endPostcopy(_ multifd: MultiFDSend, source: PostcopySource, ctl: ControlChannel, round: Int) throws(MigrationError) {
+        try multifd.sync()
+        try ctl.send(.endOfRound(round: UInt64(round)))
+        try source.finishWhenDrained()
     }
 
     /// The background pusher: sends every page of `unsent` on the multifd
@@ -768,6 +782,8 @@ public final class SourceMigration: Sendable {
         let s = try connect()
         latch.onFailure { [s] in s.shutdown() }
         let keys = try openChannel(s, kind: .preempt, id: config.channels, session: session)
+        // Pages it sends must leave at once, not in pacing slots.
+        s.preferUnpacedCongestionControl()
         let (writer, _) = makeStreamWriter(for: s, useRing: false, zeroCopy: false)
         let sender = try PacketSender(
             channelID: config.channels, ram: ram, writer: writer, counters: preemptCounters, table: table,

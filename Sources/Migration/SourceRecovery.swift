@@ -173,9 +173,7 @@ extension SourceMigration {
             pool = multifd
             channel.source.start()
             try pushUnsent(channel.unsent, through: multifd, source: channel.source)
-            try multifd.sync()
-            try channel.source.finish()
-            try ctl.send(.endOfRound(round: UInt64(point.round + 1)))
+            try endPostcopy(multifd, source: channel.source, ctl: ctl, round: point.round + 1)
             try ctl.send(
                 .complete(summary(rounds: UInt64(point.round + 1), guestStateBytes: point.stateBytes, table: point.table)))
             completeSent.store(true, ordering: .relaxed)

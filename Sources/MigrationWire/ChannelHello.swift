@@ -32,7 +32,7 @@ extension String {
 }
 
 /// The first bytes on every channel, source to destination (protocol
-/// version 3, docs/PROTOCOL.md §2).
+/// version 4, docs/PROTOCOL.md §2).
 ///
 /// Layout (64 bytes, big-endian): magic u32, version u32, session 16 bytes,
 /// kind u8, compression u8, channel-id u16, channel-count u16, flags u16,
@@ -54,9 +54,11 @@ public struct ChannelHello: Equatable, Sendable {
     }
 
     public static let magic: UInt32 = 0x4C4D_4947  // "LMIG"
-    /// 3: ENCRYPTED seals with AES-256-GCM (2 sealed with ChaCha20-Poly1305;
-    /// nothing else changed, and the packet header keeps its version 2).
-    public static let version: UInt32 = 3
+    /// 4: postcopy ends with `multifd-drained` before the preempt
+    /// channel's SYNC (docs/PROTOCOL.md §8.5). 3: ENCRYPTED seals with
+    /// AES-256-GCM (2 sealed with ChaCha20-Poly1305). The packet header
+    /// keeps its version 2.
+    public static let version: UInt32 = 4
     public static let size = 64
     /// The first bytes of every hello: magic and version. A destination
     /// reads these first, so a peer of another version hears why at once

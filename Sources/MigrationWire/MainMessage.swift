@@ -122,6 +122,12 @@ public enum MainMessage: Equatable, Sendable {
     /// the destination holds (one bit per page, set = arrived; 64 pages per
     /// word, page 0 in bit 0 of word 0). The source sends the others.
     case postcopyReceived(pageCount: UInt64, words: [UInt64])
+    /// Destination → source on the preempt channel, at the end of postcopy
+    /// (docs/PROTOCOL.md §8.5): every multifd channel delivered its SYNC,
+    /// so every page pushed has arrived; the pages still missing are the
+    /// ones requested before this frame. The source's request server
+    /// answers until it reads this, then sends the preempt channel's SYNC.
+    case multifdDrained
 
     public static let frameHeaderSize = 8
     /// Bytes of the tag after every frame's payload.
@@ -141,6 +147,7 @@ public enum MainMessage: Equatable, Sendable {
     enum Tag: UInt16 {
         case helloAccepted = 1, ramLayout, layoutAccepted, endOfRound, guestState, complete, completed, error, commit, committed
         case postcopyDiscard, postcopyStart, postcopyReady, pageRequest, postcopyDiscarded, postcopyRecover, postcopyReceived
+        case multifdDrained
     }
 
     var tag: Tag {
@@ -162,6 +169,7 @@ public enum MainMessage: Equatable, Sendable {
         case .postcopyDiscarded: .postcopyDiscarded
         case .postcopyRecover: .postcopyRecover
         case .postcopyReceived: .postcopyReceived
+        case .multifdDrained: .multifdDrained
         }
     }
 
@@ -190,6 +198,7 @@ public enum MainMessage: Equatable, Sendable {
         case .postcopyDiscarded: "postcopy-discarded"
         case .postcopyRecover: "postcopy-recover"
         case .postcopyReceived: "postcopy-received"
+        case .multifdDrained: "multifd-drained"
         }
     }
 
@@ -197,7 +206,7 @@ public enum MainMessage: Equatable, Sendable {
     public func encoded() -> [UInt8] {
         var p = ByteWriter()
         switch self {
-        case .helloAccepted, .layoutAccepted, .completed, .commit, .committed, .postcopyReady: break
+        case .helloAccepted, .layoutAccepted, .completed, .commit, .committed, .postcopyReady, .multifdDrained: break
         case .postcopyDiscard(let ranges):
             p.u32(UInt32(ranges.count))
             for r in ranges { Self.encode(r, into: &p) }
@@ -309,6 +318,7 @@ public enum MainMessage: Equatable, Sendable {
         case .commit: message = .commit
         case .committed: message = .committed
         case .postcopyReady: message = .postcopyReady
+        case .multifdDrained: message = .multifdDrained
         case .postcopyDiscard:
             let count = try r.u32("range-count")
             guard count >= 1, count <= UInt32(Self.maxDiscardRanges), Int(count) * PageRange.encodedSize == r.remaining else {

@@ -101,6 +101,33 @@ public final class Socket: Sendable {
         }
     }
 
+    /// For a channel that carries requests and their answers, not bulk
+    /// data: a congestion control that sends at once instead of pacing.
+    ///
+    /// BBR (this machine's default, and common on servers) paces every
+    /// socket with a timer when no `fq` qdisc does it, at a rate it
+    /// estimates from what the socket delivered; a socket that sends a few
+    /// pages now and then gets a low estimate, so an answer waits for its
+    /// slot. Traced on the postcopy preempt channel over loopback: 180 µs
+    /// of pacing timers before a 4 KiB page left, and fault latency p99
+    /// 0.9–1.7 ms against 0.15–0.4 ms with CUBIC. Tries CUBIC, then Reno
+    /// (which an unprivileged process may always choose); returns the one
+    /// set, or nil (the system's default stays; not an error). No-op on a
+    /// Unix socket.
+    @discardableResult
+    public func preferUnpacedCongestionControl() -> String? {
+        var domain: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard (try? SystemCall.once({ getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) })) != nil,
+            domain == AF_INET || domain == AF_INET6
+        else { return nil }
+        for name in ["cubic", "reno"] {
+            let rc = name.withCString { setsockopt(fd, Int32(IPPROTO_TCP), TCP_CONGESTION, $0, socklen_t(strlen($0))) }
+            if rc == 0 { return name }
+        }
+        return nil
+    }
+
     /// Makes blocked reads and writes on this socket return (EOF / EPIPE).
     public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
 
@@ -184,12 +211,17 @@ public final class Socket: Sendable {
     }
 
     /// Reads exactly `count` bytes into `buffer`; EOF before that is an error.
-    public func receiveExact(_ buffer: UnsafeMutableRawPointer, count: Int, what: @autoclosure () -> String) throws(SocketError) {
+    /// `bytesPerCall` (0: no limit) bounds what one `recv` takes (see
+    /// `postcopyBytesPerCall`).
+    public func receiveExact(_ buffer: UnsafeMutableRawPointer, count: Int, bytesPerCall: Int = 0, what: @autoclosure () -> String)
+        throws(SocketError)
+    {
         var done = 0
         while done < count {
             let n: Int
+            let want = bytesPerCall > 0 ? min(count - done, bytesPerCall) : count - done
             do throws(Errno) {
-                n = try SystemCall.retrying { recv(fd, buffer + done, count - done, Int32(MSG_WAITALL)) }
+                n = try SystemCall.retrying { recv(fd, buffer + done, want, Int32(MSG_WAITALL)) }
             } catch  where error == .resourceTemporarilyUnavailable || error == .wouldBlock {
                 throw SocketError(.timedOut, "\(what()) from \(peer): nothing arrived in time", errno: error)
             } catch {
@@ -259,6 +291,37 @@ public struct IOVecCursor {
             remainingCount -= 1
         }
     }
+
+    /// The iovecs of the remaining ones that one system call may take when
+    /// it must send at most `limit` bytes (0: no limit). The last iovec of
+    /// the window may be cut short, in place; call `restore()` on the
+    /// window once the call returned, before `advance(by:)`.
+    public func window(limit: Int) -> IOVecWindow {
+        guard limit > 0 else { return IOVecWindow(count: remainingCount, cut: nil, length: 0) }
+        var bytes = 0
+        for i in 0..<remainingCount {
+            let v = current + i
+            let len = v.pointee.iov_len
+            if bytes + len >= limit {
+                if bytes + len == limit { return IOVecWindow(count: i + 1, cut: nil, length: 0) }
+                v.pointee.iov_len = limit - bytes
+                return IOVecWindow(count: i + 1, cut: v, length: len)
+            }
+            bytes += len
+        }
+        return IOVecWindow(count: remainingCount, cut: nil, length: 0)
+    }
+}
+
+/// What `IOVecCursor.window(limit:)` handed out: `count` iovecs from the
+/// cursor's current one, and the one it cut short with its real length.
+public struct IOVecWindow {
+    public let count: Int
+    let cut: UnsafeMutablePointer<iovec>?
+    let length: Int
+
+    /// Puts the cut iovec's length back.
+    public func restore() { cut?.pointee.iov_len = length }
 }
 
 /// A listening socket. A Unix socket's file is removed when it closes.

@@ -12,6 +12,7 @@ import URing
 final class CapturingWriter: StreamWriter, @unchecked Sendable {
     var bytes: [UInt8] = []
     var mechanism: String { "capture" }
+    var bytesPerCall = 0
 
     func writeAll(_ iov: UnsafeMutablePointer<iovec>, count: Int, total: Int) throws(SocketError) {
         var n = 0

@@ -25,7 +25,7 @@ struct ChannelHelloTests {
             nonce: Self.nonce)
         let expected: [UInt8] =
             [0x4C, 0x4D, 0x49, 0x47]  // "LMIG"
-            + [0, 0, 0, 3]  // version
+            + [0, 0, 0, 4]  // version
             + [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]  // session high
             + [0xFE, 0xDC, 0xBA, 0x98, 0x76, 0x54, 0x32, 0x10]  // session low
             + [2, 0]  // kind, compression (none)
@@ -36,7 +36,7 @@ struct ChannelHelloTests {
         #expect(hello.encoded() == expected)
         #expect(hello.encoded().count == ChannelHello.size)
         #expect(ChannelHello.size == 64)
-        #expect(ChannelHello.version == 3)
+        #expect(ChannelHello.version == 4)
         #expect(ChannelHello.nonceSize == 32)
         #expect(ChannelHello.preambleSize == 8)
     }
@@ -117,7 +117,7 @@ struct ChannelHelloTests {
         // A protocol-1 source: its hello is 32 bytes, and it hears about the version first.
         let old = Array(Self.valid().settingU32(1, at: 4)[0..<32])
         let error = expectWireError(field: "version", value: "1") { _ = try Self.decode(old) }
-        #expect(error?.reason.contains("speaks version 3") == true)
+        #expect(error?.reason.contains("speaks version 4") == true)
     }
 
     @Test func rejectsRecoverWithoutPostcopy() {
@@ -171,7 +171,9 @@ struct ChannelHelloTests {
         #expect(version?.reason.contains("matching livemig builds") == true)
         // A protocol-2 peer (ChaCha20-Poly1305 for ENCRYPTED) is another version too.
         expectWireError(field: "version", value: "2") { try check(Array(hello.settingU32(2, at: 4)[0..<8])) }
-        expectWireError(field: "version", value: "4") { try check(Array(hello.settingU32(4, at: 4)[0..<8])) }
+        // A protocol-3 peer (the preempt SYNC without multifd-drained) too.
+        expectWireError(field: "version", value: "3") { try check(Array(hello.settingU32(3, at: 4)[0..<8])) }
+        expectWireError(field: "version", value: "5") { try check(Array(hello.settingU32(5, at: 4)[0..<8])) }
         // Fewer than 8 bytes.
         expectWireError(field: "magic", value: "missing") { try check(Array(hello[0..<3])) }
         expectWireError(field: "version", value: "missing") { try check(Array(hello[0..<7])) }
@@ -258,7 +260,7 @@ struct HelloChallengeTests {
         let c = HelloChallenge(flags: .authenticated, nonce: Self.nonce, proof: Self.proof)
         let unproven: [UInt8] =
             [0x4C, 0x4D, 0x49, 0x52]  // "LMIR"
-            + [0, 0, 0, 3]  // version
+            + [0, 0, 0, 4]  // version
             + [0, 1]  // flags: AUTHENTICATED
             + [0, 0]  // reserved u16
             + [0, 0, 0, 0]  // reserved u32

@@ -79,6 +79,7 @@ struct MainMessageTests {
         .postcopyReceived(pageCount: 1, words: [1]),
         .postcopyReceived(pageCount: 64, words: [.max]),
         .postcopyReceived(pageCount: 130, words: [0x8000_0000_0000_0001, 0, 0b11]),
+        .multifdDrained,
     ]
 
     // MARK: - round trips
@@ -115,12 +116,12 @@ struct MainMessageTests {
         let names = [
             "hello-accepted", "ram-layout", "layout-accepted", "end-of-round", "guest-state", "complete", "completed", "error", "commit",
             "committed", "postcopy-discard", "postcopy-start", "postcopy-ready", "page-request", "postcopy-discarded", "postcopy-recover",
-            "postcopy-received",
+            "postcopy-received", "multifd-drained",
         ]
         for (i, name) in names.enumerated() { #expect(MainMessage.name(type: UInt16(i + 1)) == name) }
         // A type no message has is named by its number (for error texts).
         #expect(MainMessage.name(type: 0) == "type 0")
-        #expect(MainMessage.name(type: 18) == "type 18")
+        #expect(MainMessage.name(type: 19) == "type 19")
         #expect(MainMessage.name(type: 0x1234) == "type 4660")
     }
 
@@ -231,7 +232,7 @@ struct MainMessageTests {
 
     @Test func rejectsUnknownType() {
         expectWireError(field: "type", value: "4660") { _ = try Self.decodeHeader(Self.header(type: 0x1234, length: 0)) }
-        expectWireError(field: "type", value: "18") { _ = try Self.decodeHeader(Self.header(type: 18, length: 0)) }
+        expectWireError(field: "type", value: "19") { _ = try Self.decodeHeader(Self.header(type: 19, length: 0)) }
         expectWireError(field: "type", value: "0") { _ = try Self.decodeHeader(Self.header(type: 0, length: 0)) }
         // decode checks on its own too.
         expectWireError(field: "type", value: "4660") { _ = try Self.decodePayload(type: 0x1234, []) }
