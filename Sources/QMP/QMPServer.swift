@@ -31,12 +31,12 @@ public final class QMPServer: Sendable {
 
     private let listener: Listener
     private let commands: [String: QMPCommand]
-    private let clients = Mutex<[Int: Client]>([:])
+    private let clients = PosixMutex<[Int: Client]>([:])
     private let nextClient = Atomic<Int>(0)
     private let closing = Atomic<Bool>(false)
     private let quitRequested = Atomic<Bool>(false)
     private let quitSignal = DispatchSemaphore(value: 0)
-    private let acceptThread = Mutex<WorkerThread?>(nil)
+    private let acceptThread = PosixMutex<WorkerThread?>(nil)
     /// The Unix socket's file as bound, removed by `close()` if unchanged.
     private let socketFile: (path: String, device: UInt64, inode: UInt64)?
 
@@ -210,8 +210,8 @@ public final class QMPServer: Sendable {
         let socket: Socket
         let negotiated = Atomic<Bool>(false)
         let finished = Atomic<Bool>(false)
-        let thread = Mutex<WorkerThread?>(nil)
-        private let writeLock = Mutex<Bool>(true)
+        let thread = PosixMutex<WorkerThread?>(nil)
+        private let writeLock = PosixMutex<Bool>(true)
 
         init(socket: Socket) { self.socket = socket }
 
