@@ -8,6 +8,12 @@ import Trust
 import URing
 import WorkerThreads
 
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
+
 #if canImport(Glibc)
     import Glibc
 #endif
@@ -66,6 +72,12 @@ final class PacketReceiver: @unchecked Sendable {
     /// `postcopyBytesPerCall`, so that it never holds its CPU long while
     /// the fault path's real-time threads wait for one.
     private var bytesPerCall = 0
+    /// With `--encrypt`: the current packet's decrypted payload, from `open`
+    /// to `place`.
+    private var opened: Data?
+    /// With `--encrypt`: the packet's prefix, the AEAD's associated data,
+    /// moved out of the nonce's way (`PacketSealer.open`).
+    private let prefixCopy: UnsafeMutableRawPointer
 
     /// `writeThrough`: pwrite page data into the file instead of copying it
     /// into the mapping. For a destination that was not pre-faulted: a
@@ -95,6 +107,7 @@ final class PacketReceiver: @unchecked Sendable {
         let payloadCapacity = max(MultiFDPacketHeader.maxPages * pageSize, decompressor?.frameCapacity ?? 0)
         packet = .allocate(byteCount: MultiFDPacketHeader.maxPrefixSize + payloadCapacity + PacketSealer.tagSize, alignment: 4096)
         header = .allocate(byteCount: MultiFDPacketHeader.size, alignment: 8)
+        prefixCopy = .allocate(byteCount: MultiFDPacketHeader.maxPrefixSize, alignment: 8)
         offsets = .allocate(capacity: MultiFDPacketHeader.maxPages)
         hashes = .allocate(capacity: MultiFDPacketHeader.maxPages)
         self.writeThrough = writeThrough
@@ -103,13 +116,14 @@ final class PacketReceiver: @unchecked Sendable {
     deinit {
         packet.deallocate()
         header.deallocate()
+        prefixCopy.deallocate()
         offsets.deallocate()
         hashes.deallocate()
     }
 
     /// The receiver thread's loop.
     func run(barrier: RoundBarrier, latch: FailureLatch) {
-        do {
+        do throws(MigrationError) {
             while true {
                 let h = try readPacket()
                 if h.flags.contains(.sync) {
@@ -119,7 +133,21 @@ final class PacketReceiver: @unchecked Sendable {
                     if latch.hasFailed || barrier.quit.load(ordering: .acquiring) { return }
                     continue
                 }
-                try place(h)
+                if let plain = opened {
+                    // Pages are placed straight from the decryption's output.
+                    opened = nil
+                    let failure: MigrationError? = plain.withUnsafeBytes { b in
+                        do throws(MigrationError) {
+                            try place(h, payload: b.baseAddress.map(UnsafeRawPointer.init) ?? UnsafeRawPointer(packet))
+                            return nil
+                        } catch {
+                            return error
+                        }
+                    }
+                    if let failure { throw failure }
+                } else {
+                    try place(h, payload: UnsafeRawPointer(packet + MultiFDPacketHeader.maxPrefixSize))
+                }
             }
         } catch {
             // After completion the source closes its channels: not a failure.
@@ -188,12 +216,15 @@ final class PacketReceiver: @unchecked Sendable {
             )
         }
         if sealer.encrypts {
+            // The nonce goes just before the ciphertext, over the prefix's
+            // end: the prefix (already decoded) moves aside first.
+            prefixCopy.copyMemory(from: start, byteCount: h.prefixSize)
             guard
                 let plain = sealer.open(
-                    UnsafeRawBufferPointer(start: body, count: payload), prefix: UnsafeRawBufferPointer(start: start, count: h.prefixSize),
-                    tag: tag, packetNumber: h.packetNumber)
+                    ciphertext: body, count: payload, prefix: UnsafeRawBufferPointer(start: prefixCopy, count: h.prefixSize),
+                    packetNumber: h.packetNumber)
             else { throw fails() }
-            plain.withUnsafeBytes { if $0.count > 0 { body.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+            opened = plain
         } else {
             guard
                 sealer.verify(UnsafeRawBufferPointer(start: start, count: h.prefixSize + payload), packetNumber: h.packetNumber, tag: tag)
@@ -203,10 +234,10 @@ final class PacketReceiver: @unchecked Sendable {
 
     /// Decodes (compressed), checks every page against its entry's hash,
     /// then places the packet's pages and records them.
-    private func place(_ h: MultiFDPacketHeader) throws(MigrationError) {
+    private func place(_ h: MultiFDPacketHeader, payload: UnsafeRawPointer) throws(MigrationError) {
         let normal = Int(h.normalCount), total = normal + Int(h.zeroCount)
         let pageSize = Int(limits.pageSize)
-        var pages = UnsafeRawPointer(packet + MultiFDPacketHeader.maxPrefixSize)
+        var pages = payload
         if h.flags.contains(.compressed), let decompressor {
             do {
                 try decompressor.decode(h, limits: limits, from: pages)

@@ -4,6 +4,12 @@ import MigrationWire
 import Trust
 import URing
 
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
+
 #if canImport(Glibc)
     import Glibc
 #endif
@@ -43,6 +49,9 @@ public final class PacketSender: ChannelTransport {
     private let compressor: PacketCompressor?
     /// With a key: the channel's MAC (and cipher).
     private let sealer: PacketSealer?
+    /// With `--encrypt`: the ciphertexts of the job being written, each
+    /// with the index of its iovec (`seal` appends, `write` sends them).
+    private var ciphertexts: [(iov: Int, data: Data)] = []
     /// With a key: per packet of a job, `[prefix | payload | tag]` laid out
     /// contiguous (the prefix right-aligned before `maxPrefixSize`).
     private let sealed: UnsafeMutableRawPointer?
@@ -102,6 +111,7 @@ public final class PacketSender: ChannelTransport {
 
     public func sendJob(_ job: MultiFDJob, release: () -> Void) throws(MigrationError) {
         precondition(job.count <= jobCapacity, "a job of \(job.count) batches exceeds this sender's \(jobCapacity)")
+        ciphertexts.removeAll(keepingCapacity: true)
         var iovCount = 0, total = 0
         var normalPages = 0, zeroPages = 0, compressedBytes = 0, inPlace = 0
         let pageSize = self.pageSize
@@ -200,8 +210,9 @@ public final class PacketSender: ChannelTransport {
         }
     }
 
-    /// Lays the packet out contiguous, adds its tag (or encrypts its
-    /// payload), and adds one iovec for all of it. Returns the bytes it adds
+    /// Lays the packet out contiguous and adds its tag, with one iovec for
+    /// all of it; or encrypts its payload, with three iovecs: prefix,
+    /// ciphertext (where the AEAD wrote it), tag. Returns the bytes it adds
     /// to the write. Pages are sealed where they lie, in reader slot
     /// `slot`: the normal ones are moved down over the zero ones (a page
     /// moves only when a zero page precedes it: none in a batch of random
@@ -232,8 +243,19 @@ public final class PacketSender: ChannelTransport {
                 let (ciphertext, mac) = try sealer.seal(
                     UnsafeRawBufferPointer(start: body, count: payload), prefix: UnsafeRawBufferPointer(start: start, count: prefixSize),
                     packetNumber: packetNumber)
-                ciphertext.withUnsafeBytes { if $0.count > 0 { body.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
                 mac.withUnsafeBytes { tag.copyMemory(from: $0.baseAddress!, byteCount: PacketSealer.tagSize) }
+                if payload > 0 {
+                    // The ciphertext is sent from where the AEAD wrote it
+                    // (its iovec is filled in by `write`, which holds it):
+                    // copying it back over the plaintext cost a pass over
+                    // every page.
+                    iov[iovCount] = iovec(iov_base: start, iov_len: prefixSize)
+                    iov[iovCount + 1] = iovec(iov_base: nil, iov_len: payload)
+                    iov[iovCount + 2] = iovec(iov_base: tag, iov_len: PacketSealer.tagSize)
+                    ciphertexts.append((iovCount + 1, ciphertext))
+                    iovCount += 3
+                    return prefixSize + payload + PacketSealer.tagSize
+                }
             } else {
                 try sealer.authenticate(
                     UnsafeRawBufferPointer(start: start, count: prefixSize + payload), packetNumber: packetNumber, into: tag)
@@ -263,7 +285,7 @@ public final class PacketSender: ChannelTransport {
             iov[0] = iovec(iov_base: prefixes, iov_len: prefixSize)
             count = 1
         }
-        try write(iovCount: count, total: iov[0].iov_len)
+        try write(iovCount: count, total: (0..<count).reduce(0) { $0 + iov[$1].iov_len })
     }
 
     /// Encodes a header in front of its entries (already in place), stores
@@ -278,11 +300,26 @@ public final class PacketSender: ChannelTransport {
     }
 
     private func write(iovCount: Int, total: Int) throws(MigrationError) {
-        do {
-            try writer.writeAll(iov, count: iovCount, total: total)
-        } catch {
-            throw MigrationError(error)
-        }
+        let pending = ciphertexts
+        ciphertexts.removeAll(keepingCapacity: true)
+        if let failure = writePinning(pending[...], iovCount: iovCount, total: total) { throw MigrationError(failure) }
         counters.add(counters.multifdBytes, UInt64(total))
+    }
+
+    /// Writes once every ciphertext in `pending` is pinned, its iovec
+    /// pointing at its bytes (one `withUnsafeBytes` each, nested).
+    private func writePinning(_ pending: ArraySlice<(iov: Int, data: Data)>, iovCount: Int, total: Int) -> SocketError? {
+        guard let first = pending.first else {
+            do {
+                try writer.writeAll(iov, count: iovCount, total: total)
+                return nil
+            } catch {
+                return error
+            }
+        }
+        return first.data.withUnsafeBytes { bytes in
+            iov[first.iov].iov_base = UnsafeMutableRawPointer(mutating: bytes.baseAddress)
+            return writePinning(pending.dropFirst(), iovCount: iovCount, total: total)
+        }
     }
 }

@@ -110,15 +110,27 @@ public struct PacketSealer: @unchecked Sendable {
         }
     }
 
-    /// Decrypts and authenticates; nil when the tag does not verify.
+    /// Bytes `open` writes just before the ciphertext (AES-GCM's nonce).
+    public static let nonceRoom = 12
+
+    /// Decrypts and authenticates the `count` bytes of ciphertext at
+    /// `ciphertext`, whose 16-byte tag follows them; returns the plaintext,
+    /// or nil when the tag does not verify. The `nonceRoom` bytes before
+    /// `ciphertext` are overwritten (with the nonce), and `prefix` must not
+    /// lie in them.
+    ///
+    /// Why: swift-crypto opens a `SealedBox`, which holds nonce, ciphertext
+    /// and tag in one `Data`. Built from separate pieces it copies them all
+    /// into a new one; built from a `Data` that wraps them where they lie
+    /// (`bytesNoCopy`), nothing is copied but the decryption's output.
+    /// That was two copies of every 512 KiB packet before.
     public func open(
-        _ ciphertext: UnsafeRawBufferPointer, prefix: UnsafeRawBufferPointer, tag: UnsafeRawBufferPointer, packetNumber: UInt64
-    )
-        -> Data?
-    {
-        guard let nonce = try? AES.GCM.Nonce(data: Self.nonceBytes(packetNumber)),
-            let box = try? AES.GCM.SealedBox(nonce: nonce, ciphertext: Data(ciphertext), tag: Data(tag))
-        else { return nil }
+        ciphertext: UnsafeMutableRawPointer, count: Int, prefix: UnsafeRawBufferPointer, packetNumber: UInt64
+    ) -> Data? {
+        let start = ciphertext - Self.nonceRoom
+        Self.nonceBytes(packetNumber).withUnsafeBytes { start.copyMemory(from: $0.baseAddress!, byteCount: Self.nonceRoom) }
+        let combined = Data(bytesNoCopy: start, count: Self.nonceRoom + count + Self.tagSize, deallocator: .none)
+        guard let box = try? AES.GCM.SealedBox(combined: combined) else { return nil }
         return try? AES.GCM.open(box, using: key, authenticating: prefix)
     }
 }

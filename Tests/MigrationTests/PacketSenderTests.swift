@@ -245,9 +245,12 @@ struct PacketSenderTests {
                 }
                 func open(_ c: ArraySlice<UInt8>, prefix: ArraySlice<UInt8>, number n: Int = number) -> Data? {
                     let tag = Array(bytes[at + payload..<at + payload + PacketSealer.tagSize])
-                    return Array(c).withUnsafeBytes { c in
+                    // As the receiver holds it: room for the nonce, ciphertext, tag.
+                    var wire = [UInt8](repeating: 0, count: PacketSealer.nonceRoom) + Array(c) + tag
+                    return wire.withUnsafeMutableBytes { w in
                         Array(prefix).withUnsafeBytes { pr in
-                            tag.withUnsafeBytes { opener.open(c, prefix: pr, tag: $0, packetNumber: UInt64(n)) }
+                            opener.open(
+                                ciphertext: w.baseAddress! + PacketSealer.nonceRoom, count: c.count, prefix: pr, packetNumber: UInt64(n))
                         }
                     }
                 }
@@ -286,10 +289,14 @@ struct PacketSenderTests {
                 #expect(p.header.flags == .sync && p.checkVerifies)
                 let prefix = Array(writer.bytes[0..<at]), tag = Array(writer.bytes[at...])
                 let s = PacketSealer(key: Self.keys.toDestination, encrypts: encrypts)
+                // An empty ciphertext: the nonce's room, then the tag.
+                var wire = [UInt8](repeating: 0, count: PacketSealer.nonceRoom) + tag
                 let ok =
                     encrypts
-                    ? [UInt8]().withUnsafeBytes { c in
-                        prefix.withUnsafeBytes { pr in tag.withUnsafeBytes { s.open(c, prefix: pr, tag: $0, packetNumber: 0) } }
+                    ? wire.withUnsafeMutableBytes { w in
+                        prefix.withUnsafeBytes { pr in
+                            s.open(ciphertext: w.baseAddress! + PacketSealer.nonceRoom, count: 0, prefix: pr, packetNumber: 0)
+                        }
                     } != nil
                     : prefix.withUnsafeBytes { pr in tag.withUnsafeBytes { s.verify(pr, packetNumber: 0, tag: $0) } }
                 #expect(ok, "encrypts: \(encrypts)")

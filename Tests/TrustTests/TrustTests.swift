@@ -92,16 +92,24 @@ struct TrustTests {
         let payload = [UInt8]((0..<4096).map { UInt8(truncatingIfNeeded: $0) }), prefix = [UInt8](repeating: 3, count: 64)
         let (ct, tag) = try payload.withUnsafeBytes { p in try prefix.withUnsafeBytes { try sealer.seal(p, prefix: $0, packetNumber: 1) } }
         #expect(Array(ct) != payload)
-        let opened = ct.withUnsafeBytes { c in
-            prefix.withUnsafeBytes { p in tag.withUnsafeBytes { sealer.open(c, prefix: p, tag: $0, packetNumber: 1) } }
+        // As a receiver holds it: room for the nonce, ciphertext, tag.
+        func open(_ prefix: [UInt8], tag: Data, number: UInt64 = 1) -> [UInt8]? {
+            var wire = [UInt8](repeating: 0xEE, count: PacketSealer.nonceRoom) + Array(ct) + Array(tag)
+            return wire.withUnsafeMutableBytes { w in
+                prefix.withUnsafeBytes {
+                    sealer.open(
+                        ciphertext: w.baseAddress! + PacketSealer.nonceRoom, count: ct.count, prefix: $0, packetNumber: number)
+                }
+            }.map(Array.init)
         }
-        #expect(opened.map(Array.init) == payload)
+        #expect(open(prefix, tag: tag) == payload)
         var badPrefix = prefix
         badPrefix[0] ^= 1
-        let refused = ct.withUnsafeBytes { c in
-            badPrefix.withUnsafeBytes { p in tag.withUnsafeBytes { sealer.open(c, prefix: p, tag: $0, packetNumber: 1) } }
-        }
-        #expect(refused == nil)
+        #expect(open(badPrefix, tag: tag) == nil)
+        #expect(open(prefix, tag: tag, number: 2) == nil, "another packet number is another nonce")
+        var badTag = Array(tag)
+        badTag[15] ^= 0x80
+        #expect(open(prefix, tag: Data(badTag)) == nil)
     }
 
     /// The wire says AES-256-GCM with the packet number as the nonce
