@@ -223,6 +223,11 @@ public final class SourceMigration: Sendable {
                 sockets.append(s)
                 latch.onFailure { [s] in s.shutdown() }
                 let keys = try openChannel(s, kind: .multifd, id: id, session: session)
+                // With postcopy, faults wait on these sockets' neighbours:
+                // BBR's pacing timers fire every ~25 µs per busy socket and
+                // their softirq work, pushed to ksoftirqd, held a page
+                // request for 0.4 ms (traced). CUBIC sends without timers.
+                if config.postcopy { s.preferUnpacedCongestionControl() }
                 sealers.append(keys.map { PacketSealer(key: $0.toDestination, encrypts: config.trust.encrypt) })
             }
             let table = PageTable(pages: ram.block.pageCount)

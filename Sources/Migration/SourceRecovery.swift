@@ -147,6 +147,7 @@ extension SourceMigration {
                 sockets.append(s)
                 latch.onFailure { [s] in s.shutdown() }
                 let keys = try openChannel(s, kind: .multifd, id: id, session: session)
+                s.preferUnpacedCongestionControl()  // as in `migrate`: postcopy
                 sealers.append(keys.map { PacketSealer(key: $0.toDestination, encrypts: config.trust.encrypt) })
             }
             let transports = try makeTransports(sockets, sealers: sealers, table: point.table)
