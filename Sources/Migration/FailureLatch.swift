@@ -1,4 +1,5 @@
 import Synchronization
+import WorkerThreads
 
 #if canImport(Glibc)
     import Glibc
@@ -8,9 +9,12 @@ import Synchronization
 /// the latch wakes everything that could be blocked (sockets are shut down,
 /// semaphores posted), so no thread is left waiting. See docs/ARCHITECTURE.md.
 public final class FailureLatch: Sendable {
-    private let first = Mutex<MigrationError?>(nil)
+    // PosixMutex, not Mutex: these locks are taken by many threads at
+    // once in the TSan pass (tools/test.sh), which cannot follow a
+    // contended Synchronization.Mutex (see PosixMutex).
+    private let first = PosixMutex<MigrationError?>(nil)
     private let tripped = Atomic<Bool>(false)
-    private let wakers = Mutex<[@Sendable () -> Void]>([])
+    private let wakers = PosixMutex<[@Sendable () -> Void]>([])
 
     public init() {}
 

@@ -75,7 +75,7 @@ public final class MultiFDSend: Sendable {
     /// Round-robin start for the next search; migration thread only.
     private let nextChannel = Atomic<Int>(0)
     public let latch: FailureLatch
-    private let threads = Mutex<[WorkerThread]>([])
+    private let threads = PosixMutex<[WorkerThread]>([])
 
     public var channelCount: Int { channels.count }
 
