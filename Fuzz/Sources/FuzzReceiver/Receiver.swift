@@ -26,7 +26,12 @@ import WorkerThreads
 // goes on with 0xFF bytes, which end any packet with a wire or integrity
 // error: a receiver that sees its peer close waits 200 ms for the peer's
 // reason (FailureLatch.peerExplanationGrace), which would cap the target
-// at five inputs a second.
+// at five inputs a second. Bit 3: the channels are keyed (a fixed test
+// key): frames carry HMACs, every packet a 16-byte tag after its payload
+// (the receiver verifies a GMAC). Bit 4, with bit 3: the payloads are
+// encrypted (AES-256-GCM; the receiver opens them where they lie). With
+// bit 1 the harness seals what it feeds with that key, so mutations reach
+// what lies behind the MACs too.
 
 private let pageSize: UInt64 = 4096
 private let block = RAMBlockLayout(name: "pc.ram", size: 256 << 10, pageSize: pageSize)
@@ -100,19 +105,31 @@ public func fuzzReceiver(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     let main = UnsafeMutableRawBufferPointer(rebasing: input[5..<5 + mainLength])
     let channel = UnsafeMutableRawBufferPointer(rebasing: input[(5 + mainLength)...])
     let compression: CompressionMethod = config & 1 != 0 ? .zstd : .none
+    let keys = config & 8 != 0 ? fuzzKeys : nil
+    let sealer = keys.map { PacketSealer(key: $0.toDestination, encrypts: config & 16 != 0) }
     if config & 2 != 0 {
-        resealFrames(main)
-        resealPackets(channel, compressed: compression != .none)
+        resealFrames(main, keys: keys)
+        resealPackets(channel, compressed: compression != .none, sealer: sealer)
     }
-    receiveMain(UnsafeRawBufferPointer(main))
-    receivePackets(UnsafeRawBufferPointer(channel), compression: compression, closes: config & 4 != 0)
+    receiveMain(UnsafeRawBufferPointer(main), keys: keys)
+    receivePackets(UnsafeRawBufferPointer(channel), compression: compression, closes: config & 4 != 0, sealer: sealer)
     return 0
 }
 
+/// The keyed mode's channel keys: a fixed key and hello, as if negotiated.
+private let fuzzKeys: ChannelKeys = {
+    do {
+        let key = try PreSharedKey(bytes: [UInt8](repeating: 0x5A, count: 32))
+        return ChannelKeys(key: key, hello: [1], challenge: [2], sourceNonce: [3], destinationNonce: [4])
+    } catch {
+        fatalError("the fuzz key is refused: \(error)")
+    }
+}()
+
 /// The destination's main-channel reads until the stream fails or ends.
-private func receiveMain(_ bytes: UnsafeRawBufferPointer) {
+private func receiveMain(_ bytes: UnsafeRawBufferPointer, keys: ChannelKeys?) {
     let feed = Feed(bytes)
-    let control = ControlChannel(socket: feed.socket, keys: nil, isSource: false)
+    let control = ControlChannel(socket: feed.socket, keys: keys, isSource: false)
     while true {
         do {
             _ = try control.receive("fuzz main channel")
@@ -126,15 +143,17 @@ private func receiveMain(_ bytes: UnsafeRawBufferPointer) {
 
 /// One receiver thread's loop on channel 0, run here until its stream fails
 /// or ends. Every SYNC is let through at once (no other channel to wait for).
-private func receivePackets(_ bytes: UnsafeRawBufferPointer, compression: CompressionMethod, closes: Bool) {
+private func receivePackets(_ bytes: UnsafeRawBufferPointer, compression: CompressionMethod, closes: Bool, sealer: PacketSealer?) {
     let feed = Feed(bytes, tail: closes ? [] : trailer)
     let pages = Int(block.size / pageSize)
-    let limits = PacketLimits(channelID: 0, pageSize: pageSize, blocks: [block], compression: compression)
+    let limits = PacketLimits(
+        channelID: 0, pageSize: pageSize, blocks: [block], compression: compression, tagSize: sealer == nil ? 0 : PacketSealer.tagSize)
     let receiver: PacketReceiver
     do {
         receiver = try PacketReceiver(
             id: 0, socket: feed.socket, ram: ram, limits: limits, counters: TransferCounters(),
-            arrived: DirtyBitmap(pageCount: pages), roundSeen: DirtyBitmap(pageCount: pages), table: PageTable(pages: pages))
+            arrived: DirtyBitmap(pageCount: pages), roundSeen: DirtyBitmap(pageCount: pages), table: PageTable(pages: pages),
+            sealer: sealer)
     } catch {
         fatalError("cannot build a receiver: \(error)")
     }
@@ -147,9 +166,10 @@ private func receivePackets(_ bytes: UnsafeRawBufferPointer, compression: Compre
 }
 
 /// Recomputes each frame's tag (the unkeyed XXH3-128 checksum over the
-/// sequence number and the frame), as a source would send it.
-private func resealFrames(_ stream: UnsafeMutableRawBufferPointer) {
-    var sealer = FrameSealer(key: nil)
+/// sequence number and the frame, or with `keys` its HMAC), as a source
+/// would send it.
+private func resealFrames(_ stream: UnsafeMutableRawBufferPointer, keys: ChannelKeys?) {
+    var sealer = FrameSealer(key: keys?.toDestination)
     var pos = 0
     while stream.count - pos >= MainMessage.frameHeaderSize {
         let length = Int(UInt32(bigEndian: stream.loadUnaligned(fromByteOffset: pos + 4, as: UInt32.self)))
@@ -162,8 +182,10 @@ private func resealFrames(_ stream: UnsafeMutableRawBufferPointer) {
 }
 
 /// Recomputes each packet's page hashes (uncompressed) and prefix check,
-/// walking the stream by the header's own counts as far as they make sense.
-private func resealPackets(_ stream: UnsafeMutableRawBufferPointer, compressed: Bool) {
+/// walking the stream by the header's own counts as far as they make sense;
+/// with `sealer`, also its tag (after the payload), and with encryption the
+/// payload found there is taken as plaintext and encrypted in place.
+private func resealPackets(_ stream: UnsafeMutableRawBufferPointer, compressed: Bool, sealer: PacketSealer?) {
     guard let base = stream.baseAddress else { return }
     let h = MultiFDPacketHeader.size, e = MultiFDPacketHeader.entrySize
     func be32(_ o: Int) -> Int { Int(UInt32(bigEndian: base.loadUnaligned(fromByteOffset: o, as: UInt32.self))) }
@@ -182,6 +204,29 @@ private func resealPackets(_ stream: UnsafeMutableRawBufferPointer, compressed: 
         MultiFDPacketHeader.storeCheck(0, to: base + pos)
         let check = ContentHash.page(base + pos, length: entriesEnd - pos)
         MultiFDPacketHeader.storeCheck(check, to: base + pos)
-        pos = entriesEnd + payload
+        guard let sealer else {
+            pos = entriesEnd + payload
+            continue
+        }
+        let tag = entriesEnd + payload
+        guard tag + PacketSealer.tagSize <= stream.count else { return }
+        let number = UInt64(bigEndian: base.loadUnaligned(fromByteOffset: pos + 24, as: UInt64.self))
+        let prefix = UnsafeRawBufferPointer(start: base + pos, count: entriesEnd - pos)
+        do {
+            if sealer.encrypts {
+                let (ciphertext, mac) = try sealer.seal(
+                    UnsafeRawBufferPointer(start: base + entriesEnd, count: payload), prefix: prefix, packetNumber: number)
+                ciphertext.withUnsafeBytes {
+                    if $0.count > 0 { (base + entriesEnd).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+                }
+                mac.withUnsafeBytes { (base + tag).copyMemory(from: $0.baseAddress!, byteCount: PacketSealer.tagSize) }
+            } else {
+                try sealer.authenticate(
+                    UnsafeRawBufferPointer(start: base + pos, count: tag - pos), packetNumber: number, into: base + tag)
+            }
+        } catch {
+            fatalError("cannot seal a fuzz packet: \(error)")
+        }
+        pos = tag + PacketSealer.tagSize
     }
 }
