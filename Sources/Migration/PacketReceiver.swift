@@ -358,15 +358,12 @@ final class PacketReceiver: @unchecked Sendable {
                 }
                 // A run of adjacent pages of one kind (normal or zero) that
                 // have not arrived: one ioctl.
-                let zero = i >= normal
+                // At most `postcopyBytesPerCall` per ioctl, like the reads.
+                let zero = i >= normal, last = min(zero ? total : normal, i + max(1, postcopyBytesPerCall / pageSize))
                 var end = i + 1
-                while end < (zero ? total : normal), offsets[end] == offsets[end - 1] + limits.pageSize,
-                    !arrived.isDirty(page: page + (end - i))
-                {
+                while end < last, offsets[end] == offsets[end - 1] + limits.pageSize, !arrived.isDirty(page: page + (end - i)) {
                     end += 1
                 }
-                // At most `postcopyBytesPerCall` per ioctl, like the reads.
-                end = min(end, i + max(1, postcopyBytesPerCall / pageSize))
                 let address = base + offsets[i], length = (end - i) * pageSize
                 if zero {
                     _ = try target.userfault.zeroPage(at: address, length: length)

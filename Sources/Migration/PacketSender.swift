@@ -276,16 +276,16 @@ public final class PacketSender: ChannelTransport {
         let header = MultiFDPacketHeader(
             flags: .sync, normalCount: 0, zeroCount: 0, payloadSize: 0, packetNumber: packetNumber, blockID: 0)
         let prefixSize = encodePrefix(header, at: prefixes)
-        var count = 0
+        var count = 0, total = prefixSize
         if let sealer {
-            _ = try seal(
+            total = try seal(
                 sealer, prefix: prefixes, prefixSize: prefixSize, payload: 0, frame: nil, normal: 0, slot: 0,
                 packetNumber: header.packetNumber, iovAt: &count)
         } else {
             iov[0] = iovec(iov_base: prefixes, iov_len: prefixSize)
             count = 1
         }
-        try write(iovCount: count, total: (0..<count).reduce(0) { $0 + iov[$1].iov_len })
+        try write(iovCount: count, total: total)
     }
 
     /// Encodes a header in front of its entries (already in place), stores

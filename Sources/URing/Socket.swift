@@ -78,11 +78,7 @@ public final class Socket: Sendable {
     /// for the waits it does not watch. No-op on a Unix socket.
     public func setPeerTimeout(_ seconds: Double) throws(SocketError) {
         precondition(seconds > 0, "peer timeout must be positive")
-        var domain: Int32 = 0
-        var length = socklen_t(MemoryLayout<Int32>.size)
-        guard (try? SystemCall.once({ getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) })) != nil,
-            domain == AF_INET || domain == AF_INET6
-        else { return }
+        guard isInternet else { return }
         let idle = max(1, Int32(seconds.rounded(.up)))
         let options: [(level: Int32, name: Int32, value: Int32, label: String)] = [
             (SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE"),
@@ -116,16 +112,20 @@ public final class Socket: Sendable {
     /// Unix socket.
     @discardableResult
     public func preferUnpacedCongestionControl() -> String? {
-        var domain: Int32 = 0
-        var length = socklen_t(MemoryLayout<Int32>.size)
-        guard (try? SystemCall.once({ getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) })) != nil,
-            domain == AF_INET || domain == AF_INET6
-        else { return nil }
+        guard isInternet else { return nil }
         for name in ["cubic", "reno"] {
             let rc = name.withCString { setsockopt(fd, Int32(IPPROTO_TCP), TCP_CONGESTION, $0, socklen_t(strlen($0))) }
             if rc == 0 { return name }
         }
         return nil
+    }
+
+    /// Whether this is a TCP socket over IPv4 or IPv6 (not a Unix one).
+    private var isInternet: Bool {
+        var domain: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard (try? SystemCall.once({ getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) })) != nil else { return false }
+        return domain == AF_INET || domain == AF_INET6
     }
 
     /// Makes blocked reads and writes on this socket return (EOF / EPIPE).
