@@ -192,6 +192,17 @@ void lm_fault_in_windows(const void *base, const uint64_t *offsets, size_t count
 uint64_t lm_hash64(const void *p, size_t length);
 /// XXH3-128 of `length` bytes at `p`, in canonical (big-endian) byte order.
 void lm_hash128(const void *p, size_t length, uint8_t out[16]);
+/// `lm_place_pages` that also returns each page's XXH3-64 in `hashes[i]`,
+/// exactly `lm_hash64`'s value. With AVX-512 (a 64-byte aligned `base`,
+/// a page size a multiple of 64) the hash is computed from the
+/// copy's own loads, in the same pass, at no measurable cost; elsewhere it
+/// hashes each page, then copies. The pages are in place when it returns:
+/// the caller compares the hashes and undoes a page that does not match.
+void lm_place_pages_hashed(void *base, const uint64_t *offsets, const void *pages, size_t count, size_t page_size,
+                           uint64_t *hashes);
+/// Whether `lm_place_pages_hashed` takes its one-pass path for these
+/// arguments (for tests, which check both paths give `lm_hash64`'s value).
+bool lm_place_hashing_is_fused(const void *base, const void *pages, size_t page_size);
 
 // ---- zstd (zstd.c; links libzstd) ---------------------------------------
 // One context per channel, made once and reused for every packet: libzstd

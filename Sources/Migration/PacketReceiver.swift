@@ -18,16 +18,21 @@ import WorkerThreads
     import Glibc
 #endif
 
-/// One destination channel: reads packets and checks everything about one
-/// before any of it touches guest memory (docs/PROTOCOL.md §4, "Receiver
-/// validation"): the header's fields, the prefix check over header and
-/// entries, every offset, then the payload, read into this channel's own
-/// buffer, against its tag (with a key: the GMAC, or the AEAD that decrypts
-/// it), its zstd frame (compressed) and, without a key, each page's content
-/// hash (with one, the MAC covers the pages and their hashes). Only then
-/// are the pages placed: copied into the mapping with streaming stores
-/// (`lm_place_pages`) when it was pre-faulted, else written into the file
-/// with pwrite (`writeThrough`).
+/// One destination channel: reads packets and checks each before it places
+/// any page of it (docs/PROTOCOL.md §4, "Receiver validation"): the
+/// header's fields, the prefix check over header and entries, every offset,
+/// then the payload, read into this channel's own buffer, against its tag
+/// (with a key: the GMAC, or the AEAD that decrypts it) and its zstd frame
+/// (compressed). Last, each page's content hash, where the pages go:
+/// - into the pre-faulted mapping of a precopy (the bulk of a migration):
+///   the copy computes each page's hash as it moves it
+///   (`placeChecked`); a page that does not match is zeroed again, never
+///   marked arrived, and fails the migration. No guest runs on this
+///   mapping before every page arrived and the completion check passed.
+/// - into a running guest (postcopy, `placePostcopy`) or into the file by
+///   pwrite (`writeThrough`, a destination that was not pre-faulted):
+///   checked before the page is placed.
+/// With a key the MAC has covered pages and hashes before any of this.
 final class PacketReceiver: @unchecked Sendable {
     // @unchecked: used by its own receiver thread only, after being built on
     // the main thread (thread start orders the two).
@@ -44,9 +49,14 @@ final class PacketReceiver: @unchecked Sendable {
     private let table: PageTable
     private let sealer: PacketSealer?
     /// `[header | entries | payload | tag]` of the packet being read: the
-    /// prefix right-aligned before `maxPrefixSize`, so a tag covers one
+    /// prefix right-aligned before `bodyOffset`, so a tag covers one
     /// contiguous range.
     private let packet: UnsafeMutableRawPointer
+    /// Where the payload starts in `packet`: past the largest prefix, at a
+    /// cache line, so that the placement's 64-byte loads never straddle two.
+    private static let bodyOffset = (MultiFDPacketHeader.maxPrefixSize + 63) & ~63
+    /// Per normal page of the packet: the hash of the bytes placed.
+    private let placed: UnsafeMutablePointer<UInt64>
     private let header: UnsafeMutableRawPointer
     private let offsets: UnsafeMutablePointer<UInt64>
     private let hashes: UnsafeMutablePointer<UInt64>
@@ -105,7 +115,8 @@ final class PacketReceiver: @unchecked Sendable {
         let pageSize = Int(limits.pageSize)
         zeroHash = ContentHash.zeroPage(pageSize)
         let payloadCapacity = max(MultiFDPacketHeader.maxPages * pageSize, decompressor?.frameCapacity ?? 0)
-        packet = .allocate(byteCount: MultiFDPacketHeader.maxPrefixSize + payloadCapacity + PacketSealer.tagSize, alignment: 4096)
+        packet = .allocate(byteCount: Self.bodyOffset + payloadCapacity + PacketSealer.tagSize, alignment: 4096)
+        placed = .allocate(capacity: MultiFDPacketHeader.maxPages)
         header = .allocate(byteCount: MultiFDPacketHeader.size, alignment: 8)
         prefixCopy = .allocate(byteCount: MultiFDPacketHeader.maxPrefixSize, alignment: 8)
         offsets = .allocate(capacity: MultiFDPacketHeader.maxPages)
@@ -119,6 +130,7 @@ final class PacketReceiver: @unchecked Sendable {
         prefixCopy.deallocate()
         offsets.deallocate()
         hashes.deallocate()
+        placed.deallocate()
     }
 
     /// The receiver thread's loop.
@@ -146,7 +158,7 @@ final class PacketReceiver: @unchecked Sendable {
                     }
                     if let failure { throw failure }
                 } else {
-                    try place(h, payload: UnsafeRawPointer(packet + MultiFDPacketHeader.maxPrefixSize))
+                    try place(h, payload: UnsafeRawPointer(packet + Self.bodyOffset))
                 }
             }
         } catch {
@@ -164,7 +176,7 @@ final class PacketReceiver: @unchecked Sendable {
     /// Reads one whole packet into `packet` and checks it; returns its
     /// header. On return the normal pages are in `pages(h)`, verified.
     private func readPacket() throws(MigrationError) -> MultiFDPacketHeader {
-        let body = packet + MultiFDPacketHeader.maxPrefixSize
+        let body = packet + Self.bodyOffset
         let h: MultiFDPacketHeader
         do {
             try socket.receiveExact(header, count: MultiFDPacketHeader.size, what: "reading a packet header on channel \(id)")
@@ -205,7 +217,7 @@ final class PacketReceiver: @unchecked Sendable {
     /// With a key: the GMAC over header, entries and payload, or the AEAD
     /// that decrypts the payload in place.
     private func open(_ h: MultiFDPacketHeader, with sealer: PacketSealer, start: UnsafeMutableRawPointer) throws(MigrationError) {
-        let body = packet + MultiFDPacketHeader.maxPrefixSize
+        let body = packet + Self.bodyOffset
         let payload = Int(h.payloadSize)
         let tag = UnsafeRawBufferPointer(start: body + payload, count: PacketSealer.tagSize)
         // Built only on failure: no allocation per packet.
@@ -248,19 +260,24 @@ final class PacketReceiver: @unchecked Sendable {
             counters.add(counters.compressedPages, UInt64(normal))
             counters.add(counters.compressedBytes, UInt64(h.payloadSize))
         }
-        // With a key the MAC (or the AEAD tag) already proved the payload
-        // and the entries to be the source's, bytes and hashes alike: the
-        // source hashed exactly these bytes, so hashing them again proves
-        // nothing more (the issue: "with a key, a MAC instead"). The entry
-        // hashes still go into the page table for the completion check.
-        if sealer == nil { try checkPageHashes(h, pages: pages, normal: normal) }
+        // Where the pages go decides when their hashes are checked:
+        // - into the pre-faulted mapping of a precopy (the bulk of every
+        //   migration): in the copy itself (`lm_place_pages_hashed`, one
+        //   pass), see `placeChecked`;
+        // - into a running guest (postcopy) or the file (pwrite): before,
+        //   in a pass of their own. With a key the MAC (or the AEAD tag)
+        //   already proved the payload and the entries to be the source's,
+        //   bytes and hashes alike, so that pass is left out there (the
+        //   issue: "with a key, a MAC instead").
+        let intoGuest = postcopy?.active ?? false
+        if sealer == nil && (intoGuest || writeThrough) { try checkPageHashes(h, pages: pages, normal: normal) }
         for i in normal..<total where hashes[i] != zeroHash {
             throw MigrationError(
                 .integrity,
                 "\(what(h)): zero page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) carries hash 0x\(String(hashes[i], radix: 16)), not the zero page's 0x\(String(zeroHash, radix: 16))"
             )
         }
-        if let postcopy, postcopy.active {
+        if intoGuest, let postcopy {
             if !transferRaised {
                 transferRaised = true
                 postcopyTransferPriority.applyToTransfer()
@@ -275,13 +292,12 @@ final class PacketReceiver: @unchecked Sendable {
                 "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) arrives a second time in this round; a source sends each page at most once per round"
             )
         }
-        // Every check passed: only now does guest memory change.
+        // Every check that needs no copy passed: only now does the
+        // destination's memory change.
         if writeThrough {
             try writePages(from: pages, normal: normal)
         } else {
-            // Streaming stores: the packet buffer is hot, the mapping cold
-            // (lm_place_pages); the copy ends with a store fence.
-            lm_place_pages(ram.base, offsets, pages, normal, pageSize)
+            try placeChecked(h, pages: pages, normal: normal)
         }
         // A zero page must end zero even over older content; reading first
         // avoids dirtying (and allocating) pages that already are. In a file
@@ -308,7 +324,39 @@ final class PacketReceiver: @unchecked Sendable {
         counters.add(counters.multifdBytes, UInt64(h.prefixSize + limits.tagSize) + UInt64(h.payloadSize))
     }
 
-    /// Without a key: each normal page's XXH3-64 against its entry.
+    /// Copies the normal pages into the pre-faulted mapping, hashing each as
+    /// it is copied (`lm_place_pages_hashed`: streaming stores, since the
+    /// packet buffer is hot and the mapping cold; the hash rides on the
+    /// copy's loads at no measurable cost), then compares every hash with
+    /// its entry's. A page that does not match is zeroed again and never
+    /// marked arrived, and the packet fails the migration, so its bytes
+    /// count for nothing: they were in a mapping no guest runs on (a
+    /// precopy destination's guest starts only after every page arrived
+    /// and the completion check passed; a running guest gets its pages by
+    /// `placePostcopy`, checked first), and a failed destination is removed
+    /// or marked incomplete. With a key the check runs too, for free: the
+    /// MAC proved the bytes to be the source's, so a mismatch says the
+    /// source hashed other bytes than it sent.
+    private func placeChecked(_ h: MultiFDPacketHeader, pages: UnsafeRawPointer, normal: Int) throws(MigrationError) {
+        let pageSize = Int(limits.pageSize)
+        ContentHash.placeHashed(pages, count: normal, pageSize: pageSize, into: ram.base, offsets: offsets, hashes: placed)
+        for i in 0..<normal where placed[i] != hashes[i] {
+            for k in i..<normal where placed[k] != hashes[k] {
+                (ram.base + Int(offsets[k])).initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
+            }
+            let cause =
+                sealer == nil
+                ? "the page was corrupted in transit"
+                : "its bytes passed the MAC, so the source hashed other bytes than it sent"
+            throw MigrationError(
+                .integrity,
+                "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(placed[i], radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): \(cause); it was not kept"
+            )
+        }
+    }
+
+    /// Without a key, before placing into a running guest or by pwrite:
+    /// each normal page's XXH3-64 against its entry.
     private func checkPageHashes(_ h: MultiFDPacketHeader, pages: UnsafeRawPointer, normal: Int) throws(MigrationError) {
         let pageSize = Int(limits.pageSize)
         for i in 0..<normal {

@@ -131,6 +131,58 @@ struct TrustTests {
         #expect(throws: (any Error).self) { try ChaChaPoly.open(chacha, using: keys.toDestination, authenticating: prefix) }
     }
 
+    /// The receiver's one-pass placement must give libxxhash's XXH3-64 of
+    /// every page, bit for bit, and copy every byte: on the fused path
+    /// (64-byte aligned destination, when the CPU has AVX-512) and on the
+    /// fallback (a destination that is not 64-byte aligned), for several
+    /// page sizes (XXH3 takes 16 stripes per block, so 4 KiB is 3 blocks
+    /// and a partial one) and from a source that is not cache-line aligned.
+    @Test(arguments: [4096, 8192, 16384, 65536])
+    func placementHashesEqualLibxxhash(pageSize: Int) {
+        let count = 5
+        var generator = SystemRandomNumberGenerator()
+        let source = UnsafeMutableRawPointer.allocate(byteCount: count * pageSize + 16, alignment: 64)
+        defer { source.deallocate() }
+        for i in 0..<(count * pageSize + 16) {
+            source.storeBytes(of: UInt8.random(in: 0...255, using: &generator), toByteOffset: i, as: UInt8.self)
+        }
+        // Page 1 all zero, page 2 one bit in its last byte: edge contents.
+        for misaligned in [0, 16] {
+            let pages = UnsafeRawPointer(source + misaligned)
+            (source + misaligned + pageSize).initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
+            (source + misaligned + 2 * pageSize).initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
+            (source + misaligned + 3 * pageSize - 1).storeBytes(of: 0x80, as: UInt8.self)
+            let want = (0..<count).map { ContentHash.page(pages + $0 * pageSize, length: pageSize) }
+            // Destination pages in reverse order, as offsets in a region.
+            let offsets = (0..<count).map { UInt64((count - 1 - $0) * pageSize) }
+            for shift in [0, 16] {
+                let region = UnsafeMutableRawPointer.allocate(byteCount: count * pageSize + 64, alignment: 4096)
+                defer { region.deallocate() }
+                region.initializeMemory(as: UInt8.self, repeating: 0xEE, count: count * pageSize + 64)
+                let base = region + shift
+                let fused = ContentHash.placementIsFused(into: base, pageSize: pageSize)
+                #expect(fused == (shift == 0 && Self.cpuHasAVX512), "fused path for destination +\(shift)")
+                var got = [UInt64](repeating: 0, count: count)
+                offsets.withUnsafeBufferPointer { o in
+                    got.withUnsafeMutableBufferPointer { h in
+                        ContentHash.placeHashed(
+                            pages, count: count, pageSize: pageSize, into: base, offsets: o.baseAddress!, hashes: h.baseAddress!)
+                    }
+                }
+                #expect(got == want, "page size \(pageSize), source +\(misaligned), destination +\(shift)")
+                for i in 0..<count {
+                    let copied = memcmp(base + Int(offsets[i]), pages + i * pageSize, pageSize) == 0
+                    #expect(copied, "page \(i) copied, page size \(pageSize), destination +\(shift)")
+                }
+            }
+        }
+    }
+
+    static let cpuHasAVX512: Bool = {
+        let info = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        return info.split(separator: "\n").contains { $0.hasPrefix("flags") && $0.split(separator: " ").contains("avx512f") }
+    }()
+
     @Test func contentHashesSeeEveryByte() {
         var page = [UInt8](repeating: 0, count: 4096)
         let zero = ContentHash.zeroPage(4096)
