@@ -170,7 +170,7 @@ extension SourceMigration {
             }
             startWatchdog(main: main)
             defer { watchdog.stop() }
-            let multifd = MultiFDSend(transports: transports, latch: latch, batchesPerJob: Self.batchesPerJob)
+            let multifd = MultiFDSend(transports: transports, latch: latch, batchesPerJob: batchesPerJob)
             pool = multifd
             channel.source.start()
             try pushUnsent(channel.unsent, through: multifd, source: channel.source)
