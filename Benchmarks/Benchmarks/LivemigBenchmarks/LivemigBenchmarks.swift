@@ -6,7 +6,7 @@
 //   outside the measured window: either before the closure, in `setup`, or
 //   before `benchmark.startMeasurement()`. Only the loop under test sits
 //   between `startMeasurement()` and `stopMeasurement()`.
-// - Benchmarks 1-3 are hot paths that must not allocate. Two checks hold
+// - Benchmarks 1-3b are hot paths that must not allocate. Two checks hold
 //   them to that: (a) `zeroMalloc` thresholds plus the files in Thresholds/
 //   for `swift package benchmark thresholds check` (p90 only); (b)
 //   `AllocationGuard`, which reads the malloc interposer's counter around the
@@ -19,6 +19,7 @@ import GuestMemory
 import MallocInterposerSwift
 import Migration
 import MigrationWire
+import Trust
 
 #if canImport(Glibc)
     import Glibc
@@ -289,15 +290,15 @@ let benchmarks: @Sendable () -> Void = {
     // ---- 3. multifd packet prefix: encode, and decode + validate ---------
     // One iteration = 1,000 packets (scalingFactor .kilo), so wallClock and
     // mallocCountTotal are reported per packet and throughput in packets/s.
-    // A packet here is the 40-byte header plus 128 page offsets (1,064
-    // bytes): a full batch. The allocation guard counts the whole 1,000.
+    // A packet here is the 48-byte header plus 128 page entries (offset and
+    // hash, 2,096 bytes): a full batch. The allocation guard counts the whole 1,000.
 
     let maxPages = MultiFDPacketHeader.maxPages
     let prefixSize = MultiFDPacketHeader.maxPrefixSize
     let encodeBuffer = UnsafeMutableRawPointer.allocate(byteCount: prefixSize, alignment: 8)
     let encodeGuard = AllocationGuard("packet encode")
     Benchmark(
-        "Packet encode header+128 offsets",
+        "Packet encode header+128 entries",
         configuration: .init(
             metrics: hotPathMetrics, scalingFactor: .kilo, maxIterations: 2_000, thresholds: zeroMalloc),
         closure: { benchmark in
@@ -310,7 +311,7 @@ let benchmarks: @Sendable () -> Void = {
                 header.encode(to: encodeBuffer)
                 let first = UInt64(n % 2_048) * UInt64(maxPages * pageSize)
                 for j in 0..<maxPages {
-                    MultiFDPacketHeader.encodeOffset(first + UInt64(j * pageSize), index: j, to: encodeBuffer)
+                    MultiFDPacketHeader.encodeEntry(offset: first + UInt64(j * pageSize), hash: UInt64(j), index: j, to: encodeBuffer)
                 }
                 blackHole(encodeBuffer)  // the bytes escape: no store can be dropped
             }
@@ -329,9 +330,10 @@ let benchmarks: @Sendable () -> Void = {
     let packetCount = BenchmarkScalingFactor.kilo.rawValue
     let packets = UnsafeMutableRawPointer.allocate(byteCount: packetCount * prefixSize, alignment: 8)
     let decodedOffsets = UnsafeMutablePointer<UInt64>.allocate(capacity: maxPages)
+    let decodedHashes = UnsafeMutablePointer<UInt64>.allocate(capacity: maxPages)
     let decodeGuard = AllocationGuard("packet decode + validate")
     Benchmark(
-        "Packet decode+validate header+128 offsets",
+        "Packet decode+validate header+128 entries",
         configuration: .init(
             metrics: hotPathMetrics, scalingFactor: .kilo, maxIterations: 2_000, thresholds: zeroMalloc),
         closure: { benchmark in
@@ -341,7 +343,7 @@ let benchmarks: @Sendable () -> Void = {
             for n in benchmark.scaledIterations {
                 let p = packets + n * prefixSize
                 let header = try MultiFDPacketHeader.decode(p, limits: limits, expectedPacketNumber: UInt64(n))
-                try header.decodeOffsets(p + MultiFDPacketHeader.size, into: decodedOffsets, limits: limits)
+                try header.decodeEntries(p + MultiFDPacketHeader.size, offsets: decodedOffsets, hashes: decodedHashes, limits: limits)
                 checksum &+= decodedOffsets[maxPages - 1]
             }
             decodeGuard.end()
@@ -358,12 +360,65 @@ let benchmarks: @Sendable () -> Void = {
                 ).encode(to: p)
                 let first = UInt64(n) * UInt64(maxPages * pageSize)
                 for j in 0..<maxPages {
-                    MultiFDPacketHeader.encodeOffset(first + UInt64(j * pageSize), index: j, to: p)
+                    MultiFDPacketHeader.encodeEntry(offset: first + UInt64(j * pageSize), hash: UInt64(j), index: j, to: p)
                 }
             }
         },
         teardown: { decodeGuard.enforce() }
     )
+
+    // ---- 3b. Receiver placement: 64 MiB of 4 KiB pages into a mapping ------
+    // One iteration = 128 packets of 128 pages (64 MiB), each placed from
+    // one 512 KiB packet buffer (hot, as after recv) into a pre-faulted
+    // 64 MiB shared mapping (cold), every page's XXH3-64 checked against
+    // the buffer's. Two ways, the receiver's before and after it folded the
+    // hash into the copy (PacketReceiver.placeChecked):
+    //   hash, then copy  ContentHash.page per page, then lm_place_pages;
+    //   fused            ContentHash.placeHashed (lm_place_pages_hashed).
+    // GB/s = 64 MiB x throughput. Hashes are compared outside the window.
+
+    let placePackets = 128, placeBytes = placePackets * maxPages * pageSize
+    let placeBuffer = UnsafeMutableRawPointer.allocate(byteCount: maxPages * pageSize, alignment: 4096)
+    let placeTarget = mmap(nil, placeBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)!
+    let placeOffsets = UnsafeMutablePointer<UInt64>.allocate(capacity: maxPages)
+    let placeHashes = UnsafeMutablePointer<UInt64>.allocate(capacity: maxPages)
+    let wantHashes = UnsafeMutablePointer<UInt64>.allocate(capacity: maxPages)
+    var placeRNG = XorShift(seed: 0x5EED_0003)
+    for w in 0..<(maxPages * pageSize / 8) { placeBuffer.storeBytes(of: placeRNG.next(), toByteOffset: w * 8, as: UInt64.self) }
+    for i in 0..<maxPages { wantHashes[i] = ContentHash.page(placeBuffer + i * pageSize, length: pageSize) }
+    for (name, fused) in [("Place 64MiB hash-then-copy", false), ("Place 64MiB fused", true)] {
+        let placeGuard = AllocationGuard(name)
+        Benchmark(
+            name,
+            configuration: .init(metrics: hotPathMetrics, maxIterations: 300, thresholds: zeroMalloc),
+            closure: { benchmark in
+                benchmark.startMeasurement()
+                placeGuard.begin()
+                for packet in 0..<placePackets {
+                    for i in 0..<maxPages { placeOffsets[i] = UInt64((packet * maxPages + i) * pageSize) }
+                    if fused {
+                        ContentHash.placeHashed(
+                            placeBuffer, count: maxPages, pageSize: pageSize, into: placeTarget, offsets: placeOffsets,
+                            hashes: placeHashes)
+                    } else {
+                        for i in 0..<maxPages { placeHashes[i] = ContentHash.page(placeBuffer + i * pageSize, length: pageSize) }
+                        lm_place_pages(placeTarget, placeOffsets, placeBuffer, maxPages, pageSize)
+                    }
+                }
+                placeGuard.end()
+                benchmark.stopMeasurement()
+                placeGuard.check(benchmark)
+                for i in 0..<maxPages where placeHashes[i] != wantHashes[i] {
+                    benchmark.error("\(name): page \(i) hashed to \(placeHashes[i]), not \(wantHashes[i])")
+                    break
+                }
+                if memcmp(placeTarget + placeBytes - maxPages * pageSize, placeBuffer, maxPages * pageSize) != 0 {
+                    benchmark.error("\(name): the last packet was not copied")
+                }
+            },
+            teardown: { placeGuard.enforce() }
+        )
+    }
 
     // ---- 4. Hand-off round trip: MultiFDSend, 2 channels, no-op transport
     // One iteration = 10,000 full batches (128 pages each, appended by the
