@@ -133,9 +133,15 @@ final class PostcopySource: Sendable {
             while true {
                 let m = try requests.receive("waiting for page requests on the preempt channel")
                 if case .multifdDrained = m {
-                    guard !isClosed else {
-                        throw MigrationError(.protocolViolation, "a second 'multifd-drained' on the preempt channel")
-                    }
+                    // After the preempt SYNC this channel's work is done:
+                    // what the destination sends after it (a hang-up, or a
+                    // second 'multifd-drained' from a faulty peer) ends this
+                    // thread and nothing else. The outcome is the main
+                    // channel's (`complete`, `completed`): failing the latch
+                    // here, with the last round over and the guest running
+                    // on the destination, would only make that end less
+                    // clear.
+                    if isClosed { return }
                     try finish()
                     drained.signal()
                     continue
