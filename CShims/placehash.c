@@ -88,9 +88,9 @@ LM_AVX512 static uint64_t lm_place_page_hashed_avx512(uint8_t *to, const uint8_t
 
 static bool lm_fused_usable(const void *base, size_t page_size) {
 #if defined(__x86_64__)
-    static int avx512 = -1;
-    if (avx512 < 0) avx512 = __builtin_cpu_supports("avx512f") ? 1 : 0;
-    return avx512 && (uintptr_t)base % 64 == 0 && page_size % 64 == 0 && page_size > 240;
+    // __builtin_cpu_supports reads what the runtime's constructor found:
+    // cheap, and no shared cache for the receiver threads to race on.
+    return __builtin_cpu_supports("avx512f") && (uintptr_t)base % 64 == 0 && page_size % 64 == 0 && page_size > 240;
 #else
     (void)base, (void)page_size;
     return false;

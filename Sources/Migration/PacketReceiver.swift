@@ -173,8 +173,9 @@ final class PacketReceiver: @unchecked Sendable {
     /// For errors about a packet already read (`expectedPacket` moved on).
     private func what(_ h: MultiFDPacketHeader) -> String { "multifd packet \(h.packetNumber) on channel \(id)" }
 
-    /// Reads one whole packet into `packet` and checks it; returns its
-    /// header. On return the normal pages are in `pages(h)`, verified.
+    /// Reads one whole packet into `packet` and checks it (fields, prefix
+    /// check, offsets, MAC or AEAD); returns its header. On return the
+    /// payload is in the buffer; its pages' hashes are checked by `place`.
     private func readPacket() throws(MigrationError) -> MultiFDPacketHeader {
         let body = packet + Self.bodyOffset
         let h: MultiFDPacketHeader
@@ -244,8 +245,9 @@ final class PacketReceiver: @unchecked Sendable {
         }
     }
 
-    /// Decodes (compressed), checks every page against its entry's hash,
-    /// then places the packet's pages and records them.
+    /// Decodes (compressed), checks the zero pages' hashes and the round,
+    /// places the normal pages with their hash check (before the copy, or
+    /// in it: `placeChecked`), then records every page.
     private func place(_ h: MultiFDPacketHeader, payload: UnsafeRawPointer) throws(MigrationError) {
         let normal = Int(h.normalCount), total = normal + Int(h.zeroCount)
         let pageSize = Int(limits.pageSize)
@@ -364,7 +366,7 @@ final class PacketReceiver: @unchecked Sendable {
             guard got == hashes[i] else {
                 throw MigrationError(
                     .integrity,
-                    "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit"
+                    "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit; it was not kept"
                 )
             }
         }

@@ -387,6 +387,8 @@ struct SecurityTests {
 
     static let flipCases: [FlipCase] = [
         FlipCase(at: .pageData, trust: .plain, destinationExists: true, receiveSays: ["hashes to", "corrupted in transit"]),
+        // A destination receive creates is written by pwrite: checked before.
+        FlipCase(at: .pageData, trust: .plain, destinationExists: false, receiveSays: ["hashes to", "corrupted in transit"]),
         FlipCase(at: .entryOffset, trust: .plain, destinationExists: false, receiveSays: ["'prefix-check'", "corrupted in transit"]),
         FlipCase(at: .mainFrame, trust: .plain, destinationExists: true, receiveSays: ["(ram-layout) fails its checksum"]),
         FlipCase(at: .pageData, trust: .key, destinationExists: false, receiveSays: ["its MAC does not verify"]),

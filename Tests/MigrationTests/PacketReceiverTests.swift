@@ -32,6 +32,8 @@ struct PacketReceiverTests {
         var ram: [UInt8]
         var table: PageTable
         var counters: TransferCounters
+        /// The pages the receiver marked arrived.
+        var arrived: DirtyBitmap
     }
 
     /// The sender's bytes for `batches` (one job) and a SYNC packet, with
@@ -56,8 +58,9 @@ struct PacketReceiverTests {
         let (a, b) = ControlChannelTests.socketPair()
         let counters = TransferCounters()
         let table = PageTable(pages: pages)
+        let arrived = DirtyBitmap(pageCount: pages)
         let receiver = try PacketReceiver(
-            id: 0, socket: b, ram: ram, limits: limits, counters: counters, arrived: DirtyBitmap(pageCount: pages),
+            id: 0, socket: b, ram: ram, limits: limits, counters: counters, arrived: arrived,
             roundSeen: DirtyBitmap(pageCount: pages), table: table,
             sealer: sealer, writeThrough: writeThrough)
         let barrier = RoundBarrier(channels: 1)
@@ -86,7 +89,7 @@ struct PacketReceiverTests {
         b.shutdown()
         _ = written.wait(timeout: .now() + 30)
         let image = Array(UnsafeRawBufferPointer(start: ram.base, count: pages * pageSize))
-        return Outcome(error: latch.error, synced: synced, ram: image, table: table, counters: counters)
+        return Outcome(error: latch.error, synced: synced, ram: image, table: table, counters: counters, arrived: arrived)
     }
 
     /// The image with only the pages of `batches[0..<upTo]` (what a
@@ -155,8 +158,10 @@ struct PacketReceiverTests {
         }
     }
 
-    @Test("a flipped bit in a page fails its entry's hash; that page is not kept, no page of the packet counts as arrived")
-    func corruptPageIsRefused() throws {
+    @Test(
+        "a flipped bit in a page fails its entry's hash; that page is not kept, no page of the packet counts as arrived",
+        arguments: [false, true])
+    func corruptPageIsRefused(writeThrough: Bool) throws {
         try PacketSenderTests.withRAM { ram, image in
             let (sent, _) = try Self.sent(ram)
             let starts = try Self.packetStarts(sent, limits: Self.limits())
@@ -164,23 +169,68 @@ struct PacketReceiverTests {
             // Packet 1's third payload page.
             let prefixSize = MultiFDPacketHeader.size + Self.batches[1].count * MultiFDPacketHeader.entrySize
             bytes[starts[1] + prefixSize + 2 * Self.pageSize + 100] ^= 0x20
-            let out = try Self.receive(bytes, limits: Self.limits())
+            let out = try Self.receive(bytes, limits: Self.limits(), writeThrough: writeThrough)
             #expect(out.error?.kind == .integrity, "\(String(describing: out.error))")
             #expect(out.error?.description.contains("multifd packet 1 on channel 0") == true, "\(String(describing: out.error))")
             #expect(out.error?.description.contains("(entry 2) hashes to") == true, "\(String(describing: out.error))")
+            #expect(out.error?.description.contains("it was not kept") == true, "\(String(describing: out.error))")
             #expect(!out.synced)
-            // The copy into the mapping checks the hashes (PROTOCOL.md §4,
-            // check 24): packet 1's good pages were copied, its bad page
-            // was zeroed again, and nothing of it was recorded.
-            var want = Self.expected(image, packets: 2)
+            // By pwrite every page is checked before the write: nothing of
+            // packet 1. Into the mapping the copy checks the hashes
+            // (PROTOCOL.md §4, check 24): packet 1's good pages were copied,
+            // its bad page was zeroed again.
+            var want = Self.expected(image, packets: writeThrough ? 1 : 2)
             let bad = Self.batches[1].filter { !PacketSenderTests.isZero($0) }[2]
             want.replaceSubrange(bad * Self.pageSize..<(bad + 1) * Self.pageSize, with: repeatElement(0, count: Self.pageSize))
             let differ = (0..<Self.pages).filter { p in
                 out.ram[p * Self.pageSize..<(p + 1) * Self.pageSize] != want[p * Self.pageSize..<(p + 1) * Self.pageSize]
             }
-            #expect(differ.isEmpty, "pages that differ from packet 0, packet 1 without its bad page \(bad): \(differ)")
-            for page in Self.batches[1] { #expect(out.table.entry(page: page) == 0, "page \(page) recorded") }
+            #expect(differ.isEmpty, "pages that differ from what should be there (bad page \(bad)): \(differ)")
+            // Either way, nothing of packet 1 counts: not arrived, not recorded.
+            for page in Self.batches[1] {
+                #expect(!out.arrived.isDirty(page: page), "page \(page) marked arrived")
+                #expect(out.table.entry(page: page) == 0, "page \(page) recorded")
+            }
+            for page in Self.batches[0] { #expect(out.arrived.isDirty(page: page), "packet 0's page \(page) arrived") }
             #expect(out.counters.read(out.counters.packets) == 1, "only packet 0 counted")
+        }
+    }
+
+    @Test("with a key, a page whose entry hash is wrong under a valid MAC is not kept: the source hashed other bytes")
+    func keyedHashMismatchIsRefused() throws {
+        try PacketSenderTests.withRAM { ram, image in
+            let key = PacketSenderTests.keys.toDestination
+            let limits = Self.limits(tagSize: PacketSealer.tagSize)
+            let (sent, _) = try Self.sent(ram, sealer: PacketSealer(key: key, encrypts: false))
+            let starts = try Self.packetStarts(sent, limits: limits)
+            var bytes = sent
+            // Packet 0, entry 0's hash: changed, then the prefix check and
+            // the GMAC computed again, as a source with a hashing bug would.
+            let batch = Self.batches[0]
+            let prefixSize = MultiFDPacketHeader.size + batch.count * MultiFDPacketHeader.entrySize
+            let normal = batch.filter { !PacketSenderTests.isZero($0) }.count
+            bytes[starts[0] + MultiFDPacketHeader.size + 15] ^= 0x01
+            Self.reseal(&bytes, packetAt: starts[0], prefixSize: prefixSize)
+            let covered = prefixSize + normal * Self.pageSize
+            let tag = try bytes.withUnsafeBytes { b in
+                var t = [UInt8](repeating: 0, count: PacketSealer.tagSize)
+                try t.withUnsafeMutableBytes { o in
+                    try PacketSealer(key: key, encrypts: false).authenticate(
+                        UnsafeRawBufferPointer(rebasing: b[starts[0]..<starts[0] + covered]), packetNumber: 0, into: o.baseAddress!)
+                }
+                return t
+            }
+            bytes.replaceSubrange(starts[0] + covered..<starts[0] + covered + PacketSealer.tagSize, with: tag)
+            let out = try Self.receive(bytes, limits: limits, sealer: PacketSealer(key: key, encrypts: false))
+            #expect(out.error?.kind == .integrity, "\(String(describing: out.error))")
+            #expect(
+                out.error?.description.contains("(entry 0) hashes to") == true
+                    && out.error?.description.contains("the source hashed other bytes than it sent") == true,
+                "\(String(describing: out.error))")
+            let first = batch.first { !PacketSenderTests.isZero($0) }!
+            #expect(!out.arrived.isDirty(page: first))
+            let want = Self.expected(image, packets: 1).enumerated().map { i, b in i / Self.pageSize == first ? 0 : b }
+            #expect(out.ram == want ? true : false, "packet 0's other pages copied, its first page zeroed again")
         }
     }
 

@@ -137,7 +137,10 @@ struct TrustTests {
     /// fallback (a destination that is not 64-byte aligned), for several
     /// page sizes (XXH3 takes 16 stripes per block, so 4 KiB is 3 blocks
     /// and a partial one) and from a source that is not cache-line aligned.
-    @Test(arguments: [4096, 8192, 16384, 65536])
+    /// Sizes: no whole block (256, 320, 1024), a block and a stripe (1088),
+    /// 4 KiB (three blocks and 15 stripes), 4 KiB and a stripe (4160), and
+    /// larger pages.
+    @Test(arguments: [256, 320, 1024, 1088, 4096, 4160, 8192, 16384, 65536])
     func placementHashesEqualLibxxhash(pageSize: Int) {
         let count = 5
         var generator = SystemRandomNumberGenerator()
@@ -159,6 +162,13 @@ struct TrustTests {
                 let region = UnsafeMutableRawPointer.allocate(byteCount: count * pageSize + 64, alignment: 4096)
                 defer { region.deallocate() }
                 region.initializeMemory(as: UInt8.self, repeating: 0xEE, count: count * pageSize + 64)
+                defer {
+                    // Nothing written outside the pages: the bytes before a
+                    // shifted base and after the last page are untouched.
+                    let outside = (0..<shift).map { $0 } + ((shift + count * pageSize)..<(count * pageSize + 64)).map { $0 }
+                    let touched = outside.filter { region.load(fromByteOffset: $0, as: UInt8.self) != 0xEE }
+                    #expect(touched.isEmpty, "bytes written outside the pages, page size \(pageSize), destination +\(shift)")
+                }
                 let base = region + shift
                 let fused = ContentHash.placementIsFused(into: base, pageSize: pageSize)
                 #expect(fused == (shift == 0 && Self.cpuHasAVX512), "fused path for destination +\(shift)")
