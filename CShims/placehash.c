@@ -114,7 +114,6 @@ void lm_place_pages_hashed(void *base, const uint64_t *offsets, const void *page
     lm_place_pages(base, offsets, pages, count, page_size);
 }
 
-bool lm_place_hashing_is_fused(const void *base, const void *pages, size_t page_size) {
-    (void)pages;
+bool lm_place_hashing_is_fused(const void *base, size_t page_size) {
     return lm_fused_usable(base, page_size);
 }

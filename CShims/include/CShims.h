@@ -202,7 +202,7 @@ void lm_place_pages_hashed(void *base, const uint64_t *offsets, const void *page
                            uint64_t *hashes);
 /// Whether `lm_place_pages_hashed` takes its one-pass path for these
 /// arguments (for tests, which check both paths give `lm_hash64`'s value).
-bool lm_place_hashing_is_fused(const void *base, const void *pages, size_t page_size);
+bool lm_place_hashing_is_fused(const void *base, size_t page_size);
 
 // ---- zstd (zstd.c; links libzstd) ---------------------------------------
 // One context per channel, made once and reused for every packet: libzstd

@@ -342,19 +342,24 @@ final class PacketReceiver: @unchecked Sendable {
     private func placeChecked(_ h: MultiFDPacketHeader, pages: UnsafeRawPointer, normal: Int) throws(MigrationError) {
         let pageSize = Int(limits.pageSize)
         ContentHash.placeHashed(pages, count: normal, pageSize: pageSize, into: ram.base, offsets: offsets, hashes: placed)
+        var firstBad: Int?
         for i in 0..<normal where placed[i] != hashes[i] {
-            for k in i..<normal where placed[k] != hashes[k] {
-                (ram.base + Int(offsets[k])).initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
-            }
-            let cause =
-                sealer == nil
-                ? "the page was corrupted in transit"
-                : "its bytes passed the MAC, so the source hashed other bytes than it sent"
-            throw MigrationError(
-                .integrity,
-                "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(placed[i], radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): \(cause); it was not kept"
-            )
+            (ram.base + Int(offsets[i])).initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
+            firstBad = firstBad ?? i
         }
+        if let bad = firstBad { throw hashMismatch(h, entry: bad, got: placed[bad]) }
+    }
+
+    /// A normal page whose hash is not its entry's. Without a key the
+    /// bytes changed on the way; with one they passed the MAC, so the
+    /// source hashed other bytes than it sent.
+    private func hashMismatch(_ h: MultiFDPacketHeader, entry i: Int, got: UInt64) -> MigrationError {
+        let cause =
+            sealer == nil ? "the page was corrupted in transit" : "its bytes passed the MAC, so the source hashed other bytes than it sent"
+        return MigrationError(
+            .integrity,
+            "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): \(cause); it was not kept"
+        )
     }
 
     /// Without a key, before placing into a running guest or by pwrite:
@@ -363,12 +368,7 @@ final class PacketReceiver: @unchecked Sendable {
         let pageSize = Int(limits.pageSize)
         for i in 0..<normal {
             let got = ContentHash.page(pages + i * pageSize, length: pageSize)
-            guard got == hashes[i] else {
-                throw MigrationError(
-                    .integrity,
-                    "\(what(h)): page at offset 0x\(String(offsets[i], radix: 16)) (entry \(i)) hashes to 0x\(String(got, radix: 16)) but its entry says 0x\(String(hashes[i], radix: 16)): the page was corrupted in transit; it was not kept"
-                )
-            }
+            guard got == hashes[i] else { throw hashMismatch(h, entry: i, got: got) }
         }
     }
 

@@ -23,7 +23,7 @@ public enum ContentHash {
     /// Whether `placeHashed` into `base` takes the one-pass path (AVX-512,
     /// `base` 64-byte aligned, `pageSize` a multiple of 64 above 240).
     public static func placementIsFused(into base: UnsafeRawPointer, pageSize: Int) -> Bool {
-        lm_place_hashing_is_fused(base, base, pageSize)
+        lm_place_hashing_is_fused(base, pageSize)
     }
 
     /// XXH3-128 of the bytes, in canonical byte order.

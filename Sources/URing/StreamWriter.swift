@@ -149,30 +149,15 @@ public final class URingSendWriter: StreamWriter {
         var cursor = IOVecCursor(iov, count: count)
         var done = 0
         while done < total {
-            // MSG_WAITALL: the kernel retries partial sends itself; a short
-            // result still happens (signal, shutdown) and is resumed below.
-            let flags = UInt32(MSG_NOSIGNAL | MSG_WAITALL)
             let window = cursor.window(limit: bytesPerCall)
-            let prep =
-                zeroCopy
-                ? lm_ring_prep_sendv_zc(ring, 0, socket.fd, cursor.current, UInt32(window.count), flags, true, 0)
-                : lm_ring_prep_sendv(ring, 0, socket.fd, cursor.current, UInt32(window.count), flags, 0)
-            if prep < 0 {
-                window.restore()
-                throw .system("io_uring submission on \(socket.peer)", SystemCall.error(negated: prep))
+            let res: Int32, cqeFlags: UInt32
+            do {
+                // Once the send completed the kernel has read the iovecs
+                // (the pages it may still hold under zero copy, not the
+                // array): the cut one gets its length back.
+                defer { window.restore() }
+                (res, cqeFlags) = try sendOnce(ring, cursor.current, count: window.count)
             }
-            do throws(Errno) {
-                _ = try SystemCall.retryingNegated { lm_ring_submit_and_wait(ring, 1) }
-            } catch {
-                window.restore()
-                throw .system("io_uring_submit_and_wait to \(socket.peer)", error)
-            }
-            var data: UInt64 = 0, res: Int32 = 0, cqeFlags: UInt32 = 0
-            let rc = lm_ring_wait(ring, &data, &res, &cqeFlags)
-            // The send completed: the kernel read the iovecs (the pages it
-            // may still hold under zero copy, not the array).
-            window.restore()
-            if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", SystemCall.error(negated: rc)) }
             if cqeFlags & LM_IORING_CQE_F_MORE != 0 {
                 // Zero copy: the buffers (our header, guest pages) stay in
                 // the kernel's hands until the notification arrives.
@@ -188,6 +173,31 @@ public final class URingSendWriter: StreamWriter {
             done += Int(res)
             cursor.advance(by: Int(res))
         }
+    }
+
+    /// Submits one send of `count` iovecs from `iov` and waits for its
+    /// completion: its result and completion flags.
+    private func sendOnce(_ ring: OpaquePointer, _ iov: UnsafeMutablePointer<iovec>, count: Int) throws(SocketError) -> (
+        res: Int32, flags: UInt32
+    ) {
+        // MSG_WAITALL: the kernel retries partial sends itself; a short
+        // result still happens (signal, shutdown) and is resumed by the
+        // caller.
+        let flags = UInt32(MSG_NOSIGNAL | MSG_WAITALL)
+        let prep =
+            zeroCopy
+            ? lm_ring_prep_sendv_zc(ring, 0, socket.fd, iov, UInt32(count), flags, true, 0)
+            : lm_ring_prep_sendv(ring, 0, socket.fd, iov, UInt32(count), flags, 0)
+        if prep < 0 { throw .system("io_uring submission on \(socket.peer)", SystemCall.error(negated: prep)) }
+        do throws(Errno) {
+            _ = try SystemCall.retryingNegated { lm_ring_submit_and_wait(ring, 1) }
+        } catch {
+            throw .system("io_uring_submit_and_wait to \(socket.peer)", error)
+        }
+        var data: UInt64 = 0, res: Int32 = 0, cqeFlags: UInt32 = 0
+        let rc = lm_ring_wait(ring, &data, &res, &cqeFlags)
+        if rc < 0 { throw .system("io_uring_wait_cqe on \(socket.peer)", SystemCall.error(negated: rc)) }
+        return (res, cqeFlags)
     }
 
     /// Waits for the zero-copy notification of the send just completed.
